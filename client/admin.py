@@ -1,0 +1,69 @@
+"""Server-side model management: list, preload, unload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clemserve.registry import ModelSpec
+from clemserve.v1 import clemserve_pb2 as pb
+from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
+
+from .channel import channel_for, default_address
+from .convert import Selector, selector_to_proto, spec_from_proto
+from .model import _call
+
+_STATES = {
+    pb.MODEL_STATE_NOT_LOADED: "not_loaded",
+    pb.MODEL_STATE_LOADING: "loading",
+    pb.MODEL_STATE_READY: "ready",
+    pb.MODEL_STATE_FAILED: "failed",
+}
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model_spec: ModelSpec
+    #: not_loaded, loading, ready or failed
+    state: str
+    state_reason: str
+    load_seconds: float
+    requests_in_flight: int
+
+    @property
+    def name(self) -> str:
+        return str(self.model_spec["model_name"])
+
+
+def _status(status: pb.ModelStatus) -> ModelStatus:
+    return ModelStatus(
+        model_spec=spec_from_proto(status.model_spec),
+        state=_STATES.get(status.state, "unknown"),
+        state_reason=status.state_reason,
+        load_seconds=status.load_seconds,
+        requests_in_flight=status.requests_in_flight,
+    )
+
+
+def _stub(address: str) -> pb_grpc.ModelServiceStub:
+    return pb_grpc.ModelServiceStub(channel_for(address))
+
+
+def list_models(*, address: str | None = None, timeout: float | None = None) -> list[ModelStatus]:
+    """The server's registry entries with their load state."""
+    address = address or default_address()
+    reply = _call(address, _stub(address).ListModels, pb.ListModelsRequest(), timeout)
+    return [_status(s) for s in reply.models]
+
+
+def preload(selector: Selector, *, address: str | None = None, timeout: float | None = None) -> ModelStatus:
+    """Load a model on the server now, so the first generation does not wait for it."""
+    address = address or default_address()
+    request = pb.LoadModelRequest(model=selector_to_proto(selector))
+    return _status(_call(address, _stub(address).LoadModel, request, timeout).status)
+
+
+def unload(selector: Selector, *, address: str | None = None, timeout: float | None = None) -> bool:
+    """Free a model on the server; False if it was not loaded."""
+    address = address or default_address()
+    request = pb.UnloadModelRequest(model=selector_to_proto(selector))
+    return _call(address, _stub(address).UnloadModel, request, timeout).was_loaded

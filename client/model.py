@@ -1,0 +1,265 @@
+"""clembench's Model surface, served by clemserve: ``get_model_for(...).generate_response(messages)``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from clemserve.registry import ModelSpec
+from clemserve.v1 import clemserve_pb2 as pb
+from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
+
+from .channel import aio_channel_for, channel_for, default_address
+from .convert import (
+    Selector,
+    Triple,
+    gen_args_to_proto,
+    messages_to_proto,
+    selector_to_proto,
+    spec_from_proto,
+    triple_from_proto,
+)
+from .errors import error_from_rpc
+
+PROGRAMMATIC_SPECS = ("mock", "programmatic")
+HUMAN_SPECS = ("human", "terminal")
+DEFAULT_GEN_ARGS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 300}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    prompt_tokens: int
+    context_size: int
+    prompt: str
+
+
+class _ModelBase:
+    """What sync and asyncio models share: the spec, gen args, identity (clembench's Model)."""
+
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        *,
+        address: str | None = None,
+        gen_args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        assert "model_name" in model_spec, "The passed ModelSpec must have a `model_name` attribute"
+        self.model_spec = model_spec
+        self.address = address or default_address()
+        #: seconds per call (None: no deadline); generations on a cold model include its load
+        self.timeout = timeout
+        self._gen_args: dict[str, Any] = dict(DEFAULT_GEN_ARGS if gen_args is None else gen_args)
+
+    @property
+    def name(self) -> str:
+        return str(self.model_spec["model_name"])
+
+    @property
+    def gen_args(self) -> dict[str, Any]:
+        return self._gen_args
+
+    def set_gen_args(self, **gen_args: Any) -> None:
+        """Replace all generation arguments, as clembench does."""
+        self._gen_args = dict(gen_args)
+
+    def set_gen_arg(self, arg_name: str, arg_value: Any) -> None:
+        self._gen_args[arg_name] = arg_value
+
+    def get_gen_arg(self, arg_name: str) -> Any:
+        assert arg_name in self._gen_args, f"No '{arg_name}' in gen_args given but is expected"
+        return self._gen_args[arg_name]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.get_gen_arg("temperature"))
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.get_gen_arg("max_tokens"))
+
+    def supports_batching(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        """clembench's per-episode hook; nothing to reset here."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ModelBase) and other.name == self.name
+
+    __hash__ = None  # type: ignore[assignment]  # clembench models are unhashable
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} address={self.address!r}>"
+
+    def _request(self, messages: Sequence[Mapping[str, Any]]) -> pb.GenerateRequest:
+        return pb.GenerateRequest(
+            model=pb.ModelSelector(spec=pb.ModelSpec(json=self.model_spec.to_string())),
+            messages=messages_to_proto(messages),
+            args=gen_args_to_proto(self._gen_args),
+        )
+
+    def _count_request(self, messages: Sequence[Mapping[str, Any]]) -> pb.CountTokensRequest:
+        return pb.CountTokensRequest(
+            model=pb.ModelSelector(spec=pb.ModelSpec(json=self.model_spec.to_string())),
+            messages=messages_to_proto(messages),
+        )
+
+
+def _call(address: str, method: Callable[..., T], request: object, timeout: float | None) -> T:
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc, address) from exc
+
+
+class Model(_ModelBase):
+    """A model served by clemserve, with clembench's ``Model`` methods (blocking calls)."""
+
+    def _stub(self) -> pb_grpc.ModelServiceStub:
+        return pb_grpc.ModelServiceStub(channel_for(self.address))
+
+    def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
+        """``(prompt, response_object, response_text)``, exactly as in-process clembench returns them."""
+        reply = _call(self.address, self._stub().Generate, self._request(messages), self.timeout)
+        return triple_from_proto(reply)
+
+    def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
+        """One result per conversation, in order."""
+        return [self.generate_response(messages) for messages in batch_messages]
+
+    def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
+        reply = _call(self.address, self._stub().CountTokens, self._count_request(messages), self.timeout)
+        return TokenCount(reply.prompt_tokens, reply.context_size, reply.prompt)
+
+    def as_async(self) -> AsyncModel:
+        """The asyncio twin of this model, with the same spec and a copy of the gen args."""
+        return AsyncModel(self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout)
+
+
+class AsyncModel(_ModelBase):
+    """The asyncio twin of :class:`Model`: same names, awaitable calls (for players run concurrently)."""
+
+    def _stub(self) -> pb_grpc.ModelServiceStub:
+        return pb_grpc.ModelServiceStub(aio_channel_for(self.address))
+
+    async def _acall(self, method: Callable[..., Any], request: object) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from exc
+
+    async def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
+        reply = await self._acall(self._stub().Generate, self._request(messages))
+        return triple_from_proto(reply)
+
+    async def generate_batch_response(
+        self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]
+    ) -> list[Triple]:
+        return list(await asyncio.gather(*(self.generate_response(m) for m in batch_messages)))
+
+    async def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
+        reply = await self._acall(self._stub().CountTokens, self._count_request(messages))
+        return TokenCount(reply.prompt_tokens, reply.context_size, reply.prompt)
+
+
+class CustomResponseModel(Model):
+    """``mock``/``programmatic``: the game's player answers (clembench's CustomResponseModel)."""
+
+    def __init__(self, model_spec: ModelSpec, **kwargs: Any) -> None:
+        super().__init__(model_spec, **{"gen_args": {"temperature": 0.0}, **kwargs})
+        self.players: list[Any] = []
+
+    def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
+        if not self.players:
+            raise NotImplementedError(f"{self.name}: the game's player answers; no player is attached")
+        return {}, {}, self.players[0]._custom_response(messages[-1])
+
+    def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
+        return [self.generate_response(messages) for messages in batch_messages]
+
+
+class HumanModel(Model):
+    """``human``/``terminal``: the game's player reads the terminal instead (as in clembench)."""
+
+    def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
+        raise NotImplementedError(f"{self.name}: a human player answers through the game, not a model")
+
+
+def _as_spec(selector: Selector) -> ModelSpec:
+    if isinstance(selector, ModelSpec):
+        return selector
+    if isinstance(selector, str):
+        return ModelSpec.from_name(selector)
+    return ModelSpec.from_dict(dict(selector))
+
+
+def _local_model(spec: ModelSpec, address: str | None) -> Model | None:
+    """clembench resolves human and programmatic names without any registry; so does the client."""
+    name = spec.get("model_name")
+    if name in PROGRAMMATIC_SPECS:
+        return CustomResponseModel(ModelSpec(model_name=name, backend="_player_programmed"), address=address)
+    if name in HUMAN_SPECS:
+        return HumanModel(ModelSpec(model_name=name, backend="_player_human"), address=address)
+    return None
+
+
+def resolve(selector: Selector, *, address: str | None = None, timeout: float | None = None) -> ModelSpec:
+    """The server's unified registry entry for ``selector``; loads nothing."""
+    address = address or default_address()
+    stub = pb_grpc.ModelServiceStub(channel_for(address))
+    request = pb.ResolveModelRequest(model=selector_to_proto(selector))
+    return spec_from_proto(_call(address, stub.ResolveModel, request, timeout).model_spec)
+
+
+def get_model_for(
+    model_spec: Selector, *, address: str | None = None, timeout: float | None = None
+) -> Model:
+    """clembench's ``backends.get_model_for(name | dict | ModelSpec)``, served by clemserve.
+
+    The selector is resolved on the server now, so an unknown model fails here, as in clembench.
+    """
+    local = _local_model(_as_spec(model_spec), address)
+    if local is not None:
+        return local
+    return Model(resolve(model_spec, address=address, timeout=timeout), address=address, timeout=timeout)
+
+
+async def get_async_model_for(
+    model_spec: Selector, *, address: str | None = None, timeout: float | None = None
+) -> AsyncModel:
+    """The asyncio twin of :func:`get_model_for`."""
+    address = address or default_address()
+    stub = pb_grpc.ModelServiceStub(aio_channel_for(address))
+    request = pb.ResolveModelRequest(model=selector_to_proto(model_spec))
+    try:
+        reply = await stub.ResolveModel(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc, address) from exc
+    return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout)
+
+
+def load_model(
+    model_spec: Selector, gen_args: Mapping[str, Any] | None = None, *, address: str | None = None
+) -> Model:
+    """clemcore's ``load_model``: resolve, then set the gen args (default temperature 0.0, max_tokens 300)."""
+    return load_models([model_spec], gen_args, address=address)[0]
+
+
+def load_models(
+    model_specs: Sequence[Selector], gen_args: Mapping[str, Any] | None = None, *, address: str | None = None
+) -> list[Model]:
+    """clemcore's ``load_models``: every selector resolves before anything is returned (fail fast)."""
+    models = [get_model_for(spec, address=address) for spec in model_specs]
+    for model in models:
+        model.set_gen_args(**(DEFAULT_GEN_ARGS if gen_args is None else gen_args))
+    return models

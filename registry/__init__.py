@@ -1,0 +1,52 @@
+"""clemserve.registry: model specs, the model and key registries, and message clean-up, in pure Python.
+
+Shared by the server and the client; nothing here imports grpc, torch or nltk.
+"""
+
+from __future__ import annotations
+
+from clemserve.registry.errors import (
+    ERRORS_BY_CODE,
+    CancelledError,
+    ClemserveError,
+    ContextExceededError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from clemserve.registry.keys import Key, KeyFileError, KeyRegistry
+from clemserve.registry.messages import ensure_alternating_roles, ensure_alternating_roles_batch
+from clemserve.registry.model_registry import ModelRegistry, RegistryFileError
+from clemserve.registry.spec import HUMAN_SPECS, PROGRAMMATIC_SPECS, ModelSpec, UnificationError, unify_values
+
+__all__ = [
+    "ERRORS_BY_CODE",
+    "HUMAN_SPECS",
+    "PROGRAMMATIC_SPECS",
+    "CancelledError",
+    "ClemserveError",
+    "ContextExceededError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "Key",
+    "KeyFileError",
+    "KeyRegistry",
+    "ModelNotFoundError",
+    "ModelRegistry",
+    "ModelSpec",
+    "PermissionDeniedError",
+    "RegistryFileError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "UnificationError",
+    "ensure_alternating_roles",
+    "ensure_alternating_roles_batch",
+    "unify_values",
+]

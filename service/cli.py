@@ -1,0 +1,66 @@
+"""The ``clemserve`` command: ``serve`` runs the server, ``prepare`` loads models once and exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from clemserve.registry.errors import ClemserveError
+
+from .config import add_server_options, config_from_args
+from .logs import configure_logging
+
+log = logging.getLogger("clemserve")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clemserve", description="Serve clembench models over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    add_server_options(serve, os.environ)
+    prepare = commands.add_parser(
+        "prepare", help="load models once (converting or caching what they need), report, and exit"
+    )
+    prepare.add_argument("models", nargs="+", help="model names from the registry")
+    add_server_options(prepare, os.environ)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = config_from_args(args)
+    configure_logging(config.log_level)
+    from .server import build_manager, serve
+
+    try:
+        manager = build_manager(config)
+    except (ValueError, OSError) as exc:
+        print(f"clemserve: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return asyncio.run(serve(config, manager))
+    return asyncio.run(_prepare(manager, args.models))
+
+
+async def _prepare(manager: object, names: Sequence[str]) -> int:
+    from .models import ModelManager
+
+    assert isinstance(manager, ModelManager)
+    failed = 0
+    for name in names:
+        try:
+            model = await manager.load(name)
+            print(f"{name}: ready (loaded in {model.load_seconds:.1f} s)")
+        except ClemserveError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            failed += 1
+    await manager.shutdown()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Which models exist, which are loaded, and loading them once on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from clemserve.registry import ModelRegistry, ModelSpec, ensure_alternating_roles
+from clemserve.registry.errors import ClemserveError, InvalidArgumentError
+
+from .backends import Backend, BackendContext, backend_class
+from .domain import GenArgs, Generation, Message, TokenCount
+from .validation import validate_messages
+
+log = logging.getLogger(__name__)
+
+_PLAYER_BACKENDS = ("_player_human", "_player_programmed")
+
+
+class ModelState(enum.Enum):
+    NOT_LOADED = 1
+    LOADING = 2
+    READY = 3
+    FAILED = 4
+
+
+@dataclass
+class LoadedModel:
+    """A spec's place in the cache: its state, its backend once ready, the calls running on it."""
+
+    spec: ModelSpec
+    state: ModelState = ModelState.NOT_LOADED
+    reason: str = ""
+    backend: Backend | None = None
+    load_task: asyncio.Task[Backend] | None = None
+    load_seconds: float = 0.0
+    loads: int = 0
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+def cache_key(spec: ModelSpec) -> str:
+    """Loaded models are cached by their whole resolved spec (content, not key order)."""
+    return json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class ModelManager:
+    def __init__(self, registry: ModelRegistry, context: BackendContext) -> None:
+        self.registry = registry
+        self.context = context
+        self._models: dict[str, LoadedModel] = {}
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def resolve(self, selector: str | Mapping[str, Any]) -> ModelSpec:
+        return self.registry.resolve(selector)
+
+    def _servable(self, selector: str | Mapping[str, Any]) -> ModelSpec:
+        spec = self.resolve(selector)
+        if spec["backend"] in _PLAYER_BACKENDS:
+            raise InvalidArgumentError(
+                "model",
+                f"{spec['model_name']!r} is a {spec['backend'][len('_player_'):]} player: the game answers "
+                "for it, no server does",
+            )
+        return spec
+
+    # -- loading ------------------------------------------------------------------------------
+
+    async def load(self, selector: str | Mapping[str, Any]) -> LoadedModel:
+        return await self._ready(self._servable(selector))
+
+    async def _ready(self, spec: ModelSpec) -> LoadedModel:
+        key = cache_key(spec)
+        model = self._models.get(key)
+        if model is None:
+            model = self._models[key] = LoadedModel(spec)
+        if model.state is ModelState.READY:
+            return model
+        if model.load_task is None or model.load_task.done():
+            model.load_task = asyncio.create_task(self._load(model), name=f"load {spec['model_name']}")
+        # shield: a caller that gives up must not cancel the load that others wait on
+        await asyncio.shield(model.load_task)
+        return model
+
+    async def _load(self, model: LoadedModel) -> Backend:
+        name = model.spec["model_name"]
+        model.state, model.reason = ModelState.LOADING, "starting"
+        model.loads += 1
+
+        def progress(line: str) -> None:
+            model.reason = line
+            log.info("loading %s: %s", name, line)
+
+        started = time.perf_counter()
+        backend: Backend | None = None
+        try:
+            backend = backend_class(model.spec["backend"])(model.spec, self.context)
+            await backend.load(progress)
+        except BaseException as exc:
+            model.state = ModelState.FAILED
+            model.reason = str(exc) if isinstance(exc, ClemserveError) else f"{type(exc).__name__}: {exc}"
+            log.warning("loading %s failed: %s", name, model.reason)
+            if backend is not None:
+                await _quietly_unload(backend)
+            raise
+        model.backend = backend
+        model.load_seconds = time.perf_counter() - started
+        model.state, model.reason = ModelState.READY, ""
+        log.info("loaded %s in %.2f s", name, model.load_seconds)
+        return backend
+
+    async def unload(self, selector: str | Mapping[str, Any]) -> bool:
+        """Free a model after the calls running on it finish. False if it was not loaded."""
+        spec = self._servable(selector)
+        model = self._models.pop(cache_key(spec), None)
+        if model is None:
+            return False
+        if model.load_task is not None and not model.load_task.done():
+            model.load_task.cancel()
+        await model.idle.wait()
+        was_loaded = model.backend is not None
+        if model.backend is not None:
+            await _quietly_unload(model.backend)
+            log.info("unloaded %s", spec["model_name"])
+        model.backend, model.state = None, ModelState.NOT_LOADED
+        return was_loaded
+
+    async def shutdown(self) -> None:
+        for model in list(self._models.values()):
+            await self.unload(model.spec)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def generate(
+        self, selector: str | Mapping[str, Any], messages: Sequence[Message], args: GenArgs
+    ) -> tuple[ModelSpec, Generation]:
+        spec = self._servable(selector)
+        validate_messages(messages)
+        merged = ensure_alternating_roles(list(messages))
+        model = await self._ready(spec)
+        assert model.backend is not None
+        model.in_flight += 1
+        model.idle.clear()
+        try:
+            call_start = datetime.now()
+            started = time.perf_counter()
+            generation = await model.backend.generate(merged, args)
+            duration = timedelta(seconds=time.perf_counter() - started)
+        finally:
+            model.in_flight -= 1
+            if model.in_flight == 0:
+                model.idle.set()
+        generation.response["clem_player"] = {
+            "call_start": str(call_start),
+            "call_duration": str(duration),
+            "response": generation.text,
+            "model_name": spec["model_name"],
+        }
+        return spec, generation
+
+    async def count_tokens(self, selector: str | Mapping[str, Any], messages: Sequence[Message]) -> TokenCount:
+        spec = self._servable(selector)
+        validate_messages(messages)
+        model = await self._ready(spec)
+        assert model.backend is not None
+        return await model.backend.count_tokens(ensure_alternating_roles(list(messages)))
+
+    def statuses(self) -> list[LoadedModel]:
+        """Every registry entry (with its cache state when loaded), then loaded models no entry names."""
+        listed: list[LoadedModel] = []
+        seen: set[str] = set()
+        for entry in self.registry:
+            key = cache_key(entry)
+            listed.append(self._models.get(key) or LoadedModel(entry))
+            seen.add(key)
+        listed.extend(model for key, model in self._models.items() if key not in seen)
+        return listed
+
+    def status_of(self, spec: ModelSpec) -> LoadedModel:
+        return self._models.get(cache_key(spec)) or LoadedModel(spec)
+
+
+async def _quietly_unload(backend: Backend) -> None:
+    try:
+        await backend.unload()
+    except Exception:
+        log.exception("unloading %s failed", backend.model_name)

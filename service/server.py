@@ -1,0 +1,75 @@
+"""Server lifecycle: start, report SERVING, drain on SIGTERM/SIGINT, unload, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clemserve.registry import KeyRegistry, ModelRegistry
+from clemserve.v1 import clemserve_pb2, clemserve_pb2_grpc
+
+from .backends import BackendContext
+from .config import ServerConfig
+from .models import ModelManager
+from .servicer import ModelServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = clemserve_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+
+def build_manager(config: ServerConfig) -> ModelManager:
+    """Read the registry and key files; a broken file stops the start with a message naming it."""
+    registry = ModelRegistry.from_files(config.registries, cwd=config.working_dir)
+    keys = KeyRegistry.from_json(config.key_file, cwd=config.working_dir).with_environment(os.environ)
+    return ModelManager(registry, BackendContext(keys=keys, cache_dir=config.cache_dir))
+
+
+async def serve(config: ServerConfig, manager: ModelManager) -> int:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # long generations: accept client keepalive pings without calls in flight
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    clemserve_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        log.error("cannot bind %s", config.address)
+        return 2
+    await server.start()
+    log.info("listening on %s:%d", config.host, port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    for name in config.preload:
+        log.info("preloading %s", name)
+        await manager.load(name)
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("SERVING %d registry entries", len(manager.registry))
+
+    await stop.wait()
+    log.info("stopping: refusing new calls, %.0f s for calls in flight", config.grace_period_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_period_s)
+    await manager.shutdown()
+    log.info("stopped")
+    return 0

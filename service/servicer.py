@@ -1,0 +1,109 @@
+"""The ModelService RPCs: proto in, one ModelManager call, proto out."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from clemserve.v1 import clemserve_pb2 as pb
+from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
+
+from . import convert
+from .logs import request_id_var
+from .models import LoadedModel, ModelManager
+from .status import as_clemserve_error, to_grpc_status
+from .validation import validate_request_id
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def _request_id(request: object, context: grpc.aio.ServicerContext) -> str:
+    explicit = getattr(request, "request_id", "")
+    if not explicit:
+        explicit = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    return validate_request_id(str(explicit)) if explicit else uuid.uuid4().hex
+
+
+def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Request id in every log line; every failure becomes one well-formed status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        token = request_id_var.set(uuid.uuid4().hex)
+        try:
+            request_id = _request_id(request, context)
+            request_id_var.set(request_id)
+            return await handler(self, request, context)
+        except Exception as exc:
+            err = as_clemserve_error(exc, request_id_var.get())
+            status = to_grpc_status(err, request_id_var.get())
+            log.info("%s -> %s: %s", handler.__name__, err.code, status.details)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+            raise AssertionError("unreachable: abort raises") from None
+        finally:
+            request_id_var.reset(token)
+
+    return wrapper
+
+
+def model_status(model: LoadedModel) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        model_spec=convert.spec_to_proto(model.spec),
+        state=model.state.value,
+        state_reason=model.reason,
+        load_seconds=model.load_seconds,
+        requests_in_flight=model.in_flight,
+    )
+
+
+class ModelServicer(pb_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    @rpc
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        selector = convert.selector_from_proto(request.model)
+        messages = convert.messages_from_proto(request.messages)
+        args = convert.gen_args_from_proto(request.args)
+        spec, generation = await self.manager.generate(selector, messages, args)
+        return convert.generation_to_proto(generation, spec, request_id_var.get())
+
+    @rpc
+    async def ResolveModel(
+        self, request: pb.ResolveModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResolveModelResponse:
+        spec = self.manager.resolve(convert.selector_from_proto(request.model))
+        return pb.ResolveModelResponse(model_spec=convert.spec_to_proto(spec))
+
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_status(m) for m in self.manager.statuses()])
+
+    @rpc
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        model = await self.manager.load(convert.selector_from_proto(request.model))
+        return pb.LoadModelResponse(status=model_status(model))
+
+    @rpc
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        was_loaded = await self.manager.unload(convert.selector_from_proto(request.model))
+        return pb.UnloadModelResponse(was_loaded=was_loaded)
+
+    @rpc
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountTokensResponse:
+        selector = convert.selector_from_proto(request.model)
+        count = await self.manager.count_tokens(selector, convert.messages_from_proto(request.messages))
+        return convert.token_count_to_proto(count)

@@ -1,0 +1,109 @@
+"""The one place where clemserve's errors become gRPC statuses with structured details."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from clemserve.registry.errors import (
+    ClemserveError,
+    ContextExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+)
+from clemserve.v1 import clemserve_pb2
+
+DOMAIN = "clemserve.dev"
+
+log = logging.getLogger(__name__)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _details(err: ClemserveError, request_id: str) -> list[object]:
+    metadata: dict[str, str] = {}
+    details: list[object] = []
+    if isinstance(err, InvalidArgumentError):
+        metadata["field"] = err.field
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.description)
+                ]
+            )
+        )
+    elif isinstance(err, ModelNotFoundError):
+        metadata["selector"] = err.selector
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type="model", resource_name=err.selector, description=err.message
+            )
+        )
+    elif isinstance(err, ContextExceededError):
+        metadata.update(
+            tokens_used=str(err.tokens_used),
+            tokens_left=str(err.tokens_left),
+            context_size=str(err.context_size),
+        )
+        details.append(
+            clemserve_pb2.ContextLimit(
+                tokens_used=err.tokens_used,
+                tokens_left=err.tokens_left,
+                context_size=err.context_size,
+                info=err.info_str,
+            )
+        )
+    elif isinstance(err, FailedPreconditionError):
+        metadata["subject"] = err.subject
+        details.append(
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="SETUP", subject=err.subject, description=err.message
+                    )
+                ]
+            )
+        )
+    elif isinstance(err, ResourceExhaustedError):
+        metadata.update(required_bytes=str(err.required_bytes), available_bytes=str(err.available_bytes))
+        if err.retry_after_s > 0:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(err.retry_after_s * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    details.insert(0, error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata))
+    details.append(error_details_pb2.RequestInfo(request_id=request_id))
+    return details
+
+
+def to_grpc_status(err: ClemserveError, request_id: str) -> grpc.Status:
+    """A gRPC status for ``err``: its code, its message and google.rpc details."""
+    message = err.message
+    if isinstance(err, InternalError):
+        message = f"internal error (request id {request_id}); the server log has the detail"
+    status = status_pb2.Status(
+        code=getattr(code_pb2, err.code),
+        message=message,
+        details=[_pack(d) for d in _details(err, request_id)],
+    )
+    return rpc_status.to_status(status)
+
+
+def as_clemserve_error(exc: BaseException, request_id: str) -> ClemserveError:
+    """Known errors pass through; anything else is logged with its traceback and becomes INTERNAL."""
+    if isinstance(exc, ClemserveError):
+        return exc
+    if isinstance(exc, MemoryError):
+        return ResourceExhaustedError("out of memory while serving this request", request_id=request_id)
+    log.error("unexpected failure", exc_info=exc)
+    return InternalError("internal error", request_id=request_id)
