@@ -5,7 +5,7 @@ Shared by the server and the client; nothing here imports grpc, torch or nltk.
 
 from __future__ import annotations
 
-from clemserve.registry.errors import (
+from .errors import (
     ERRORS_BY_CODE,
     CancelledError,
     ClemserveError,
@@ -19,10 +19,10 @@ from clemserve.registry.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from clemserve.registry.keys import Key, KeyFileError, KeyRegistry
-from clemserve.registry.messages import ensure_alternating_roles, ensure_alternating_roles_batch
-from clemserve.registry.model_registry import ModelRegistry, RegistryFileError
-from clemserve.registry.spec import HUMAN_SPECS, PROGRAMMATIC_SPECS, ModelSpec, UnificationError, unify_values
+from .keys import Key, KeyFileError, KeyRegistry
+from .messages import ensure_alternating_roles, ensure_alternating_roles_batch
+from .model_registry import ModelRegistry, RegistryFileError
+from .spec import HUMAN_SPECS, PROGRAMMATIC_SPECS, ModelSpec, UnificationError, unify_values
 
 __all__ = [
     "ERRORS_BY_CODE",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from clemserve.registry.errors import FailedPreconditionError
+from .errors import FailedPreconditionError
 
 __all__ = ["ENVIRONMENT_KEYS", "KEY_FILE_NAME", "EnvironmentKey", "Key", "KeyFileError", "KeyRegistry"]
 

@@ -9,8 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from clemserve.registry.errors import InvalidArgumentError, ModelNotFoundError
-from clemserve.registry.spec import ModelSpec, UnificationError
+from .errors import InvalidArgumentError, ModelNotFoundError
+from .spec import ModelSpec, UnificationError
 
 __all__ = ["PACKAGED_SOURCE", "REGISTRY_FILE_NAME", "ModelRegistry", "RegistryFileError"]
 

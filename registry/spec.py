@@ -91,7 +91,12 @@ def unify_values(a: Any, b: Any) -> Any:
     Dicts merge key-wise and recursively, lists unify element-wise when equally long, anything else must be
     ``==`` (so ``1`` unifies with ``1.0`` and ``True``, never with ``"1"``; ``None`` only with ``None``).
     Where both sides agree the left value is kept. Result key order: the left keys in their order, then the
-    right side's extra keys alphabetically. The inputs are never mutated and never shared with the result.
+    right side's extra keys alphabetically (a value only one side has is copied as it is). The inputs are
+    never mutated and never shared with the result.
+
+    Two deliberate differences from nltk: a dict never unifies with a list (nltk unifies ``{}`` with ``[]``
+    and raises KeyError for an equally long non-empty pair), and values are trees (nltk treats an object
+    shared by two keys as one re-entrant node; JSON input never has such sharing).
     """
     return _unify(a, b, "")
 

@@ -126,7 +126,7 @@ class HuggingfaceLocalBackend(Backend):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **token_kwargs)
             hf_config = AutoConfig.from_pretrained(source, **token_kwargs)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a folder without tokenizer files
             raise self._weights_missing(source, exc) from None
 
         if not config.get("premade_chat_template") and config.get("custom_chat_template"):
@@ -178,7 +178,7 @@ class HuggingfaceLocalBackend(Backend):
             self.template_kwargs["chat_template"] = config["chat_template_language"]
         progress(f"ready: context size {self.context_size}, device {self.device}")
 
-    def _weights_missing(self, source: str | Path, exc: OSError) -> FailedPreconditionError:
+    def _weights_missing(self, source: str | Path, exc: Exception) -> FailedPreconditionError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = "this server is offline and the hub cache does not hold it" if offline else str(exc).splitlines()[0]
         return _precondition(

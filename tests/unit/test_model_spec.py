@@ -9,10 +9,9 @@ from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
+from clemserve.registry import ModelSpec, UnificationError, unify_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from clemserve.registry import ModelSpec, UnificationError, unify_values
 
 # -- conformance cases 1-13 ------------------------------------------------------------------------------
 
@@ -30,13 +29,15 @@ def test_case02_contains() -> None:
 def test_case03_item_assignment_raises_type_error() -> None:
     spec = ModelSpec(model_name="model_a")
     with pytest.raises(TypeError):
-        spec["model_name"] = "model_b"  # type: ignore[index]
+        spec["model_name"] = "model_b"
     assert spec["model_name"] == "model_a"
 
 
 def test_case04_from_name() -> None:
     assert ModelSpec.from_name("gpt-4").model_name == "gpt-4"
-    with pytest.raises(ValueError, match=r"^Cannot create ModelSpec because model_name is None \(but required\)$"):
+    with pytest.raises(
+        ValueError, match=r"^Cannot create ModelSpec because model_name is None \(but required\)$"
+    ):
         ModelSpec.from_name(None)
 
 
@@ -207,6 +208,7 @@ def test_case13_scalars() -> None:
         ({}, {"k": 1}, True),
         ({"k": 1}, 1, False),
         ({"k": 1}, [1], False),
+        ({}, [], False),  # nltk unifies these two (and crashes on equal-length non-empty ones); never here
         ([1], (1,), False),
         ((1, 2), (1, 2), True),
         ([], [], True),
@@ -232,7 +234,10 @@ def test_equal_scalars_keep_the_left_value() -> None:
 def test_unify_key_order_caller_first_then_extras_alphabetically() -> None:
     selector = ModelSpec(model_name="m", temperature=0)
     entry = ModelSpec(zeta=1, model_name="m", backend="b", alpha=2)
-    assert selector.unify(entry).to_string() == '{"model_name":"m","temperature":0,"alpha":2,"backend":"b","zeta":1}'
+    assert (
+        selector.unify(entry).to_string()
+        == '{"model_name":"m","temperature":0,"alpha":2,"backend":"b","zeta":1}'
+    )
 
 
 def test_unify_key_order_nested() -> None:
@@ -240,7 +245,8 @@ def test_unify_key_order_nested() -> None:
     right = {"model_config": {"b": 1, "x": 2, "a": {"z": 1, "c": 2}}}
     result = unify_values(left, right)
     assert list(result["model_config"]) == ["y", "x", "a", "b"]
-    assert list(result["model_config"]["a"]) == ["c", "z"]
+    # a value only the right side has is copied as it is, its own keys unsorted (nltk 3.9.1 does the same)
+    assert list(result["model_config"]["a"]) == ["z", "c"]
     listed = unify_values([{"q": 1}], [{"p": 2, "o": 3}])
     assert list(listed[0]) == ["q", "o", "p"]
 
@@ -346,7 +352,7 @@ def test_pickle_and_deepcopy_round_trip() -> None:
 
 def test_from_dict_rejects_non_mappings() -> None:
     with pytest.raises(TypeError):
-        ModelSpec.from_dict(["model_name"])  # type: ignore[arg-type]
+        ModelSpec.from_dict(["model_name"])
 
 
 # -- property tests: unify_values against an independent reference ---------------------------------------

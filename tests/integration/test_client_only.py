@@ -1,0 +1,48 @@
+"""A game process needs grpcio and protobuf only: the client never imports torch or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ServerProcess
+
+SEED_BASIC = """
+import sys
+import clemserve.client as backends
+
+model_name = "echo"
+
+model = backends.get_model_for(model_name)
+
+messages = [
+    {'role': "user", 'content': "Hello!"},
+    {'role': "assistant", 'content': "Hello! How can I help you?"},
+    {'role': "user", 'content': "Tell me the name of the capital of Australia."},
+]
+
+prompt, response, response_text = model.generate_response(messages)
+
+print(f"{model_name} reply:")
+print(response_text)
+print("heavy imports:", sorted(m for m in ("torch", "transformers", "vllm") if m in sys.modules))
+"""
+
+
+def test_seed_example_runs_with_only_the_import_changed(server: ServerProcess, tmp_path: Path) -> None:
+    script = tmp_path / "game.py"
+    script.write_text(SEED_BASIC)
+    run = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"CLEMSERVE_ADDRESS": server.address, "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "echo reply:",
+        "Tell me the name of the capital of Australia.",
+        "heavy imports: []",
+    ]
