@@ -46,7 +46,12 @@ test-integration: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy registry client service
+	@# mypy resolves clemserve.* through a tree of links shaped like the installed package
+	mkdir -p .typecheck/clemserve
+	for p in registry client service; do ln -sfn ../../$$p .typecheck/clemserve/$$p; done
+	ln -sfn ../../proto/clemserve/v1 .typecheck/clemserve/v1
+	MYPYPATH=.typecheck $(BIN)/mypy --namespace-packages --explicit-package-bases \
+		-p clemserve.registry -p clemserve.client -p clemserve.service
 	cd proto && ../$(BIN)/buf lint
 
 PROTO_OUT ?= proto
@@ -70,4 +75,4 @@ bench: install
 	$(PY) bench/startup.py
 
 clean:
-	rm -rf $(VENV) .cache .proto-check .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache

@@ -66,4 +66,4 @@ def unload(selector: Selector, *, address: str | None = None, timeout: float | N
     """Free a model on the server; False if it was not loaded."""
     address = address or default_address()
     request = pb.UnloadModelRequest(model=selector_to_proto(selector))
-    return _call(address, _stub(address).UnloadModel, request, timeout).was_loaded
+    return bool(_call(address, _stub(address).UnloadModel, request, timeout).was_loaded)

@@ -22,7 +22,7 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 
 def _status_details(exc: grpc.RpcError) -> list[object]:
-    trailing = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    trailing = exc.trailing_metadata() or ()
     for key, value in trailing:
         if key == _DETAILS_KEY:
             status = status_pb2.Status.FromString(value)
@@ -47,8 +47,8 @@ def _status_details(exc: grpc.RpcError) -> list[object]:
 
 def error_from_rpc(exc: grpc.RpcError, address: str = "") -> ClemserveError:
     """The exception for a failed call; ``raise error_from_rpc(e) from e`` keeps the gRPC cause."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    message: str = exc.details() or code.name  # type: ignore[attr-defined]
+    code: grpc.StatusCode = exc.code()
+    message: str = exc.details() or code.name
     details = _status_details(exc)
 
     def first(cls: type) -> object | None:
@@ -85,7 +85,9 @@ def error_from_rpc(exc: grpc.RpcError, address: str = "") -> ClemserveError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         meta = dict(error_info.metadata) if isinstance(error_info, error_details_pb2.ErrorInfo) else {}
         retry = first(error_details_pb2.RetryInfo)
-        delay = retry.retry_delay.ToNanoseconds() / 1e9 if isinstance(retry, error_details_pb2.RetryInfo) else 0.0
+        delay = (
+            retry.retry_delay.ToNanoseconds() / 1e9 if isinstance(retry, error_details_pb2.RetryInfo) else 0.0
+        )
         return ResourceExhaustedError(
             message,
             required_bytes=int(meta.get("required_bytes", 0) or 0),

@@ -143,7 +143,9 @@ class Model(_ModelBase):
 
     def as_async(self) -> AsyncModel:
         """The asyncio twin of this model, with the same spec and a copy of the gen args."""
-        return AsyncModel(self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout)
+        return AsyncModel(
+            self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout
+        )
 
 
 class AsyncModel(_ModelBase):
@@ -221,9 +223,7 @@ def resolve(selector: Selector, *, address: str | None = None, timeout: float | 
     return spec_from_proto(_call(address, stub.ResolveModel, request, timeout).model_spec)
 
 
-def get_model_for(
-    model_spec: Selector, *, address: str | None = None, timeout: float | None = None
-) -> Model:
+def get_model_for(model_spec: Selector, *, address: str | None = None, timeout: float | None = None) -> Model:
     """clembench's ``backends.get_model_for(name | dict | ModelSpec)``, served by clemserve.
 
     The selector is resolved on the server now, so an unknown model fails here, as in clembench.

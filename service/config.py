@@ -102,13 +102,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         try:
             return kind(value)
         except ValueError:
-            raise SystemExit(f"clemserve: --{name.replace('_', '-')} must be a number, got {value!r}") from None
+            raise SystemExit(
+                f"clemserve: --{name.replace('_', '-')} must be a number, got {value!r}"
+            ) from None
 
     registries = args.registry if args.registry is not None else args.registry_env
     preload = args.preload if args.preload is not None else args.preload_env
     level = str(args.log_level).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SystemExit(f"clemserve: --log-level must be DEBUG, INFO, WARNING or ERROR, got {args.log_level!r}")
+        raise SystemExit(
+            f"clemserve: --log-level must be DEBUG, INFO, WARNING or ERROR, got {args.log_level!r}"
+        )
     defaults = ServerConfig()
     return ServerConfig(
         host=args.host,

@@ -70,7 +70,7 @@ class ModelManager:
         if spec["backend"] in _PLAYER_BACKENDS:
             raise InvalidArgumentError(
                 "model",
-                f"{spec['model_name']!r} is a {spec['backend'][len('_player_'):]} player: the game answers "
+                f"{spec['model_name']!r} is a {spec['backend'][len('_player_') :]} player: the game answers "
                 "for it, no server does",
             )
         return spec
@@ -169,7 +169,9 @@ class ModelManager:
         }
         return spec, generation
 
-    async def count_tokens(self, selector: str | Mapping[str, Any], messages: Sequence[Message]) -> TokenCount:
+    async def count_tokens(
+        self, selector: str | Mapping[str, Any], messages: Sequence[Message]
+    ) -> TokenCount:
         spec = self._servable(selector)
         validate_messages(messages)
         model = await self._ready(spec)

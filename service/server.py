@@ -44,9 +44,7 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
     clemserve_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(config.address)
     if port == 0:
         log.error("cannot bind %s", config.address)

@@ -58,7 +58,7 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
 def model_status(model: LoadedModel) -> pb.ModelStatus:
     return pb.ModelStatus(
         model_spec=convert.spec_to_proto(model.spec),
-        state=model.state.value,
+        state=pb.ModelState.Value(f"MODEL_STATE_{model.state.name}"),
         state_reason=model.reason,
         load_seconds=model.load_seconds,
         requests_in_flight=model.in_flight,
@@ -70,7 +70,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.manager = manager
 
     @rpc
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         selector = convert.selector_from_proto(request.model)
         messages = convert.messages_from_proto(request.messages)
         args = convert.gen_args_from_proto(request.args)
@@ -85,11 +87,15 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         return pb.ResolveModelResponse(model_spec=convert.spec_to_proto(spec))
 
     @rpc
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_status(m) for m in self.manager.statuses()])
 
     @rpc
-    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
         model = await self.manager.load(convert.selector_from_proto(request.model))
         return pb.LoadModelResponse(status=model_status(model))
 

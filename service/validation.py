@@ -31,7 +31,9 @@ def validate_temperature(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidArgumentError("args.temperature", f"must be a finite number, got {value!r}")
     if not 0.0 <= value <= MAX_TEMPERATURE:
-        raise InvalidArgumentError("args.temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {value}")
+        raise InvalidArgumentError(
+            "args.temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {value}"
+        )
     return float(value)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import CHAT_TEMPLATE, EOS_TO_CULL, build_tiny_llama  # noqa: E402
+from tiny_model import CHAT_TEMPLATE, EOS_TO_CULL, build_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CACHE = Path(os.environ.get("CLEMSERVE_CACHE_DIR", REPO / ".cache" / "clemserve"))
@@ -118,7 +118,13 @@ def test_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
         hf_entry("tiny-llama-single-flight", tiny_model_dir),
         hf_entry("tiny-llama-unload", tiny_model_dir),
         hf_entry("tiny-llama-no-weights", no_weights),
-        {"model_name": "echo-small", "backend": "echo", "model_id": "echo", "context_size": "64", "model_config": {}},
+        {
+            "model_name": "echo-small",
+            "backend": "echo",
+            "model_id": "echo",
+            "context_size": "64",
+            "model_config": {},
+        },
     ]
     path = folder / "test_registry.json"
     path.write_text(json.dumps(entries, indent=2))

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError
@@ -48,7 +48,7 @@ class Backend(abc.ABC):
         return str(self.spec["model_name"])
 
     @property
-    def model_config(self) -> dict[str, object]:
+    def model_config(self) -> dict[str, Any]:
         config = self.spec.get("model_config", {})
         return dict(config) if isinstance(config, dict) else {}
 

@@ -83,7 +83,7 @@ def _convert(gguf_path: Path, out: Path, progress: Progress) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     # a GGUF-loaded model refuses save_pretrained; an identical plain model takes its weights
-    plain = AutoModelForCausalLM.from_config(config)
+    plain = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     plain.load_state_dict(quantized.state_dict())
     del quantized
     progress("step 3/3: writing the transformers folder")

@@ -91,23 +91,27 @@ class HuggingfaceLocalBackend(Backend):
                 "model_config.eos_to_cull",
             ) from None
         if config.get("cot_output") and not config.get("cot_end_tag"):
-            raise _precondition("model_config.cot_output needs model_config.cot_end_tag", "model_config.cot_end_tag")
+            raise _precondition(
+                "model_config.cot_output needs model_config.cot_end_tag", "model_config.cot_end_tag"
+            )
         if config.get("multimodal"):
             raise _precondition(
-                f"{self.model_name} is a multimodal model; this clemserve serves huggingface_local text models only",
+                f"{self.model_name} is a multimodal model; clemserve serves text models only on {self.name}",
                 "model_config.multimodal",
             )
-        if config.get("load_in_8bit") or config.get("load_in_4bit"):
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise _precondition(
-                    "model_config.load_in_8bit/load_in_4bit need the bitsandbytes package (and a GPU)",
-                    "pip install bitsandbytes",
-                )
+        quantized = config.get("load_in_8bit") or config.get("load_in_4bit")
+        if quantized and importlib.util.find_spec("bitsandbytes") is None:
+            raise _precondition(
+                "model_config.load_in_8bit/load_in_4bit need the bitsandbytes package (and a GPU)",
+                "pip install bitsandbytes",
+            )
         if config.get("peft_model") and importlib.util.find_spec("peft") is None:
             raise _precondition("model_config.peft_model needs the peft package", "pip install peft")
         kwargs = config.get("chat_template_kwargs", {})
         if not isinstance(kwargs, dict):
-            raise _precondition("model_config.chat_template_kwargs must be an object", "model_config.chat_template_kwargs")
+            raise _precondition(
+                "model_config.chat_template_kwargs must be an object", "model_config.chat_template_kwargs"
+            )
 
     def _load_blocking(self, config: dict[str, Any], progress: Progress) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -133,7 +137,8 @@ class HuggingfaceLocalBackend(Backend):
             tokenizer.chat_template = config["custom_chat_template"]
         if not tokenizer.chat_template:
             raise _precondition(
-                f"{self.model_name}: the tokenizer has no chat template; set model_config.custom_chat_template",
+                f"{self.model_name}: the tokenizer has no chat template; "
+                "set model_config.custom_chat_template",
                 "model_config.custom_chat_template",
             )
         if tokenizer.pad_token_id is None:
@@ -144,7 +149,7 @@ class HuggingfaceLocalBackend(Backend):
         if config.get("load_in_8bit") or config.get("load_in_4bit"):
             from transformers import BitsAndBytesConfig
 
-            model_kwargs["quantization_config"] = BitsAndBytesConfig(
+            model_kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
                 load_in_8bit=bool(config.get("load_in_8bit")), load_in_4bit=bool(config.get("load_in_4bit"))
             )
         if config.get("trust_remote_code"):
@@ -167,7 +172,7 @@ class HuggingfaceLocalBackend(Backend):
             model = PeftModel.from_pretrained(model, config["peft_model"])
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.eos_token_id
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
 
         self.tokenizer = tokenizer
         self.model = model
@@ -180,7 +185,11 @@ class HuggingfaceLocalBackend(Backend):
 
     def _weights_missing(self, source: str | Path, exc: Exception) -> FailedPreconditionError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        why = "this server is offline and the hub cache does not hold it" if offline else str(exc).splitlines()[0]
+        why = (
+            "this server is offline and the hub cache does not hold it"
+            if offline
+            else str(exc).splitlines()[0]
+        )
         return _precondition(
             f"cannot load {self.model_name} from {source}: {why}. Put the model in a local folder "
             "and point huggingface_id at it, or pre-download it into the Hugging Face cache",
@@ -308,7 +317,9 @@ class HuggingfaceLocalBackend(Backend):
             )
         except (MemoryError, RuntimeError) as exc:
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-                raise ResourceExhaustedError(f"out of memory while generating with {self.model_name}") from None
+                raise ResourceExhaustedError(
+                    f"out of memory while generating with {self.model_name}"
+                ) from None
             raise
         sequences = output.sequences
         outputs = tokenizer.batch_decode(sequences)
@@ -324,7 +335,11 @@ class HuggingfaceLocalBackend(Backend):
             stop = next((n for n, t in enumerate(new_tokens) if t in eos_ids), None)
             results.append(
                 Generation(
-                    prompt={"inputs": prompt_text, "max_new_tokens": args.max_tokens, "temperature": args.temperature},
+                    prompt={
+                        "inputs": prompt_text,
+                        "max_new_tokens": args.max_tokens,
+                        "temperature": args.temperature,
+                    },
                     response=response,
                     text=text,
                     prompt_tokens=int(encoded["attention_mask"][i].sum()),
@@ -353,7 +368,7 @@ class HuggingfaceLocalBackend(Backend):
         parts = re.split(config["cot_end_tag"], text)
         answer = parts[-1] if len(parts) >= 2 else ""
         answer_ids = self.tokenizer(answer).input_ids[:max_tokens]
-        return self.tokenizer.decode(answer_ids).strip(), parts[0]
+        return str(self.tokenizer.decode(answer_ids)).strip(), parts[0]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -367,7 +382,9 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 def _refuse_images(messages: Sequence[Message], model_name: str) -> None:
     for i, message in enumerate(messages):
         if message.get("image"):
-            raise InvalidArgumentError(f"messages[{i}].image", f"{model_name} is a text model and takes no images")
+            raise InvalidArgumentError(
+                f"messages[{i}].image", f"{model_name} is a text model and takes no images"
+            )
 
 
 def _check_memory(source: str | Path, model_name: str) -> None:

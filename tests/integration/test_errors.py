@@ -13,12 +13,19 @@ from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
 USER = [{"role": "user", "content": "hi"}]
+DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RequestInfo,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.PreconditionFailure,
+    pb.ContextLimit,
+)
 
 
 def raw_error(address: str, request: pb.GenerateRequest) -> grpc.RpcError:
-    with grpc.insecure_channel(address) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            pb_grpc.ModelServiceStub(channel).Generate(request)
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        pb_grpc.ModelServiceStub(channel).Generate(request)
     return caught.value
 
 
@@ -26,8 +33,7 @@ def details(err: grpc.RpcError) -> list[Any]:
     blob = dict(err.trailing_metadata())["grpc-status-details-bin"]
     found = []
     for detail in status_pb2.Status.FromString(blob).details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RequestInfo,
-                    error_details_pb2.ResourceInfo, error_details_pb2.PreconditionFailure, pb.ContextLimit):  # fmt: skip
+        for cls in DETAIL_TYPES:
             if detail.Is(cls.DESCRIPTOR):
                 message = cls()
                 detail.Unpack(message)
@@ -66,7 +72,9 @@ def test_invalid_argument_names_the_field(client: Any, messages: Any, args: Any,
 def test_invalid_argument_status_details_on_the_wire(server: Any) -> None:
     err = raw_error(
         server.address,
-        pb.GenerateRequest(model=pb.ModelSelector(name="echo"), messages=[pb.Message(role="bot", content="x")]),
+        pb.GenerateRequest(
+            model=pb.ModelSelector(name="echo"), messages=[pb.Message(role="bot", content="x")]
+        ),
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     found = details(err)
@@ -136,7 +144,9 @@ def test_backend_not_served_here_is_failed_precondition(client: Any) -> None:
 def test_human_players_are_not_served(server: Any) -> None:
     err = raw_error(
         server.address,
-        pb.GenerateRequest(model=pb.ModelSelector(name="human"), messages=[pb.Message(role="user", content="x")]),
+        pb.GenerateRequest(
+            model=pb.ModelSelector(name="human"), messages=[pb.Message(role="user", content="x")]
+        ),
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "human" in err.details()
 

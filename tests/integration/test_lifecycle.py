@@ -95,7 +95,9 @@ def test_health_and_reflection(server: ServerProcess) -> None:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        replies = list(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"clemserve.v1.ModelService", "grpc.health.v1.Health"} <= names
 

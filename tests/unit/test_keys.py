@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from clemserve.registry import FailedPreconditionError, Key, KeyFileError, KeyRegistry
 
 LONG_KEY = "sk-abcdefghijklmnopqrstuvwxyz0123"

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from clemserve.registry import ensure_alternating_roles, ensure_alternating_roles_batch
 from clemserve.registry.messages import MERGE_DELIMITER
 

@@ -9,9 +9,10 @@ from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
-from clemserve.registry import ModelSpec, UnificationError, unify_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from clemserve.registry import ModelSpec, UnificationError, unify_values
 
 # -- conformance cases 1-13 ------------------------------------------------------------------------------
 
