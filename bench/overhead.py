@@ -4,7 +4,7 @@ Both servers run in a process of their own, so every call crosses the same loopb
 boundary; what is left between the two is clemserve's own work (the client's conversions, validation,
 model lookup, scheduling, the echo backend and the answer's conversion back).
 
-    python bench/overhead.py [--calls N] [--payload CHARS]
+    python bench/overhead.py [--calls N] [--payload BYTES]
 """
 
 from __future__ import annotations
@@ -165,7 +165,10 @@ class Stats:
         return 1e9 * len(self.latencies_ns) / sum(self.latencies_ns)
 
 
-def time_calls(call: Callable[[], object], count: int) -> list[int]:
+Call = Callable[[], object]
+
+
+def time_calls(call: Call, count: int) -> list[int]:
     latencies = []
     for _ in range(count):
         start = time.perf_counter_ns()
@@ -179,7 +182,7 @@ def game_messages(chars: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
-def measure(raw: Callable[[], object], served: Callable[[], object], calls: int) -> tuple[list[int], list[int]]:
+def measure(raw: Call, served: Call, calls: int) -> tuple[list[int], list[int]]:
     """Alternating blocks (raw first, then clemserve first, ...) so drift on the machine hits both alike."""
     raw_ns: list[int] = []
     served_ns: list[int] = []
@@ -249,7 +252,8 @@ def report(rows: list[Stats], setup: list[str]) -> None:
     print(body)
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
-    markdown = ["# clemserve overhead", "", *(f"- {s}" for s in setup), "", body, "", *(f"- {v}" for v in lines)]
+    markdown = ["# clemserve overhead", "", *(f"- {s}" for s in setup), "", body, ""]
+    markdown += [f"- {v}" for v in lines]
     (RESULTS / "overhead.md").write_text("\n".join(markdown) + "\n")
     print("table written to bench/results/overhead.md")
     plot_cdf(rows, RESULTS / "overhead.png")
@@ -289,13 +293,16 @@ def run(calls: int, payload_chars: int) -> None:
         f"one call at a time, sync clients, each server in its own process, {os.cpu_count()} CPUs",
     ]
     print("\n".join(setup))
-    report([Stats("raw grpcio unary echo", raw_ns), Stats("clemserve Generate (echo model)", served_ns)], setup)
+    rows = [Stats("raw grpcio unary echo", raw_ns), Stats("clemserve Generate (echo model)", served_ns)]
+    report(rows, setup)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per path (default 2000)")
-    parser.add_argument("--payload", type=int, default=512, help="message length in characters (default 512)")
+    parser.add_argument(
+        "--payload", type=int, default=512, help="message size in bytes (ASCII text; default 512)"
+    )
     parser.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_raw:
