@@ -58,6 +58,16 @@ class _ModelBase:
         self._gen_args: dict[str, Any] = dict(DEFAULT_GEN_ARGS if gen_args is None else gen_args)
 
     @property
+    def model_spec(self) -> ModelSpec:
+        """The resolved spec; every request names it in full, so the server needs no second lookup."""
+        return self._model_spec
+
+    @model_spec.setter
+    def model_spec(self, spec: ModelSpec) -> None:
+        self._model_spec = spec
+        self._selector = pb.ModelSelector(spec=pb.ModelSpec(json=spec.to_string()))
+
+    @property
     def name(self) -> str:
         return str(self.model_spec["model_name"])
 
@@ -103,14 +113,14 @@ class _ModelBase:
 
     def _request(self, messages: Sequence[Mapping[str, Any]]) -> pb.GenerateRequest:
         return pb.GenerateRequest(
-            model=pb.ModelSelector(spec=pb.ModelSpec(json=self.model_spec.to_string())),
+            model=self._selector,
             messages=messages_to_proto(messages),
             args=gen_args_to_proto(self._gen_args),
         )
 
     def _count_request(self, messages: Sequence[Mapping[str, Any]]) -> pb.CountTokensRequest:
         return pb.CountTokensRequest(
-            model=pb.ModelSelector(spec=pb.ModelSpec(json=self.model_spec.to_string())),
+            model=self._selector,
             messages=messages_to_proto(messages),
         )
 
@@ -125,8 +135,12 @@ def _call(address: str, method: Callable[..., T], request: object, timeout: floa
 class Model(_ModelBase):
     """A model served by clemserve, with clembench's ``Model`` methods (blocking calls)."""
 
+    _sync_stub: pb_grpc.ModelServiceStub | None = None
+
     def _stub(self) -> pb_grpc.ModelServiceStub:
-        return pb_grpc.ModelServiceStub(channel_for(self.address))
+        if self._sync_stub is None:
+            self._sync_stub = pb_grpc.ModelServiceStub(channel_for(self.address))
+        return self._sync_stub
 
     def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         """``(prompt, response_object, response_text)``, exactly as in-process clembench returns them."""

@@ -7,6 +7,7 @@ import enum
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,6 +23,7 @@ from .validation import validate_messages
 log = logging.getLogger(__name__)
 
 _PLAYER_BACKENDS = ("_player_human", "_player_programmed")
+RESOLVE_CACHE_SIZE = 4096
 
 
 class ModelState(enum.Enum):
@@ -59,29 +61,43 @@ class ModelManager:
         self.registry = registry
         self.context = context
         self._models: dict[str, LoadedModel] = {}
+        # The registry does not change while serving, so a selector resolves the same way every time;
+        # game processes send the same few selectors on every turn.
+        self._resolved: OrderedDict[str, tuple[ModelSpec, str]] = OrderedDict()
 
     # -- resolution ---------------------------------------------------------------------------
 
     def resolve(self, selector: str | Mapping[str, Any]) -> ModelSpec:
-        return self.registry.resolve(selector)
+        return self._resolve(selector)[0]
 
-    def _servable(self, selector: str | Mapping[str, Any]) -> ModelSpec:
-        spec = self.resolve(selector)
+    def _resolve(self, selector: str | Mapping[str, Any]) -> tuple[ModelSpec, str]:
+        """The unified spec and its cache key."""
+        # key order matters (it orders the result's keys), so the lookup key keeps it
+        lookup = selector if isinstance(selector, str) else "\0" + json.dumps(selector, default=repr)
+        found = self._resolved.get(lookup)
+        if found is None:
+            spec = self.registry.resolve(selector)
+            found = self._resolved[lookup] = (spec, cache_key(spec))
+            if len(self._resolved) > RESOLVE_CACHE_SIZE:
+                self._resolved.popitem(last=False)
+        return found
+
+    def _servable(self, selector: str | Mapping[str, Any]) -> tuple[ModelSpec, str]:
+        spec, key = self._resolve(selector)
         if spec["backend"] in _PLAYER_BACKENDS:
             raise InvalidArgumentError(
                 "model",
                 f"{spec['model_name']!r} is a {spec['backend'][len('_player_') :]} player: the game answers "
                 "for it, no server does",
             )
-        return spec
+        return spec, key
 
     # -- loading ------------------------------------------------------------------------------
 
     async def load(self, selector: str | Mapping[str, Any]) -> LoadedModel:
-        return await self._ready(self._servable(selector))
+        return await self._ready(*self._servable(selector))
 
-    async def _ready(self, spec: ModelSpec) -> LoadedModel:
-        key = cache_key(spec)
+    async def _ready(self, spec: ModelSpec, key: str) -> LoadedModel:
         model = self._models.get(key)
         if model is None:
             model = self._models[key] = LoadedModel(spec)
@@ -122,8 +138,10 @@ class ModelManager:
 
     async def unload(self, selector: str | Mapping[str, Any]) -> bool:
         """Free a model after the calls running on it finish. False if it was not loaded."""
-        spec = self._servable(selector)
-        model = self._models.pop(cache_key(spec), None)
+        return await self._unload(self._servable(selector)[1])
+
+    async def _unload(self, key: str) -> bool:
+        model = self._models.pop(key, None)
         if model is None:
             return False
         if model.load_task is not None and not model.load_task.done():
@@ -132,23 +150,23 @@ class ModelManager:
         was_loaded = model.backend is not None
         if model.backend is not None:
             await _quietly_unload(model.backend)
-            log.info("unloaded %s", spec["model_name"])
+            log.info("unloaded %s", model.spec["model_name"])
         model.backend, model.state = None, ModelState.NOT_LOADED
         return was_loaded
 
     async def shutdown(self) -> None:
-        for model in list(self._models.values()):
-            await self.unload(model.spec)
+        for key in list(self._models):
+            await self._unload(key)
 
     # -- serving ------------------------------------------------------------------------------
 
     async def generate(
         self, selector: str | Mapping[str, Any], messages: Sequence[Message], args: GenArgs
     ) -> tuple[ModelSpec, Generation]:
-        spec = self._servable(selector)
+        spec, key = self._servable(selector)
         validate_messages(messages)
         merged = ensure_alternating_roles(list(messages))
-        model = await self._ready(spec)
+        model = await self._ready(spec, key)
         assert model.backend is not None
         model.in_flight += 1
         model.idle.clear()
@@ -172,9 +190,9 @@ class ModelManager:
     async def count_tokens(
         self, selector: str | Mapping[str, Any], messages: Sequence[Message]
     ) -> TokenCount:
-        spec = self._servable(selector)
+        spec, key = self._servable(selector)
         validate_messages(messages)
-        model = await self._ready(spec)
+        model = await self._ready(spec, key)
         assert model.backend is not None
         return await model.backend.count_tokens(ensure_alternating_roles(list(messages)))
 

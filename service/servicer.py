@@ -38,10 +38,9 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
-        token = request_id_var.set(uuid.uuid4().hex)
+        token = request_id_var.set("-")
         try:
-            request_id = _request_id(request, context)
-            request_id_var.set(request_id)
+            request_id_var.set(_request_id(request, context))
             return await handler(self, request, context)
         except Exception as exc:
             err = as_clemserve_error(exc, request_id_var.get())
