@@ -68,7 +68,10 @@ def test_gen_args() -> None:
     assert (args.temperature, args.max_tokens, json.loads(args.extra_json)) == (0.0, 12, {"top_p": 0.5})
     assert args.HasField("temperature")
     assert not gen_args_to_proto({}).HasField("max_tokens")
-    for bad, field in (({"max_tokens": 1.5}, "args.max_tokens"), ({"temperature": "hot"}, "args.temperature")):
+    for bad, field in (
+        ({"max_tokens": 1.5}, "args.max_tokens"),
+        ({"temperature": "hot"}, "args.temperature"),
+    ):
         with pytest.raises(InvalidArgumentError) as caught:
             gen_args_to_proto(bad)
         assert caught.value.field == field
@@ -77,5 +80,8 @@ def test_gen_args() -> None:
 def test_selectors() -> None:
     assert selector_to_proto("m").name == "m"
     spec = ModelSpec(model_name="m", model_config={"a": [1, 2.5]})
-    assert json.loads(selector_to_proto(spec).spec.json) == {"model_name": "m", "model_config": {"a": [1, 2.5]}}
+    assert json.loads(selector_to_proto(spec).spec.json) == {
+        "model_name": "m",
+        "model_config": {"a": [1, 2.5]},
+    }
     assert selector_to_proto({"model_name": "m"}).WhichOneof("selector") == "spec"

@@ -26,7 +26,12 @@ def test_environment_twins_and_flags_win() -> None:
         "CLEMSERVE_GRACE_PERIOD": "5",
     }
     config = parse_server_config([], env)
-    assert (config.host, config.port, config.log_level, config.grace_period_s) == ("0.0.0.0", 6000, "DEBUG", 5.0)
+    assert (config.host, config.port, config.log_level, config.grace_period_s) == (
+        "0.0.0.0",
+        6000,
+        "DEBUG",
+        5.0,
+    )
     assert config.registries == (Path("a.json"), Path("b.json"))
     assert config.preload == ("echo", "tiny")
     flagged = parse_server_config(["--port", "7000", "--registry", "c.json"], env)
