@@ -1,0 +1,122 @@
+"""huggingface_local's load-time checks and its text cleaning (spec section 5.1), without a server."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from clemserve.registry import KeyRegistry, ModelSpec
+from clemserve.registry.errors import FailedPreconditionError
+from clemserve.service.backends import BackendContext
+from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
+
+
+def backend(tmp_path: Path, **config: Any) -> HuggingfaceLocalBackend:
+    spec = ModelSpec(
+        model_name="m",
+        backend="huggingface_local",
+        huggingface_id="some/model",
+        model_config={"premade_chat_template": True, "eos_to_cull": "</s>", **config},
+    )
+    return HuggingfaceLocalBackend(spec, BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def cleaned(tmp_path: Path, tokenizer: Any, output: str, prompt: str = "P", **config: Any) -> tuple[str, Any]:
+    b = backend(tmp_path, **config)
+    b.tokenizer = tokenizer
+    return b._clean(output, prompt, max_tokens=50)
+
+
+def test_cleaning_order(tmp_path: Path, tokenizer: Any) -> None:
+    # prompt removal and strip, then every eos match culled, with no strip afterwards
+    assert cleaned(tmp_path, tokenizer, "P  Hello\n</s>\n</s>") == ("Hello\n\n", None)
+
+
+def test_output_split_prefix_takes_the_last_part(tmp_path: Path, tokenizer: Any) -> None:
+    text, _ = cleaned(tmp_path, tokenizer, "P a ANSWER: b ANSWER: c", output_split_prefix="ANSWER:")
+    assert text == " c"
+    text, _ = cleaned(tmp_path, tokenizer, "P no prefix here", output_split_prefix="ANSWER:")
+    assert text == "no prefix here"  # absent prefix: left alone (clembench 2024 raised IndexError)
+
+
+def test_pad_strings_go_only_when_they_touch_an_edge(tmp_path: Path, tokenizer: Any) -> None:
+    b = backend(tmp_path, eos_to_cull="NEVER")
+    b.tokenizer = tokenizer
+    assert b._clean("P</s>x</s>y", "P", 10)[0] == "xy"
+    assert b._clean("P a</s>b c", "P", 10)[0] == "a</s>b c"
+
+
+def test_unescaped_eos_is_a_regex_as_in_clembench(tmp_path: Path, tokenizer: Any) -> None:
+    text, _ = cleaned(tmp_path, tokenizer, "P Hello <b> x<|im_end|>", eos_to_cull="<|im_end|>")
+    assert text == "Hello b x||"  # "<", "im_end" and ">" are alternatives
+
+
+def test_chain_of_thought_split(tmp_path: Path, tokenizer: Any) -> None:
+    config = {"cot_output": True, "cot_start_tag": "<think>", "cot_end_tag": "</think>"}
+    text, cot = cleaned(tmp_path, tokenizer, "P <think>plan it</think> The answer", **config)
+    assert cot == "plan it" and text == "The answer"
+    text, cot = cleaned(tmp_path, tokenizer, "P <think>never closed", **config)
+    assert text == "" and cot == "never closed"
+
+
+@pytest.mark.parametrize(
+    ("config", "subject"),
+    [
+        ({"eos_to_cull": None}, "model_config.eos_to_cull"),
+        ({"eos_to_cull": "(unclosed"}, "model_config.eos_to_cull"),
+        ({"cot_output": True}, "model_config.cot_end_tag"),
+        ({"multimodal": True}, "model_config.multimodal"),
+        ({"chat_template_kwargs": "x"}, "model_config.chat_template_kwargs"),
+    ],
+)
+def test_config_that_cannot_be_honoured_fails_at_load(
+    tmp_path: Path, config: dict[str, Any], subject: str
+) -> None:
+    b = backend(tmp_path, **config)
+    with pytest.raises(FailedPreconditionError) as caught:
+        b._check_config(b.model_config)
+    assert caught.value.subject == subject
+
+
+def test_missing_required_keys_are_named(tmp_path: Path) -> None:
+    spec = ModelSpec(model_name="m", backend="huggingface_local", huggingface_id="x", model_config={})
+    b = HuggingfaceLocalBackend(spec, BackendContext(KeyRegistry(tmp_path / "k.json"), tmp_path))
+    with pytest.raises(FailedPreconditionError) as caught:
+        b._check_config(b.model_config)
+    assert caught.value.subject == "model_config.premade_chat_template"
+
+
+def test_unknown_config_keys_are_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    b = backend(tmp_path, shiny_new_flag=True)
+    with caplog.at_level(logging.WARNING):
+        b._check_config(b.model_config)
+    assert "shiny_new_flag" in caplog.text
+
+
+def test_context_size_order(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    tok = SimpleNamespace(model_max_length=2048)
+    assert b._context_size(SimpleNamespace(max_position_embeddings=4096, n_positions=1), tok) == 4096
+    assert b._context_size(SimpleNamespace(n_positions=1024), tok) == 1024
+    nested = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=777))
+    assert b._context_size(nested, tok) == 777
+    assert b._context_size(SimpleNamespace(), tok) == 2048
+    assert b._context_size(SimpleNamespace(), SimpleNamespace(model_max_length=10**30)) == 256
+    with_registry = HuggingfaceLocalBackend(
+        ModelSpec(model_name="m", context_size="128k", model_config={}),
+        BackendContext(KeyRegistry(tmp_path / "k.json"), tmp_path),
+    )
+    assert with_registry._context_size(SimpleNamespace(), tok) == 131072
