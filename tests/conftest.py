@@ -113,11 +113,16 @@ def test_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     for file in tiny_model_dir.iterdir():
         if file.suffix != ".safetensors":
             (no_weights / file.name).write_bytes(file.read_bytes())
+    too_big = folder / "too-big"
+    too_big.mkdir()
+    with open(too_big / "model.safetensors", "wb") as sparse:
+        sparse.truncate(2**40)  # a 1 TiB file that takes no disk: the memory check reads sizes only
     entries = [
         hf_entry("tiny-llama", tiny_model_dir),
         hf_entry("tiny-llama-single-flight", tiny_model_dir),
         hf_entry("tiny-llama-unload", tiny_model_dir),
         hf_entry("tiny-llama-no-weights", no_weights),
+        hf_entry("tiny-llama-too-big", too_big),
         {
             "model_name": "echo-small",
             "backend": "echo",

@@ -134,6 +134,16 @@ def test_missing_weights_is_failed_precondition_and_nothing_stays_loaded(client:
     assert status.state == "failed" and "cannot load" in status.state_reason
 
 
+def test_model_larger_than_memory_is_resource_exhausted(client: Any) -> None:
+    model = client.get_model_for("tiny-llama-too-big")
+    with pytest.raises(client.ResourceExhaustedError) as caught:
+        model.generate_response(USER)
+    err = caught.value
+    assert err.required_bytes > 2**40 > err.available_bytes > 0
+    assert "GiB" in str(err) and "available" in str(err)
+    assert model.model_spec["model_name"] in str(err)
+
+
 def test_backend_not_served_here_is_failed_precondition(client: Any) -> None:
     model = client.get_model_for("gpt-3.5-turbo-0125")
     with pytest.raises(client.FailedPreconditionError) as caught:

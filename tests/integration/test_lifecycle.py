@@ -143,15 +143,27 @@ def test_server_serving_echo_never_loads_torch(tmp_path: Path) -> None:
         assert proc.stop() == 0
 
 
-def test_bad_registry_file_stops_the_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flag", "content", "problem"),
+    [
+        ("--registry", '[{"model_name": "x"}]', "backend"),
+        ("--registry", "[{not json", "JSON"),
+        ("--key-file", '{"openai": {"api_key": "sk-secret-abcdefgh"', "JSON"),
+        ("--key-file", '["a list"]', "object"),
+    ],
+)
+def test_corrupt_registry_or_key_file_stops_the_start(
+    tmp_path: Path, flag: str, content: str, problem: str
+) -> None:
     bad = tmp_path / "broken.json"
-    bad.write_text('[{"model_name": "x"}]')
+    bad.write_text(content)
     run = subprocess.run(
-        [sys.executable, "-m", "clemserve.service.cli", "serve", "--port", "0", "--registry", str(bad)],
+        [sys.executable, "-m", "clemserve.service.cli", "serve", "--port", "0", flag, str(bad)],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=tmp_path,
     )
     assert run.returncode == 2
-    assert "broken.json" in run.stderr and "backend" in run.stderr
+    assert "broken.json" in run.stderr and problem in run.stderr
+    assert "sk-secret" not in run.stderr + run.stdout
