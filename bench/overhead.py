@@ -288,8 +288,7 @@ def run(calls: int, payload_chars: int) -> None:
     setup = [
         f"{len(raw_ns)} timed calls each after {WARMUP_CALLS} warm-up calls, "
         f"in {BLOCKS} alternating blocks of {len(raw_ns) // BLOCKS}",
-        f"request: one user message of {len(messages[-1]['content'])} characters, "
-        f"{len(payload)} bytes on the wire",
+        f"request: one user message of {len(messages[-1]['content'])} characters, {len(payload)} bytes on the wire",
         f"one call at a time, sync clients, each server in its own process, {os.cpu_count()} CPUs",
     ]
     print("\n".join(setup))
@@ -300,9 +299,7 @@ def run(calls: int, payload_chars: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per path (default 2000)")
-    parser.add_argument(
-        "--payload", type=int, default=512, help="message size in bytes (ASCII text; default 512)"
-    )
+    parser.add_argument("--payload", type=int, default=512, help="message size in bytes (ASCII text; default 512)")
     parser.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_raw:

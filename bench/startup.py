@@ -128,10 +128,7 @@ def yes_no(flag: bool | None) -> str:
 
 
 def summary(label: str, seconds: list[float]) -> str:
-    return (
-        f"| {label} | {len(seconds)} | {min(seconds):.3f} | {statistics.median(seconds):.3f} "
-        f"| {max(seconds):.3f} |"
-    )
+    return f"| {label} | {len(seconds)} | {min(seconds):.3f} | {statistics.median(seconds):.3f} | {max(seconds):.3f} |"
 
 
 def report(runs: list[Run], import_grpc: list[float], bare_python: list[float]) -> None:

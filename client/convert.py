@@ -80,9 +80,7 @@ def _check_shapes(messages: Sequence[Any], field: str) -> None:
         content = message.get("content")
         culled = i == 0 and message["role"] == "system" and not content
         if not isinstance(content, str) and not culled:
-            raise InvalidArgumentError(
-                f"{field}[{i}].content", f"must be a string, got {type(content).__name__}"
-            )
+            raise InvalidArgumentError(f"{field}[{i}].content", f"must be a string, got {type(content).__name__}")
 
 
 def messages_to_proto(messages: Sequence[Mapping[str, Any]], field: str = "messages") -> list[pb.Message]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
@@ -19,85 +21,96 @@ from clemserve.registry.errors import (
 from clemserve.v1 import clemserve_pb2
 
 _DETAILS_KEY = "grpc-status-details-bin"
+_DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.RequestInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.RetryInfo,
+    clemserve_pb2.ContextLimit,
+)
 
 
-def _status_details(exc: grpc.RpcError) -> list[object]:
-    trailing = exc.trailing_metadata() or ()
-    for key, value in trailing:
-        if key == _DETAILS_KEY:
-            status = status_pb2.Status.FromString(value)
-            unpacked: list[object] = []
-            for detail in status.details:
-                for cls in (
-                    error_details_pb2.ErrorInfo,
-                    error_details_pb2.RequestInfo,
-                    error_details_pb2.BadRequest,
-                    error_details_pb2.ResourceInfo,
-                    error_details_pb2.PreconditionFailure,
-                    error_details_pb2.RetryInfo,
-                    clemserve_pb2.ContextLimit,
-                ):
-                    if detail.Is(cls.DESCRIPTOR):
-                        message = cls()
-                        detail.Unpack(message)
-                        unpacked.append(message)
-            return unpacked
-    return []
+@dataclass
+class _Details:
+    """The google.rpc details of one status, unpacked."""
+
+    request_id: str = ""
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after_s: float = 0.0
+    field: str = ""
+    field_description: str = ""
+    selector: str = ""
+    subject: str = ""
+    limit: clemserve_pb2.ContextLimit | None = None
+    any_found: bool = False
+
+
+def _details(exc: grpc.RpcError) -> _Details:
+    found = _Details()
+    blob = next((v for k, v in (exc.trailing_metadata() or ()) if k == _DETAILS_KEY), None)
+    if blob is None:
+        return found
+    for packed in status_pb2.Status.FromString(blob).details:
+        for cls in _DETAIL_TYPES:
+            if not packed.Is(cls.DESCRIPTOR):
+                continue
+            detail = cls()
+            packed.Unpack(detail)
+            found.any_found = True
+            if isinstance(detail, error_details_pb2.ErrorInfo):
+                found.reason, found.metadata = detail.reason, dict(detail.metadata)
+            elif isinstance(detail, error_details_pb2.RequestInfo):
+                found.request_id = detail.request_id
+            elif isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations:
+                found.field = detail.field_violations[0].field
+                found.field_description = detail.field_violations[0].description
+            elif isinstance(detail, error_details_pb2.ResourceInfo):
+                found.selector = detail.resource_name
+            elif isinstance(detail, error_details_pb2.PreconditionFailure) and detail.violations:
+                found.subject = detail.violations[0].subject
+            elif isinstance(detail, error_details_pb2.RetryInfo):
+                found.retry_after_s = detail.retry_delay.ToNanoseconds() / 1e9
+            elif isinstance(detail, clemserve_pb2.ContextLimit):
+                found.limit = detail
+    return found
 
 
 def error_from_rpc(exc: grpc.RpcError, address: str = "") -> ClemserveError:
     """The exception for a failed call; ``raise error_from_rpc(e) from e`` keeps the gRPC cause."""
     code: grpc.StatusCode = exc.code()
     message: str = exc.details() or code.name
-    details = _status_details(exc)
+    found = _details(exc)
+    err = _error(code, message, found, address)
+    err.request_id = found.request_id
+    err.metadata = found.metadata
+    err.retry_after_s = found.retry_after_s
+    return err
 
-    def first(cls: type) -> object | None:
-        return next((d for d in details if isinstance(d, cls)), None)
 
-    request_info = first(error_details_pb2.RequestInfo)
-    request_id = request_info.request_id if isinstance(request_info, error_details_pb2.RequestInfo) else ""
-    error_info = first(error_details_pb2.ErrorInfo)
-    reason = error_info.reason if isinstance(error_info, error_details_pb2.ErrorInfo) else ""
-
-    limit = first(clemserve_pb2.ContextLimit)
-    if isinstance(limit, clemserve_pb2.ContextLimit):
-        return ContextExceededError(
-            limit.info, limit.tokens_used, limit.tokens_left, limit.context_size, request_id=request_id
-        )
-    bad_request = first(error_details_pb2.BadRequest)
+def _error(code: grpc.StatusCode, message: str, found: _Details, address: str) -> ClemserveError:
+    if found.limit is not None:
+        limit = found.limit
+        return ContextExceededError(limit.info, limit.tokens_used, limit.tokens_left, limit.context_size)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        if isinstance(bad_request, error_details_pb2.BadRequest) and bad_request.field_violations:
-            violation = bad_request.field_violations[0]
-            return InvalidArgumentError(violation.field, violation.description, request_id=request_id)
-        return InvalidArgumentError("", message, request_id=request_id)
+        if found.field:
+            return InvalidArgumentError(found.field, found.field_description)
+        return InvalidArgumentError("", message)
     if code == grpc.StatusCode.NOT_FOUND:
-        resource = first(error_details_pb2.ResourceInfo)
-        selector = resource.resource_name if isinstance(resource, error_details_pb2.ResourceInfo) else ""
-        return ModelNotFoundError(message, selector=selector, request_id=request_id)
+        return ModelNotFoundError(message, selector=found.selector)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        failure = first(error_details_pb2.PreconditionFailure)
-        subject = (
-            failure.violations[0].subject
-            if isinstance(failure, error_details_pb2.PreconditionFailure) and failure.violations
-            else ""
-        )
-        return FailedPreconditionError(message, subject=subject, request_id=request_id)
+        return FailedPreconditionError(message, subject=found.subject)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        meta = dict(error_info.metadata) if isinstance(error_info, error_details_pb2.ErrorInfo) else {}
-        retry = first(error_details_pb2.RetryInfo)
-        delay = (
-            retry.retry_delay.ToNanoseconds() / 1e9 if isinstance(retry, error_details_pb2.RetryInfo) else 0.0
-        )
         return ResourceExhaustedError(
             message,
-            required_bytes=int(meta.get("required_bytes", 0) or 0),
-            available_bytes=int(meta.get("available_bytes", 0) or 0),
-            retry_after_s=delay,
-            request_id=request_id,
+            required_bytes=int(found.metadata.get("required_bytes", 0) or 0),
+            available_bytes=int(found.metadata.get("available_bytes", 0) or 0),
         )
-    if code == grpc.StatusCode.UNAVAILABLE and not details and address:
-        return UnavailableError(f"cannot reach clemserve at {address}: {message}", request_id=request_id)
+    if code == grpc.StatusCode.UNAVAILABLE and not found.any_found and address:
+        return UnavailableError(f"cannot reach clemserve at {address}: {message}")
     cls = ERRORS_BY_CODE.get(code.name)
-    if cls is not None and cls not in (ContextExceededError,):
-        return cls(message, request_id=request_id)
-    return ServerError(code.name, message, reason=reason, request_id=request_id)
+    if cls is not None and cls is not ContextExceededError:
+        return cls(message)
+    return ServerError(code.name, message, reason=found.reason)

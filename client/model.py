@@ -157,9 +157,7 @@ class Model(_ModelBase):
 
     def as_async(self) -> AsyncModel:
         """The asyncio twin of this model, with the same spec and a copy of the gen args."""
-        return AsyncModel(
-            self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout
-        )
+        return AsyncModel(self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout)
 
 
 class AsyncModel(_ModelBase):
@@ -178,9 +176,7 @@ class AsyncModel(_ModelBase):
         reply = await self._acall(self._stub().Generate, self._request(messages))
         return triple_from_proto(reply)
 
-    async def generate_batch_response(
-        self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]
-    ) -> list[Triple]:
+    async def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
         return list(await asyncio.gather(*(self.generate_response(m) for m in batch_messages)))
 
     async def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
@@ -262,9 +258,7 @@ async def get_async_model_for(
     return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout)
 
 
-def load_model(
-    model_spec: Selector, gen_args: Mapping[str, Any] | None = None, *, address: str | None = None
-) -> Model:
+def load_model(model_spec: Selector, gen_args: Mapping[str, Any] | None = None, *, address: str | None = None) -> Model:
     """clemcore's ``load_model``: resolve, then set the gen args (default temperature 0.0, max_tokens 300)."""
     return load_models([model_spec], gen_args, address=address)[0]
 

@@ -18,10 +18,21 @@ class ClemserveError(Exception):
     #: a stable, machine-readable reason (google.rpc.ErrorInfo.reason)
     reason: str = "ERROR"
 
-    def __init__(self, message: str, *, request_id: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str = "",
+        metadata: dict[str, str] | None = None,
+        retry_after_s: float = 0.0,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.request_id = request_id
+        #: machine-readable facts (google.rpc.ErrorInfo.metadata), e.g. {"upstream_status": "503"}
+        self.metadata: dict[str, str] = dict(metadata or {})
+        #: when retrying may help, after how many seconds (google.rpc.RetryInfo)
+        self.retry_after_s = retry_after_s
 
 
 class ServerError(ClemserveError):
@@ -80,7 +91,7 @@ class FailedPreconditionError(ClemserveError):
 
 
 class ResourceExhaustedError(ClemserveError):
-    """Not enough memory to load a model, or a full queue."""
+    """Not enough memory to load a model, a full queue, or a provider's rate limit."""
 
     code = "RESOURCE_EXHAUSTED"
     reason = "RESOURCE_EXHAUSTED"
@@ -93,11 +104,11 @@ class ResourceExhaustedError(ClemserveError):
         available_bytes: int = 0,
         retry_after_s: float = 0.0,
         request_id: str = "",
+        metadata: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message, request_id=request_id)
+        super().__init__(message, request_id=request_id, metadata=metadata, retry_after_s=retry_after_s)
         self.required_bytes = required_bytes
         self.available_bytes = available_bytes
-        self.retry_after_s = retry_after_s
 
 
 class UnavailableError(ClemserveError):

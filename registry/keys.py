@@ -129,9 +129,7 @@ ENVIRONMENT_KEYS: dict[str, EnvironmentKey] = {
     "google": EnvironmentKey(("GOOGLE_API_KEY", "GEMINI_API_KEY")),
     "openrouter": EnvironmentKey(("OPENROUTER_API_KEY",)),
     "huggingface": EnvironmentKey(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")),
-    "openai_compatible": EnvironmentKey(
-        ("OPENAI_COMPATIBLE_API_KEY",), (("base_url", "OPENAI_COMPATIBLE_BASE_URL"),)
-    ),
+    "openai_compatible": EnvironmentKey(("OPENAI_COMPATIBLE_API_KEY",), (("base_url", "OPENAI_COMPATIBLE_BASE_URL"),)),
     "azure_gpt": EnvironmentKey(("AZURE_GPT_API_KEY",), (("base_url", "AZURE_GPT_BASE_URL"),)),
     "azure_claude": EnvironmentKey(("AZURE_CLAUDE_API_KEY",), (("base_url", "AZURE_CLAUDE_BASE_URL"),)),
 }
@@ -172,9 +170,7 @@ def _load_key_file(path: Path) -> dict[str, Key]:
 class KeyRegistry:
     """Key entries by name, as loaded from one ``key.json`` (files are never merged)."""
 
-    def __init__(
-        self, key_file_path: Path, keys: Mapping[str, Key | Mapping[str, Any]] | None = None
-    ) -> None:
+    def __init__(self, key_file_path: Path, keys: Mapping[str, Key | Mapping[str, Any]] | None = None) -> None:
         self.key_file_path = key_file_path
         self._keys: dict[str, Key] = {
             name: value if isinstance(value, Key) else Key(**value) for name, value in (keys or {}).items()

@@ -53,9 +53,7 @@ def _parse_entries(text: str, source: str) -> list[ModelSpec]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise RegistryFileError(
-            source, f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
-        ) from None
+        raise RegistryFileError(source, f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -67,9 +65,7 @@ def _parse_entries(text: str, source: str) -> list[ModelSpec]:
         if not isinstance(entry, dict):
             raise RegistryFileError(source, f"entry {index} is not a JSON object")
         if "backend" not in entry:
-            raise RegistryFileError(
-                source, f"entry {index} has no 'backend'. {_missing_backend_message(entry)}"
-            )
+            raise RegistryFileError(source, f"entry {index} has no 'backend'. {_missing_backend_message(entry)}")
         # a new dict, so the parsed input stays as it was (clembench mutates it)
         specs.append(ModelSpec.from_dict({**entry, "lookup_source": entry.get("lookup_source", source)}))
     return specs

@@ -21,6 +21,10 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     preload: tuple[str, ...] = ()
     working_dir: Path = field(default_factory=Path.cwd)
+    remote_attempts: int = 4
+    remote_retry_delay_s: float = 0.5
+    remote_max_delay_s: float = 30.0
+    remote_timeout_s: float = 300.0
 
     @property
     def address(self) -> str:
@@ -73,6 +77,30 @@ _OPTIONS = (
         "64",
     ),
     _Option(
+        "--remote-attempts",
+        "CLEMSERVE_REMOTE_ATTEMPTS",
+        "tries per remote call, the first included, for transient provider failures",
+        "4",
+    ),
+    _Option(
+        "--remote-retry-delay",
+        "CLEMSERVE_REMOTE_RETRY_DELAY",
+        "base of the exponential backoff between remote tries, in seconds (with full jitter)",
+        "0.5",
+    ),
+    _Option(
+        "--remote-max-delay",
+        "CLEMSERVE_REMOTE_MAX_DELAY",
+        "longest wait between remote tries, in seconds (caps Retry-After too)",
+        "30",
+    ),
+    _Option(
+        "--remote-timeout",
+        "CLEMSERVE_REMOTE_TIMEOUT",
+        "seconds one remote HTTP request may take (the caller's gRPC deadline also bounds it)",
+        "300",
+    ),
+    _Option(
         "--preload",
         "CLEMSERVE_PRELOAD",
         "model name to load before reporting SERVING (repeatable; the twin separates names with ',')",
@@ -102,17 +130,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         try:
             return kind(value)
         except ValueError:
-            raise SystemExit(
-                f"clemserve: --{name.replace('_', '-')} must be a number, got {value!r}"
-            ) from None
+            raise SystemExit(f"clemserve: --{name.replace('_', '-')} must be a number, got {value!r}") from None
 
     registries = args.registry if args.registry is not None else args.registry_env
     preload = args.preload if args.preload is not None else args.preload_env
     level = str(args.log_level).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SystemExit(
-            f"clemserve: --log-level must be DEBUG, INFO, WARNING or ERROR, got {args.log_level!r}"
-        )
+        raise SystemExit(f"clemserve: --log-level must be DEBUG, INFO, WARNING or ERROR, got {args.log_level!r}")
     defaults = ServerConfig()
     return ServerConfig(
         host=args.host,
@@ -124,6 +148,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_period_s=number("grace_period", args.grace_period, float),
         max_message_bytes=int(number("max_message_mb", args.max_message_mb, float) * 1024 * 1024),
         preload=tuple(preload),
+        remote_attempts=max(1, int(number("remote_attempts", args.remote_attempts, int))),
+        remote_retry_delay_s=number("remote_retry_delay", args.remote_retry_delay, float),
+        remote_max_delay_s=number("remote_max_delay", args.remote_max_delay, float),
+        remote_timeout_s=number("remote_timeout", args.remote_timeout, float),
     )
 
 

@@ -88,9 +88,7 @@ def generation_to_proto(generation: Generation, spec: ModelSpec, request_id: str
         prompt_json=json.dumps(generation.prompt, ensure_ascii=False),
         response_json=json.dumps(generation.response, ensure_ascii=False),
         response_text=generation.text,
-        usage=pb.Usage(
-            prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens
-        ),
+        usage=pb.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
         finish_reason=pb.FinishReason.Value(f"FINISH_REASON_{generation.finish_reason.name}"),
         model_spec=spec_to_proto(spec),
         request_id=request_id,

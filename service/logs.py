@@ -6,13 +6,23 @@ import contextvars
 import logging
 import sys
 
+from .secrets import RedactingFilter, Redactor
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("clemserve_request_id", default="-")
+#: the caller's gRPC deadline as a time.monotonic() value, or None; remote retries never pass it
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("clemserve_deadline", default=None)
 
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         return True
+
+
+def redact_logs(redactor: Redactor) -> None:
+    """From now on, every log line passes through ``redactor`` (installed once the keys are read)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter(redactor))
 
 
 def configure_logging(level: str) -> None:

@@ -187,9 +187,7 @@ class ModelManager:
         }
         return spec, generation
 
-    async def count_tokens(
-        self, selector: str | Mapping[str, Any], messages: Sequence[Message]
-    ) -> TokenCount:
+    async def count_tokens(self, selector: str | Mapping[str, Any], messages: Sequence[Message]) -> TokenCount:
         spec, key = self._servable(selector)
         validate_messages(messages)
         model = await self._ready(spec, key)

@@ -11,12 +11,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clemserve.registry import KeyRegistry, ModelRegistry
+from clemserve.registry import Key, KeyRegistry, ModelRegistry
 from clemserve.v1 import clemserve_pb2, clemserve_pb2_grpc
 
-from .backends import BackendContext
+from .backends import BackendContext, RetryPolicy
 from .config import ServerConfig
+from .logs import redact_logs
 from .models import ModelManager
+from .secrets import Redactor
 from .servicer import ModelServicer
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,25 @@ def build_manager(config: ServerConfig) -> ModelManager:
     """Read the registry and key files; a broken file stops the start with a message naming it."""
     registry = ModelRegistry.from_files(config.registries, cwd=config.working_dir)
     keys = KeyRegistry.from_json(config.key_file, cwd=config.working_dir).with_environment(os.environ)
-    return ModelManager(registry, BackendContext(keys=keys, cache_dir=config.cache_dir))
+    redactor = Redactor(secret for name in keys for secret in _secrets(keys.get_key_for(name)))
+    redact_logs(redactor)
+    retry = RetryPolicy(
+        attempts=config.remote_attempts,
+        base_delay_s=config.remote_retry_delay_s,
+        max_delay_s=config.remote_max_delay_s,
+        request_timeout_s=config.remote_timeout_s,
+    )
+    context = BackendContext(keys=keys, cache_dir=config.cache_dir, retry=retry, redactor=redactor)
+    return ModelManager(registry, context)
+
+
+def _secrets(key: Key) -> list[str]:
+    """The values of a key entry that must never leave the server: the key and anything named like one."""
+    return [
+        str(value)
+        for name, value in key.items()
+        if value and (name == "api_key" or any(w in name.lower() for w in ("key", "token", "secret", "password")))
+    ]
 
 
 async def serve(config: ServerConfig, manager: ModelManager) -> int:

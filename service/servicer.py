@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
 from . import convert
-from .logs import request_id_var
+from .logs import deadline_var, request_id_var
 from .models import LoadedModel, ModelManager
 from .status import as_clemserve_error, to_grpc_status
 from .validation import validate_request_id
@@ -39,17 +40,20 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
         token = request_id_var.set("-")
+        remaining = context.time_remaining()
+        deadline_token = deadline_var.set(None if remaining is None else time.monotonic() + remaining)
         try:
             request_id_var.set(_request_id(request, context))
             return await handler(self, request, context)
         except Exception as exc:
             err = as_clemserve_error(exc, request_id_var.get())
-            status = to_grpc_status(err, request_id_var.get())
+            status = to_grpc_status(err, request_id_var.get(), self.manager.context.redactor)
             log.info("%s -> %s: %s", handler.__name__, err.code, status.details)
             await context.abort(status.code, status.details, status.trailing_metadata)
             raise AssertionError("unreachable: abort raises") from None
         finally:
             request_id_var.reset(token)
+            deadline_var.reset(deadline_token)
 
     return wrapper
 
@@ -69,9 +73,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.manager = manager
 
     @rpc
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         selector = convert.selector_from_proto(request.model)
         messages = convert.messages_from_proto(request.messages)
         args = convert.gen_args_from_proto(request.args)
@@ -92,9 +94,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         return pb.ListModelsResponse(models=[model_status(m) for m in self.manager.statuses()])
 
     @rpc
-    async def LoadModel(
-        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LoadModelResponse:
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
         model = await self.manager.load(convert.selector_from_proto(request.model))
         return pb.LoadModelResponse(status=model_status(model))
 

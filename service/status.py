@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -20,7 +21,17 @@ from clemserve.registry.errors import (
 )
 from clemserve.v1 import clemserve_pb2
 
+from .secrets import Redactor
+
 DOMAIN = "clemserve.dev"
+_DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.RequestInfo,
+    clemserve_pb2.ContextLimit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +43,7 @@ def _pack(message: object) -> any_pb2.Any:
 
 
 def _details(err: ClemserveError, request_id: str) -> list[object]:
-    metadata: dict[str, str] = {}
+    metadata: dict[str, str] = dict(err.metadata)
     details: list[object] = []
     if isinstance(err, InvalidArgumentError):
         metadata["field"] = err.field
@@ -46,9 +57,7 @@ def _details(err: ClemserveError, request_id: str) -> list[object]:
     elif isinstance(err, ModelNotFoundError):
         metadata["selector"] = err.selector
         details.append(
-            error_details_pb2.ResourceInfo(
-                resource_type="model", resource_name=err.selector, description=err.message
-            )
+            error_details_pb2.ResourceInfo(resource_type="model", resource_name=err.selector, description=err.message)
         )
     elif isinstance(err, ContextExceededError):
         metadata.update(
@@ -75,19 +84,19 @@ def _details(err: ClemserveError, request_id: str) -> list[object]:
                 ]
             )
         )
-    elif isinstance(err, ResourceExhaustedError):
+    elif isinstance(err, ResourceExhaustedError) and err.required_bytes:
         metadata.update(required_bytes=str(err.required_bytes), available_bytes=str(err.available_bytes))
-        if err.retry_after_s > 0:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(err.retry_after_s * 1e9))
-            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if err.retry_after_s > 0:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     details.insert(0, error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata))
     details.append(error_details_pb2.RequestInfo(request_id=request_id))
     return details
 
 
-def to_grpc_status(err: ClemserveError, request_id: str) -> grpc.Status:
-    """A gRPC status for ``err``: its code, its message and google.rpc details."""
+def to_grpc_status(err: ClemserveError, request_id: str, redactor: Redactor | None = None) -> grpc.Status:
+    """A gRPC status for ``err``: its code, its message and google.rpc details, with secrets scrubbed."""
     message = err.message
     if isinstance(err, InternalError):
         message = f"internal error (request id {request_id}); the server log has the detail"
@@ -96,7 +105,38 @@ def to_grpc_status(err: ClemserveError, request_id: str) -> grpc.Status:
         message=message,
         details=[_pack(d) for d in _details(err, request_id)],
     )
+    if redactor:
+        _redact_status(status, redactor)
     return rpc_status.to_status(status)
+
+
+def _redact_status(status: status_pb2.Status, redactor: Redactor) -> None:
+    """Every text an error carries, its details included, passes through the redactor."""
+    status.message = redactor.redact(status.message)
+    for packed in status.details:
+        for cls in _DETAIL_TYPES:
+            if packed.Is(cls.DESCRIPTOR):
+                detail = cls()
+                packed.Unpack(detail)
+                _redact_strings(detail, redactor)
+                packed.Pack(detail)
+
+
+def _redact_strings(message: Any, redactor: Redactor) -> None:
+    for descriptor, value in message.ListFields():
+        if descriptor.type == descriptor.TYPE_STRING and not _is_repeated(descriptor):
+            setattr(message, descriptor.name, redactor.redact(value))
+        elif descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            for k in list(value):
+                if isinstance(value[k], str):
+                    value[k] = redactor.redact(value[k])
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            for item in value if _is_repeated(descriptor) else [value]:
+                _redact_strings(item, redactor)
+
+
+def _is_repeated(descriptor: Any) -> bool:
+    return bool(descriptor.is_repeated)
 
 
 def as_clemserve_error(exc: BaseException, request_id: str) -> ClemserveError:

@@ -31,9 +31,7 @@ def validate_temperature(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidArgumentError("args.temperature", f"must be a finite number, got {value!r}")
     if not 0.0 <= value <= MAX_TEMPERATURE:
-        raise InvalidArgumentError(
-            "args.temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {value}"
-        )
+        raise InvalidArgumentError("args.temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {value}")
     return float(value)
 
 
@@ -58,6 +56,5 @@ def reject_unsupported_args(extra: dict[str, Any], supported: Sequence[str], bac
         allowed = ", ".join(("temperature", "max_tokens", *supported))
         raise InvalidArgumentError(
             f"args.{unknown[0]}",
-            f"backend {backend} does not support generation argument(s) {', '.join(unknown)}; "
-            f"it takes {allowed}",
+            f"backend {backend} does not support generation argument(s) {', '.join(unknown)}; it takes {allowed}",
         )

@@ -6,7 +6,7 @@ import importlib
 
 from clemserve.registry.errors import FailedPreconditionError
 
-from .base import Backend, BackendContext, Progress
+from .base import Backend, BackendContext, Progress, RetryPolicy
 
 _BACKENDS: dict[str, str] = {
     "echo": "clemserve.service.backends.echo:EchoBackend",
@@ -25,8 +25,7 @@ def backend_class(name: str) -> type[Backend]:
     if target is None:
         if name in _NOT_SERVED:
             raise FailedPreconditionError(
-                f"backend {name} is not available in this clemserve version; "
-                f"available: {', '.join(sorted(_BACKENDS))}",
+                f"backend {name} is not available in this clemserve version; available: {', '.join(sorted(_BACKENDS))}",
                 subject=f"backend {name}",
             )
         raise FailedPreconditionError(
@@ -37,4 +36,4 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-__all__ = ["Backend", "BackendContext", "Progress", "backend_class"]
+__all__ = ["Backend", "BackendContext", "Progress", "RetryPolicy", "backend_class"]

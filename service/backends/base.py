@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,9 +19,26 @@ from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError
 
 from ..domain import GenArgs, Generation, Message, TokenCount
+from ..secrets import Redactor
 
 #: called with a short human-readable line while a load makes progress
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How remote calls are retried. ``attempts`` counts every try, the first included."""
+
+    attempts: int = 4
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    #: one HTTP request's limit, independent of the caller's deadline
+    request_timeout_s: float = 300.0
+
+    def delay(self, retry: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None and retry_after_s >= 0:
+            return min(retry_after_s, self.max_delay_s)
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**retry))
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,9 @@ class BackendContext:
 
     keys: KeyRegistry
     cache_dir: Path
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: scrubs the keys above out of any text that leaves the server
+    redactor: Redactor = field(default_factory=Redactor)
 
 
 class Backend(abc.ABC):

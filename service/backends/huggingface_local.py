@@ -91,9 +91,7 @@ class HuggingfaceLocalBackend(Backend):
                 "model_config.eos_to_cull",
             ) from None
         if config.get("cot_output") and not config.get("cot_end_tag"):
-            raise _precondition(
-                "model_config.cot_output needs model_config.cot_end_tag", "model_config.cot_end_tag"
-            )
+            raise _precondition("model_config.cot_output needs model_config.cot_end_tag", "model_config.cot_end_tag")
         if config.get("multimodal"):
             raise _precondition(
                 f"{self.model_name} is a multimodal model; clemserve serves text models only on {self.name}",
@@ -137,8 +135,7 @@ class HuggingfaceLocalBackend(Backend):
             tokenizer.chat_template = config["custom_chat_template"]
         if not tokenizer.chat_template:
             raise _precondition(
-                f"{self.model_name}: the tokenizer has no chat template; "
-                "set model_config.custom_chat_template",
+                f"{self.model_name}: the tokenizer has no chat template; set model_config.custom_chat_template",
                 "model_config.custom_chat_template",
             )
         if tokenizer.pad_token_id is None:
@@ -185,11 +182,7 @@ class HuggingfaceLocalBackend(Backend):
 
     def _weights_missing(self, source: str | Path, exc: Exception) -> FailedPreconditionError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        why = (
-            "this server is offline and the hub cache does not hold it"
-            if offline
-            else str(exc).splitlines()[0]
-        )
+        why = "this server is offline and the hub cache does not hold it" if offline else str(exc).splitlines()[0]
         return _precondition(
             f"cannot load {self.model_name} from {source}: {why}. Put the model in a local folder "
             "and point huggingface_id at it, or pre-download it into the Hugging Face cache",
@@ -317,9 +310,7 @@ class HuggingfaceLocalBackend(Backend):
             )
         except (MemoryError, RuntimeError) as exc:
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-                raise ResourceExhaustedError(
-                    f"out of memory while generating with {self.model_name}"
-                ) from None
+                raise ResourceExhaustedError(f"out of memory while generating with {self.model_name}") from None
             raise
         sequences = output.sequences
         outputs = tokenizer.batch_decode(sequences)
@@ -382,9 +373,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 def _refuse_images(messages: Sequence[Message], model_name: str) -> None:
     for i, message in enumerate(messages):
         if message.get("image"):
-            raise InvalidArgumentError(
-                f"messages[{i}].image", f"{model_name} is a text model and takes no images"
-            )
+            raise InvalidArgumentError(f"messages[{i}].image", f"{model_name} is a text model and takes no images")
 
 
 def _check_memory(source: str | Path, model_name: str) -> None:

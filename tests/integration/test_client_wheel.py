@@ -59,16 +59,12 @@ def test_wheel_holds_every_package_and_data_file(wheel: Path) -> None:
         assert required in names, required
 
 
-def test_client_installs_and_runs_without_the_server_stack(
-    wheel: Path, server: ServerProcess, tmp_path: Path
-) -> None:
+def test_client_installs_and_runs_without_the_server_stack(wheel: Path, server: ServerProcess, tmp_path: Path) -> None:
     venv = tmp_path / "game-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=600)
-    listed = subprocess.run(
-        [str(python), "-m", "pip", "list"], capture_output=True, text=True, check=True
-    ).stdout
+    listed = subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
     assert "torch" not in listed and "transformers" not in listed
     run = subprocess.run(
         [str(python), "-c", GAME],

@@ -25,9 +25,7 @@ def test_demo_model_names_paris(demo_server: ServerProcess) -> None:
     import clemserve.client as backends
 
     model = backends.get_model_for("smollm2-135m-instruct", address=demo_server.address, timeout=600)
-    prompt, response, text = model.generate_response(
-        [{"role": "user", "content": "What is the capital of France?"}]
-    )
+    prompt, response, text = model.generate_response([{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in text
     assert "<|im_end|>" not in text
     assert prompt["inputs"].startswith("<|im_start|>system")

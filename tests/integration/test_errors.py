@@ -72,9 +72,7 @@ def test_invalid_argument_names_the_field(client: Any, messages: Any, args: Any,
 def test_invalid_argument_status_details_on_the_wire(server: Any) -> None:
     err = raw_error(
         server.address,
-        pb.GenerateRequest(
-            model=pb.ModelSelector(name="echo"), messages=[pb.Message(role="bot", content="x")]
-        ),
+        pb.GenerateRequest(model=pb.ModelSelector(name="echo"), messages=[pb.Message(role="bot", content="x")]),
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     found = details(err)
@@ -154,9 +152,7 @@ def test_backend_not_served_here_is_failed_precondition(client: Any) -> None:
 def test_human_players_are_not_served(server: Any) -> None:
     err = raw_error(
         server.address,
-        pb.GenerateRequest(
-            model=pb.ModelSelector(name="human"), messages=[pb.Message(role="user", content="x")]
-        ),
+        pb.GenerateRequest(model=pb.ModelSelector(name="human"), messages=[pb.Message(role="user", content="x")]),
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "human" in err.details()
 

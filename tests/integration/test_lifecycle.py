@@ -95,9 +95,7 @@ def test_health_and_reflection(server: ServerProcess) -> None:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(
-            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-        )
+        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"clemserve.v1.ModelService", "grpc.health.v1.Health"} <= names
 
@@ -152,9 +150,7 @@ def test_server_serving_echo_never_loads_torch(tmp_path: Path) -> None:
         ("--key-file", '["a list"]', "object"),
     ],
 )
-def test_corrupt_registry_or_key_file_stops_the_start(
-    tmp_path: Path, flag: str, content: str, problem: str
-) -> None:
+def test_corrupt_registry_or_key_file_stops_the_start(tmp_path: Path, flag: str, content: str, problem: str) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text(content)
     run = subprocess.run(

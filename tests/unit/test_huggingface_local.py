@@ -82,9 +82,7 @@ def test_chain_of_thought_split(tmp_path: Path, tokenizer: Any) -> None:
         ({"chat_template_kwargs": "x"}, "model_config.chat_template_kwargs"),
     ],
 )
-def test_config_that_cannot_be_honoured_fails_at_load(
-    tmp_path: Path, config: dict[str, Any], subject: str
-) -> None:
+def test_config_that_cannot_be_honoured_fails_at_load(tmp_path: Path, config: dict[str, Any], subject: str) -> None:
     b = backend(tmp_path, **config)
     with pytest.raises(FailedPreconditionError) as caught:
         b._check_config(b.model_config)

@@ -311,9 +311,7 @@ def test_environment_fills_absent_entries(tmp_path: Path) -> None:
         ("huggingface", {"HF_TOKEN": "  ", "HUGGING_FACE_HUB_TOKEN": "hub"}, "hub"),
     ],
 )
-def test_environment_alternative_variables(
-    tmp_path: Path, name: str, environ: dict[str, str], expected: str
-) -> None:
+def test_environment_alternative_variables(tmp_path: Path, name: str, environ: dict[str, str], expected: str) -> None:
     registry = KeyRegistry(tmp_path / "key.json").with_environment(environ)
     assert registry.get_key_for(name).api_key == expected
 

@@ -129,9 +129,7 @@ def test_case17_head_rejects_a_fully_specified_selector_not_in_the_registry(
 
 
 def test_case17_empty_registry() -> None:
-    with pytest.raises(
-        AttributeError, match=r"^Model registry is empty\. Load a model registry and try again\.$"
-    ):
+    with pytest.raises(AttributeError, match=r"^Model registry is empty\. Load a model registry and try again\.$"):
         ModelRegistry([]).resolve("model1")
 
 
@@ -192,8 +190,7 @@ def test_layering_given_files_then_cwd_then_packaged(tmp_path: Path) -> None:
     packaged_count = len(_packaged_entries())
     assert (
         sources
-        == [str(first.absolute()), str(second.absolute()), str(cwd_file.absolute())]
-        + ["packaged"] * packaged_count
+        == [str(first.absolute()), str(second.absolute()), str(cwd_file.absolute())] + ["packaged"] * packaged_count
     )
     assert registry.resolve("echo").backend == "first"
     assert ModelRegistry.from_files([second, first], cwd=cwd).resolve("echo").backend == "second"
@@ -251,9 +248,7 @@ def test_entry_without_backend_in_a_given_file_names_file_and_entry(tmp_path: Pa
     assert "Missing backend definition in model spec '{'model_name': 'c'}'" in message
 
 
-@pytest.mark.parametrize(
-    ("content", "problem"), [("42", "got int"), ('["x"]', "entry 0 is not a JSON object")]
-)
+@pytest.mark.parametrize(("content", "problem"), [("42", "got int"), ('["x"]', "entry 0 is not a JSON object")])
 def test_wrong_shapes_in_a_given_file(tmp_path: Path, content: str, problem: str) -> None:
     path = tmp_path / "shape.json"
     path.write_text(content, encoding="utf-8")

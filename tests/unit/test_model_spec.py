@@ -36,9 +36,7 @@ def test_case03_item_assignment_raises_type_error() -> None:
 
 def test_case04_from_name() -> None:
     assert ModelSpec.from_name("gpt-4").model_name == "gpt-4"
-    with pytest.raises(
-        ValueError, match=r"^Cannot create ModelSpec because model_name is None \(but required\)$"
-    ):
+    with pytest.raises(ValueError, match=r"^Cannot create ModelSpec because model_name is None \(but required\)$"):
         ModelSpec.from_name(None)
 
 
@@ -235,10 +233,7 @@ def test_equal_scalars_keep_the_left_value() -> None:
 def test_unify_key_order_caller_first_then_extras_alphabetically() -> None:
     selector = ModelSpec(model_name="m", temperature=0)
     entry = ModelSpec(zeta=1, model_name="m", backend="b", alpha=2)
-    assert (
-        selector.unify(entry).to_string()
-        == '{"model_name":"m","temperature":0,"alpha":2,"backend":"b","zeta":1}'
-    )
+    assert selector.unify(entry).to_string() == '{"model_name":"m","temperature":0,"alpha":2,"backend":"b","zeta":1}'
 
 
 def test_unify_key_order_nested() -> None:

@@ -64,9 +64,7 @@ def test_selector_conversion() -> None:
     spec = convert.selector_from_proto(pb.ModelSelector(spec=pb.ModelSpec(json='{"model_name":"m","n":1}')))
     assert spec == {"model_name": "m", "n": 1} and type(spec["n"]) is int
     assert field_of(convert.selector_from_proto, pb.ModelSelector()) == "model"
-    assert field_of(convert.selector_from_proto, pb.ModelSelector(spec=pb.ModelSpec(json="[1]"))) == (
-        "model.spec.json"
-    )
+    assert field_of(convert.selector_from_proto, pb.ModelSelector(spec=pb.ModelSpec(json="[1]"))) == ("model.spec.json")
 
 
 def test_message_conversion_keeps_extras_and_images() -> None:
@@ -89,8 +87,6 @@ def test_message_conversion_keeps_extras_and_images() -> None:
 def test_gen_args_defaults_and_extras() -> None:
     args = convert.gen_args_from_proto(pb.GenerationArgs())
     assert (args.temperature, args.max_tokens, args.extra) == (0.0, 300, {})
-    args = convert.gen_args_from_proto(
-        pb.GenerationArgs(temperature=0.7, max_tokens=5, extra_json='{"top_k": 3}')
-    )
+    args = convert.gen_args_from_proto(pb.GenerationArgs(temperature=0.7, max_tokens=5, extra_json='{"top_k": 3}'))
     assert (args.temperature, args.max_tokens, args.extra) == (0.7, 5, {"top_k": 3})
     assert field_of(convert.gen_args_from_proto, pb.GenerationArgs(max_tokens=-2)) == "args.max_tokens"

@@ -1,0 +1,353 @@
+"""What every remote backend shares: keys, retries, error mapping, images, redaction.
+
+A provider module subclasses :class:`RemoteBackend` and supplies four things: the client (``connect``),
+the request (``build_request``), the call (``send``) and the result (``parse``), plus ``classify``, which
+turns its SDK's exceptions into an :class:`UpstreamFailure`. Everything else lives here, once.
+
+Retries: transient failures (HTTP 408, 429, 500, 502, 503, 504, connection errors, timeouts) are retried
+with exponential backoff and full jitter, honouring ``Retry-After``, and never past the caller's gRPC
+deadline. Deterministic failures come back at once. The SDKs' own retries are switched off so there is
+one policy, this one.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from clemserve.registry import Key
+from clemserve.registry.errors import (
+    ClemserveError,
+    ContextExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+from ..domain import GenArgs, Generation, ImagePart, Message, TokenCount
+from ..logs import deadline_var
+from .base import Backend, Progress, RetryPolicy, missing_dependency
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass
+class UpstreamFailure(Exception):
+    """A provider's failure in provider-neutral terms (``status`` None: no HTTP answer at all)."""
+
+    status: int | None
+    reason: str
+    retry_after_s: float | None = None
+    #: the provider said the prompt does not fit; numbers where it gave them
+    context: tuple[int, int] | None = None
+    context_exceeded: bool = False
+
+    @property
+    def transient(self) -> bool:
+        return self.status is None or self.status in TRANSIENT_STATUSES
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """``Retry-After`` (seconds or HTTP date) or ``retry-after-ms``, from any header mapping."""
+    if headers is None:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return float(ms) / 1000
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+_CONTEXT_PATTERNS = (
+    # OpenAI and compatible servers: "maximum context length is 4097 tokens. However, you requested 5000 tokens"
+    re.compile(r"maximum context length is (\d+) tokens.*?(?:requested|resulted in) (\d+) tokens", re.S),
+    # vLLM: "This model's maximum context length is 512 tokens. However, your request has 600 input tokens"
+    re.compile(r"maximum context length is (\d+) tokens.*?has (\d+) input tokens", re.S),
+    # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
+    re.compile(r"(?P<used>\d+) tokens > (?P<size>\d+) maximum"),
+    # Google: "input token count (1048577) exceeds the maximum number of tokens allowed (1048576)"
+    re.compile(r"input token count \(?(?P<used>\d+)\)? exceeds the maximum[^\d]*(?P<size>\d+)"),
+)
+_CONTEXT_WORDS = re.compile(
+    r"context[ _-]length|context window|maximum context|too many tokens|prompt is too long|"
+    r"exceeds the maximum number of tokens|context_length_exceeded",
+    re.I,
+)
+
+
+def context_numbers(text: str) -> tuple[int, int] | None:
+    """(tokens_used, context_size) from a provider's context-length message, when it names them."""
+    for pattern in _CONTEXT_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            groups = match.groupdict()
+            if groups:
+                return int(groups["used"]), int(groups["size"])
+            size, used = int(match.group(1)), int(match.group(2))
+            return used, size
+    return None
+
+
+def looks_like_context_error(text: str) -> bool:
+    return bool(_CONTEXT_WORDS.search(text))
+
+
+# -- images --------------------------------------------------------------------------------------------
+
+
+def image_mime(image: ImagePart) -> str:
+    return image.mime_type or "image/png"
+
+
+def image_base64(image: ImagePart) -> str:
+    return base64.b64encode(image.data).decode("ascii")
+
+
+def image_data_url(image: ImagePart) -> str:
+    return f"data:{image_mime(image)};base64,{image_base64(image)}"
+
+
+def check_images(messages: Sequence[Message], model_config: dict[str, Any], model_name: str) -> None:
+    """Images only for models whose entry enables ``multimodality``, several only with ``multiple_images``.
+
+    Flags are read by value: ``"multimodality": false`` means no images (clembench: the key's presence).
+    """
+    multimodality = model_config.get("multimodality")
+    for i, message in enumerate(messages):
+        images = message.get("image") or []
+        if not images:
+            continue
+        if not multimodality:
+            raise InvalidArgumentError(
+                f"messages[{i}].image",
+                f"{model_name} does not accept images (its registry entry does not enable multimodality)",
+            )
+        if len(images) > 1 and not (isinstance(multimodality, dict) and multimodality.get("multiple_images")):
+            raise InvalidArgumentError(
+                f"messages[{i}].image", f"{model_name} accepts one image per message, got {len(images)}"
+            )
+
+
+def flag(model_config: dict[str, Any], name: str) -> bool:
+    """A registry flag, read by value (clembench reads these by presence)."""
+    return bool(model_config.get(name))
+
+
+# -- the base class ------------------------------------------------------------------------------------
+
+
+class RemoteBackend(Backend):
+    """A model behind a provider's HTTP API, called through the provider's asynchronous SDK."""
+
+    #: the key.json entry this backend reads (clembench's names)
+    key_name: ClassVar[str]
+    #: the provider's name in messages ("OpenAI", "Anthropic", ...)
+    provider: ClassVar[str]
+    #: the pip extra that installs the SDK
+    extra: ClassVar[str] = "remote"
+
+    async def load(self, progress: Progress) -> None:
+        if "model_id" not in self.spec:
+            raise FailedPreconditionError(
+                f"registry entry {self.model_name} has no model_id (the provider's name for the model)",
+                subject="model_id",
+            )
+        self.model_id = str(self.spec["model_id"])
+        self.key = self.read_key()
+        try:
+            self.client = self.connect(self.key)
+        except ImportError as exc:
+            raise missing_dependency(self.name, self.extra, exc) from None
+        progress(f"{self.provider} client ready for {self.model_id}")
+
+    def read_key(self) -> Key:
+        key = self.context.keys.get_key_for(self.key_name)
+        if not key.has_api_key():
+            raise FailedPreconditionError(
+                f"the key.json entry '{self.key_name}' has no api_key; add one (or set its environment variable)",
+                subject=f"key.json: {self.key_name}",
+            )
+        return key
+
+    async def unload(self) -> None:
+        close = getattr(getattr(self, "client", None), "close", None)
+        if close is not None:
+            try:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.debug("closing the %s client failed", self.provider, exc_info=True)
+
+    # -- what each provider supplies --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def connect(self, key: Key) -> Any:
+        """The SDK's async client (imports the SDK; ImportError means the extra is missing)."""
+
+    @abc.abstractmethod
+    def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        """(the prompt object clembench returns, the keyword arguments of the SDK call)."""
+
+    @abc.abstractmethod
+    async def send(self, request: dict[str, Any]) -> Any:
+        """One SDK call."""
+
+    @abc.abstractmethod
+    def parse(self, response: Any) -> tuple[dict[str, Any], str]:
+        """(the response object as a JSON-ready dict, the response text), as clembench builds them."""
+
+    @abc.abstractmethod
+    def classify(self, exc: Exception) -> UpstreamFailure | None:
+        """The SDK's exception as an UpstreamFailure; None for errors that are not the provider's."""
+
+    # -- shared -----------------------------------------------------------------------------------
+
+    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+        check_images(messages, self.model_config, self.model_name)
+        prompt, request = self.build_request(messages, args)
+        response = await self.call(lambda: self.send(request))
+        response_object, text = self.parse(response)
+        usage = _usage(response_object)
+        return Generation(
+            prompt=prompt,
+            response=response_object,
+            text=text,
+            prompt_tokens=usage[0],
+            completion_tokens=usage[1],
+        )
+
+    async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
+        raise FailedPreconditionError(
+            f"{self.provider} models count tokens on the provider's side; CountTokens serves local models",
+            subject=f"backend {self.name}",
+        )
+
+    async def call(self, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``attempt`` under the retry policy and the caller's deadline."""
+        policy: RetryPolicy = self.context.retry
+        deadline = deadline_var.get()
+        failure: UpstreamFailure | None = None
+        for number in range(policy.attempts):
+            timeout = policy.request_timeout_s
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+            try:
+                return await asyncio.wait_for(attempt(), timeout=timeout)
+            except TimeoutError:
+                failure = UpstreamFailure(None, f"no answer within {timeout:.1f} s")
+            except Exception as exc:
+                classified = self.classify(exc)
+                if classified is None:
+                    raise
+                failure = classified
+            if not failure.transient or failure.context_exceeded:
+                raise self.error_for(failure)
+            if number + 1 == policy.attempts:
+                break
+            delay = policy.delay(number, failure.retry_after_s)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                log.info(
+                    "%s: %s; no retry, the caller's deadline is nearer than %.2f s",
+                    self.provider,
+                    failure.reason,
+                    delay,
+                )
+                break
+            log.warning(
+                "%s answered %s: %s; retry %d of %d in %.2f s",
+                self.provider,
+                failure.status or "nothing",
+                failure.reason,
+                number + 1,
+                policy.attempts - 1,
+                delay,
+            )
+            await asyncio.sleep(delay)
+        assert failure is not None
+        raise self.exhausted(failure)
+
+    def error_for(self, failure: UpstreamFailure) -> ClemserveError:
+        """The error for a failure that retrying would not fix."""
+        status = failure.status
+        said = f"{self.provider} answered HTTP {status}: {failure.reason}"
+        if failure.context_exceeded:
+            used, size = failure.context or (0, 0)
+            err: ClemserveError = ContextExceededError(
+                f"Context token limit for {self.model_name} exceeded ({self.provider}: {failure.reason})",
+                used,
+                size - used,
+                size,
+            )
+        elif status in (401, 403):
+            err = FailedPreconditionError(
+                f"{self.provider} refused the API key of key.json entry '{self.key_name}' (HTTP {status}): "
+                f"{failure.reason}",
+                subject=f"key.json: {self.key_name}",
+            )
+        elif status == 404:
+            err = ModelNotFoundError(f"{said} (model_id {self.model_id})", selector=self.model_name)
+        else:
+            err = InvalidArgumentError("request", said)
+        err.metadata.update(upstream_status=str(status), provider=self.provider)
+        return err
+
+    def exhausted(self, failure: UpstreamFailure) -> ClemserveError:
+        attempts = self.context.retry.attempts
+        said = f"HTTP {failure.status}" if failure.status else "no answer"
+        message = f"{self.provider} failed {attempts} time(s), last with {said}: {failure.reason}"
+        metadata = {"upstream_status": str(failure.status or 0), "provider": self.provider}
+        retry_after = failure.retry_after_s or 0.0
+        if failure.status == 429:
+            return ResourceExhaustedError(message, retry_after_s=retry_after, metadata=metadata)
+        return UnavailableError(message, metadata=metadata, retry_after_s=retry_after)
+
+
+def _usage(response: dict[str, Any]) -> tuple[int, int]:
+    """Prompt and completion tokens from the usual places in provider responses."""
+    usage = response.get("usage") or response.get("usage_metadata") or {}
+    if isinstance(usage, dict) and "tokens" in usage and isinstance(usage["tokens"], dict):
+        usage = usage["tokens"]  # cohere
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or usage.get("prompt_token_count") or 0
+    completion = (
+        usage.get("completion_tokens") or usage.get("output_tokens") or usage.get("candidates_token_count") or 0
+    )
+    return int(prompt or 0), int(completion or 0)
+
+
+def json_ready(value: Any) -> Any:
+    """A value the prompt or response object can carry through JSON (SDK objects dumped, bytes skipped)."""
+    return json.loads(json.dumps(value, default=_dump))
+
+
+def _dump(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json", exclude_none=True)
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return repr(value)
