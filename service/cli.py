@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from clemserve.registry.errors import ClemserveError
 
+from .commands import CLIENT_COMMANDS, add_commands, run
 from .config import add_server_options, config_from_args
 from .logs import configure_logging
 
@@ -18,7 +19,11 @@ log = logging.getLogger("clemserve")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clemserve", description="Serve clembench models over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="clemserve",
+        description="Serve clembench models over gRPC, and drive a running server.",
+        epilog="exit codes: 0 success, 2 usage error, 3 the server refused or failed, 4 no server reachable",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_server_options(serve, os.environ)
@@ -27,11 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("models", nargs="+", help="model names from the registry")
     add_server_options(prepare, os.environ)
+    add_commands(commands, os.environ)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        return run(args)
     config = config_from_args(args)
     configure_logging(config.log_level)
     from .server import build_manager, serve

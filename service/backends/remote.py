@@ -83,8 +83,8 @@ def retry_after_seconds(headers: Any) -> float | None:
 _CONTEXT_PATTERNS = (
     # OpenAI and compatible servers: "maximum context length is 4097 tokens. However, you requested 5000 tokens"
     re.compile(r"maximum context length is (\d+) tokens.*?(?:requested|resulted in) (\d+) tokens", re.S),
-    # vLLM: "This model's maximum context length is 512 tokens. However, your request has 600 input tokens"
-    re.compile(r"maximum context length is (\d+) tokens.*?has (\d+) input tokens", re.S),
+    # vLLM: "This model's maximum context length is 512 tokens. However, your prompt contains 600 input tokens"
+    re.compile(r"maximum context length is (\d+) tokens.*?(?:has|contains) (?:at least )?(\d+) input tokens", re.S),
     # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
     re.compile(r"(?P<used>\d+) tokens > (?P<size>\d+) maximum"),
     # Google: "input token count (1048577) exceeds the maximum number of tokens allowed (1048576)"

@@ -1,0 +1,164 @@
+"""Operator commands that talk to a running server: models, generate, health, load, unload.
+
+Exit codes: 0 success, 2 usage error, 3 the server refused or failed the request, 4 no server reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+EXIT_OK, EXIT_USAGE, EXIT_SERVER, EXIT_UNREACHABLE = 0, 2, 3, 4
+
+
+def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
+    """Add the client-side subcommands to the ``clemserve`` parser."""
+    address = environ.get("CLEMSERVE_ADDRESS") or "localhost:50051"
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
+        parser.add_argument(
+            "--address", default=address, help=f"server host:port [env CLEMSERVE_ADDRESS; now {address}]"
+        )
+        parser.add_argument("--timeout", type=float, default=None, help="seconds before giving up on the server")
+        return parser
+
+    command("models", "the server's models as a table: name, backend, state, load time")
+    command("health", "is the server SERVING?")
+    generate = command("generate", "one reply from a model; prints the response text")
+    generate.add_argument("-m", "--model", required=True, help="model name from the server's registry")
+    generate.add_argument("-t", "--temperature", type=float, default=0.0)
+    generate.add_argument("-l", "--max-tokens", type=int, default=300)
+    generate.add_argument("--system", default=None, help="a system message before the text")
+    generate.add_argument("--json", action="store_true", help="print the whole (prompt, response, text) triple")
+    generate.add_argument("text", nargs="+", help="the user message")
+    load = command("load", "load a model on the server now, showing its progress")
+    load.add_argument("model")
+    unload = command("unload", "free a model on the server")
+    unload.add_argument("model")
+
+
+CLIENT_COMMANDS = ("models", "health", "generate", "load", "unload")
+
+
+def run(args: argparse.Namespace) -> int:
+    import clemserve.client as backends
+
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "models": _models,
+        "health": _health,
+        "generate": _generate,
+        "load": _load,
+        "unload": _unload,
+    }
+    try:
+        return handlers[args.command](args)
+    except backends.UnavailableError as exc:
+        print(f"clemserve: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except backends.ClemserveError as exc:
+        print(f"clemserve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_SERVER
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _models(args: argparse.Namespace) -> int:
+    import clemserve.client as backends
+
+    rows = [["NAME", "BACKEND", "STATE", "LOAD S", "IN FLIGHT", "SOURCE"]]
+    for status in backends.list_models(address=args.address, timeout=args.timeout):
+        spec = status.model_spec
+        state = status.state if not status.state_reason else f"{status.state}: {status.state_reason[:60]}"
+        rows.append(
+            [
+                status.name,
+                str(spec.get("backend", "")),
+                state,
+                f"{status.load_seconds:.1f}" if status.load_seconds else "-",
+                str(status.requests_in_flight),
+                str(spec.get("lookup_source", "")),
+            ]
+        )
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout or 5
+            )
+        except grpc.RpcError as exc:
+            print(f"clemserve: no server at {args.address}: {exc.code().name}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return EXIT_OK if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_SERVER
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import clemserve.client as backends
+
+    model = backends.get_model_for(args.model, address=args.address, timeout=args.timeout)
+    model.set_gen_args(temperature=args.temperature, max_tokens=args.max_tokens)
+    messages: list[dict[str, Any]] = []
+    if args.system is not None:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": " ".join(args.text)})
+    prompt, response, text = model.generate_response(messages)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "response": response, "response_text": text}, indent=2, ensure_ascii=False))
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> int:
+    """LoadModel blocks until the model is ready; meanwhile ListModels shows what the load is doing."""
+    import clemserve.client as backends
+
+    done = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            outcome["status"] = backends.preload(args.model, address=args.address, timeout=args.timeout)
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=load, daemon=True).start()
+    last = ""
+    while not done.wait(0.5):
+        try:
+            for status in backends.list_models(address=args.address, timeout=5):
+                if status.name == args.model and status.state == "loading" and status.state_reason != last:
+                    last = status.state_reason
+                    print(f"{args.model}: {last}", file=sys.stderr, flush=True)
+        except backends.ClemserveError:
+            pass
+    if "error" in outcome:
+        raise outcome["error"]
+    print(f"{args.model}: ready (loaded in {outcome['status'].load_seconds:.1f} s)")
+    return EXIT_OK
+
+
+def _unload(args: argparse.Namespace) -> int:
+    import clemserve.client as backends
+
+    was_loaded = backends.unload(args.model, address=args.address, timeout=args.timeout)
+    print(f"{args.model}: {'unloaded' if was_loaded else 'was not loaded'}")
+    return EXIT_OK

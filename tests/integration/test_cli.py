@@ -1,0 +1,64 @@
+"""The operator's command line against a live server, driven from a shell as a person would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ServerProcess, free_port
+
+CLEMSERVE = [sys.executable, "-m", "clemserve.service.cli"]
+
+
+def shell(script: str, address: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in bash with ``clemserve`` on PATH and CLEMSERVE_ADDRESS set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    wrapper = bin_dir / "clemserve"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m clemserve.service.cli "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CLEMSERVE_ADDRESS": address}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+def test_a_shell_session(server: ServerProcess, tmp_path: Path) -> None:
+    run = shell(
+        """
+        clemserve health; echo "exit=$?"
+        clemserve models | head -1; echo "exit=$?"
+        clemserve generate -m echo hello from the shell; echo "exit=$?"
+        clemserve generate -m echo --json -l 2 one two three > triple.json; echo "exit=$?"
+        clemserve load tiny-llama-unload; echo "exit=$?"
+        clemserve models | grep tiny-llama-unload; echo "exit=$?"
+        clemserve unload tiny-llama-unload; echo "exit=$?"
+        clemserve unload tiny-llama-unload; echo "exit=$?"
+        clemserve generate -m no-such-model hi; echo "exit=$?"
+        clemserve generate -m echo -t 9 hi; echo "exit=$?"
+        clemserve generate hi; echo "exit=$?"
+        """,
+        server.address,
+        tmp_path,
+    )
+    out = run.stdout.splitlines()
+    assert out[0] == f"{server.address}: SERVING" and out[1] == "exit=0"
+    assert out[2].split() == ["NAME", "BACKEND", "STATE", "LOAD", "S", "IN", "FLIGHT", "SOURCE"]
+    assert out[4:6] == ["hello from the shell", "exit=0"]
+    assert out[6] == "exit=0"
+    triple = json.loads((tmp_path / "triple.json").read_text())
+    assert triple["response_text"] == "one two" and triple["response"]["clem_player"]["response"] == "one two"
+    assert out[7].startswith("tiny-llama-unload: ready (loaded in") and out[8] == "exit=0"
+    assert "ready" in out[9] and out[10] == "exit=0"
+    assert out[11:15] == ["tiny-llama-unload: unloaded", "exit=0", "tiny-llama-unload: was not loaded", "exit=0"]
+    assert out[15:] == ["exit=3", "exit=3", "exit=2"]
+    assert "ModelNotFoundError" in run.stderr and "args.temperature" in run.stderr
+
+
+def test_unreachable_server_exit_code(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    for command in (["models"], ["health", "--timeout", "2"]):
+        run = subprocess.run([*CLEMSERVE, *command, "--address", address], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 4, run.stderr
+        assert address in run.stderr
