@@ -19,11 +19,18 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export CLEMSERVE_CACHE_DIR ?= $(CURDIR)/.cache/clemserve
 
-.PHONY: install vllm-env serve demo test test-unit test-integration lint proto proto-check bench clean
+.PHONY: proto-breaking install vllm-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean
 
 install: $(STAMP)
 
 vllm-env: $(VLLM_STAMP)
+
+NODE_STAMP := examples/node/node_modules/.clemserve-installed
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): examples/node/package.json examples/node/package-lock.json
+	cd examples/node && npm ci --no-audit --no-fund --silent
+	touch $@
 
 $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
@@ -50,7 +57,7 @@ serve: install
 demo: install
 	$(PY) bench/demo.py --address $(HOST):$(PORT)
 
-test: install vllm-env
+test: install vllm-env node-deps
 	CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q -ra
 
 test-unit: install
@@ -69,6 +76,17 @@ lint: install
 	MYPYPATH=.typecheck $(BIN)/mypy --namespace-packages --explicit-package-bases \
 		-p clemserve.registry -p clemserve.client -p clemserve.service
 	cd proto && ../$(BIN)/buf lint
+	$(MAKE) --no-print-directory proto-breaking
+
+# A wire-incompatible change to the proto fails: compare with the last committed version before this one.
+PROTO_FILE := proto/clemserve/v1/clemserve.proto
+proto-breaking: install
+	@against=$$(git log -1 --format=%H -- $(PROTO_FILE)); \
+	if git diff --quiet HEAD -- $(PROTO_FILE) && [ -n "$$against" ]; then \
+		against=$$(git log -1 --format=%H "$$against^" -- $(PROTO_FILE) 2>/dev/null); fi; \
+	if [ -z "$$against" ]; then echo "buf breaking: no earlier version of the proto to compare with"; exit 0; fi; \
+	echo "buf breaking against $$against"; \
+	$(BIN)/buf breaking proto --against ".git#ref=$$against,subdir=proto"
 
 PROTO_OUT ?= proto
 proto: install
