@@ -36,6 +36,7 @@ class _FinishReason:
 class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
+    """The backend does not say."""
     FINISH_REASON_STOP: _FinishReason.ValueType  # 1
     """The model ended its turn (end-of-sequence token or stop sequence)."""
     FINISH_REASON_LENGTH: _FinishReason.ValueType  # 2
@@ -45,6 +46,7 @@ class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why generation stopped."""
 
 FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
+"""The backend does not say."""
 FINISH_REASON_STOP: FinishReason.ValueType  # 1
 """The model ended its turn (end-of-sequence token or stop sequence)."""
 FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
@@ -58,9 +60,13 @@ class _ModelState:
 class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    """Not set."""
     MODEL_STATE_NOT_LOADED: _ModelState.ValueType  # 1
+    """Not in memory; the first request that needs it loads it."""
     MODEL_STATE_LOADING: _ModelState.ValueType  # 2
+    """Loading now; state_reason says what the load is doing."""
     MODEL_STATE_READY: _ModelState.ValueType  # 3
+    """Loaded and serving."""
     MODEL_STATE_FAILED: _ModelState.ValueType  # 4
     """The last load failed; state_reason says why. The next request tries again."""
 
@@ -68,9 +74,13 @@ class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """The load state of a model."""
 
 MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+"""Not set."""
 MODEL_STATE_NOT_LOADED: ModelState.ValueType  # 1
+"""Not in memory; the first request that needs it loads it."""
 MODEL_STATE_LOADING: ModelState.ValueType  # 2
+"""Loading now; state_reason says what the load is doing."""
 MODEL_STATE_READY: ModelState.ValueType  # 3
+"""Loaded and serving."""
 MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """The last load failed; state_reason says why. The next request tries again."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
@@ -83,7 +93,9 @@ class ModelSpec(_message.Message):
 
     JSON_FIELD_NUMBER: _builtins.int
     json: _builtins.str
-    """UTF-8 JSON object text, for example {"model_name":"echo","backend":"echo"}."""
+    """UTF-8 JSON object text, for example {"model_name":"echo","backend":"echo"}. Any fields, nested
+    objects and lists; they come back unchanged (integers stay integers, key order is kept).
+    """
     def __init__(
         self,
         *,
@@ -141,6 +153,7 @@ class Image(_message.Message):
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
+    """The image file's bytes (PNG, JPEG, GIF, WebP, ...)."""
     mime_type: _builtins.str
     """For example image/png. Empty: the server sniffs it from the bytes."""
     source: _builtins.str
@@ -173,6 +186,7 @@ class Message(_message.Message):
     role: _builtins.str
     """system, user or assistant."""
     content: _builtins.str
+    """The message text. Consecutive messages of one role are merged with a blank line, as clembench does."""
     extra_json: _builtins.str
     """Any further keys of the message dict, as a JSON object ("" for none)."""
     @_builtins.property
@@ -234,6 +248,8 @@ Global___GenerationArgs: _TypeAlias = GenerationArgs  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
+    """A conversation for one reply: clembench's generate_response(messages)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -243,11 +259,17 @@ class GenerateRequest(_message.Message):
     request_id: _builtins.str
     """Optional; otherwise taken from the x-request-id metadata, else generated."""
     @_builtins.property
-    def model(self) -> Global___ModelSelector: ...
+    def model(self) -> Global___ModelSelector:
+        """The model to answer."""
+
     @_builtins.property
-    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]: ...
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
+        """The conversation so far, oldest first; the last message is normally the user's."""
+
     @_builtins.property
-    def args(self) -> Global___GenerationArgs: ...
+    def args(self) -> Global___GenerationArgs:
+        """temperature, max_tokens and further arguments; unset fields take clembench's defaults."""
+
     def __init__(
         self,
         *,
@@ -273,7 +295,9 @@ class Usage(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    """Tokens in the prompt as the model saw it (0 where a provider does not say)."""
     completion_tokens: _builtins.int
+    """Tokens generated."""
     def __init__(
         self,
         *,
@@ -290,6 +314,8 @@ Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
+    """One reply, as clembench's generate_response returns it, plus what a serving system adds."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROMPT_JSON_FIELD_NUMBER: _builtins.int
@@ -310,9 +336,13 @@ class GenerateResponse(_message.Message):
     response_text: _builtins.str
     """The cleaned text the game parses."""
     finish_reason: Global___FinishReason.ValueType
+    """Why generation stopped, where the backend knows it."""
     request_id: _builtins.str
+    """The request id: the caller's, or the one the server generated. Server log lines carry it."""
     @_builtins.property
-    def usage(self) -> Global___Usage: ...
+    def usage(self) -> Global___Usage:
+        """Token counts of this generation."""
+
     @_builtins.property
     def model_spec(self) -> Global___ModelSpec:
         """The resolved (unified) spec that served the request."""
@@ -338,11 +368,15 @@ Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
 @_typing.final
 class ResolveModelRequest(_message.Message):
+    """Which registry entry would serve a selector."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model(self) -> Global___ModelSelector: ...
+    def model(self) -> Global___ModelSelector:
+        """A name or a (partial) spec."""
+
     def __init__(
         self,
         *,
@@ -358,11 +392,15 @@ Global___ResolveModelRequest: _TypeAlias = ResolveModelRequest  # noqa: Y015
 
 @_typing.final
 class ResolveModelResponse(_message.Message):
+    """The unified registry entry."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_SPEC_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model_spec(self) -> Global___ModelSpec: ...
+    def model_spec(self) -> Global___ModelSpec:
+        """The selector unified with the first registry entry it unifies with, lookup_source included."""
+
     def __init__(
         self,
         *,
@@ -378,6 +416,8 @@ Global___ResolveModelResponse: _TypeAlias = ResolveModelResponse  # noqa: Y015
 
 @_typing.final
 class ModelStatus(_message.Message):
+    """One model as the server sees it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_SPEC_FIELD_NUMBER: _builtins.int
@@ -386,6 +426,7 @@ class ModelStatus(_message.Message):
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     state: Global___ModelState.ValueType
+    """Whether it is loaded."""
     state_reason: _builtins.str
     """Why a load failed, or what a load is doing now."""
     load_seconds: _builtins.float
@@ -393,7 +434,9 @@ class ModelStatus(_message.Message):
     requests_in_flight: _builtins.int
     """Generate calls running on this model now."""
     @_builtins.property
-    def model_spec(self) -> Global___ModelSpec: ...
+    def model_spec(self) -> Global___ModelSpec:
+        """The registry entry (or, for a model loaded from a narrower selector, the resolved spec)."""
+
     def __init__(
         self,
         *,
@@ -413,6 +456,8 @@ Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
+    """Ask for every model the server knows."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -428,6 +473,8 @@ Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):
+    """Every model the server knows, with its state."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
@@ -450,11 +497,15 @@ Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 
 @_typing.final
 class LoadModelRequest(_message.Message):
+    """Load a model now, so that the first generation does not wait for it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model(self) -> Global___ModelSelector: ...
+    def model(self) -> Global___ModelSelector:
+        """A name or a (partial) spec."""
+
     def __init__(
         self,
         *,
@@ -470,11 +521,15 @@ Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
 
 @_typing.final
 class LoadModelResponse(_message.Message):
+    """The model, loaded."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def status(self) -> Global___ModelStatus: ...
+    def status(self) -> Global___ModelStatus:
+        """Its state (ready) and how long the load took."""
+
     def __init__(
         self,
         *,
@@ -490,11 +545,15 @@ Global___LoadModelResponse: _TypeAlias = LoadModelResponse  # noqa: Y015
 
 @_typing.final
 class UnloadModelRequest(_message.Message):
+    """Free a loaded model."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model(self) -> Global___ModelSelector: ...
+    def model(self) -> Global___ModelSelector:
+        """A name or a (partial) spec."""
+
     def __init__(
         self,
         *,
@@ -510,6 +569,8 @@ Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
 
 @_typing.final
 class UnloadModelResponse(_message.Message):
+    """What UnloadModel did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WAS_LOADED_FIELD_NUMBER: _builtins.int
@@ -530,14 +591,20 @@ Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
 
 @_typing.final
 class CountTokensRequest(_message.Message):
+    """Count a conversation's prompt tokens for a model, without generating."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model(self) -> Global___ModelSelector: ...
+    def model(self) -> Global___ModelSelector:
+        """A name or a (partial) spec."""
+
     @_builtins.property
-    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]: ...
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
+        """The conversation, as in GenerateRequest."""
+
     def __init__(
         self,
         *,
@@ -554,6 +621,8 @@ Global___CountTokensRequest: _TypeAlias = CountTokensRequest  # noqa: Y015
 
 @_typing.final
 class CountTokensResponse(_message.Message):
+    """The prompt's size for that model."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
@@ -593,9 +662,11 @@ class ContextLimit(_message.Message):
     CONTEXT_SIZE_FIELD_NUMBER: _builtins.int
     INFO_FIELD_NUMBER: _builtins.int
     tokens_used: _builtins.int
+    """Prompt tokens plus max_tokens."""
     tokens_left: _builtins.int
     """Negative when over the limit."""
     context_size: _builtins.int
+    """The model's context size in tokens."""
     info: _builtins.str
     """The message before the numbers, e.g. "Context token limit for m exceeded"."""
     def __init__(
