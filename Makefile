@@ -75,6 +75,7 @@ lint: install
 	ln -sfn ../../proto/clemserve/v1 .typecheck/clemserve/v1
 	MYPYPATH=.typecheck $(BIN)/mypy --namespace-packages --explicit-package-bases \
 		-p clemserve.registry -p clemserve.client -p clemserve.service
+	MYPYPATH=.typecheck $(BIN)/mypy --strict --namespace-packages --explicit-package-bases examples/typed_game.py
 	cd proto && ../$(BIN)/buf lint
 	$(MAKE) --no-print-directory proto-breaking
 

@@ -46,3 +46,21 @@ def test_seed_example_runs_with_only_the_import_changed(server: ServerProcess, t
         "Tell me the name of the capital of Australia.",
         "heavy imports: []",
     ]
+
+
+def test_typed_example_game_plays_three_turns(server: ServerProcess) -> None:
+    from conftest import REPO
+
+    run = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "typed_game.py"), server.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[0] == (
+        "Turn 0: guess a number between 1 and 10. | Turn 0: the other player said "
+        "'Turn 0: guess a number between 1 and 10.'."
+    )
