@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 from clemserve.registry import ModelRegistry, ModelSpec, ensure_alternating_roles
 from clemserve.registry.errors import ClemserveError, InvalidArgumentError
 
-from .backends import Backend, BackendContext, backend_class
+from .backends import Backend, BackendContext, BackendDeadError, backend_class
 from .domain import GenArgs, Generation, Message, TokenCount
 from .validation import validate_messages
 
@@ -64,6 +64,8 @@ class ModelManager:
         # The registry does not change while serving, so a selector resolves the same way every time;
         # game processes send the same few selectors on every turn.
         self._resolved: OrderedDict[str, tuple[ModelSpec, str]] = OrderedDict()
+        #: told (model name, serving?) when a model becomes ready, dies or is unloaded (the health service)
+        self.on_health: Callable[[str, bool], Awaitable[None]] | None = None
 
     # -- resolution ---------------------------------------------------------------------------
 
@@ -134,7 +136,23 @@ class ModelManager:
         model.load_seconds = time.perf_counter() - started
         model.state, model.reason = ModelState.READY, ""
         log.info("loaded %s in %.2f s", name, model.load_seconds)
+        await self._health(name, True)
         return backend
+
+    async def _health(self, name: str, serving: bool) -> None:
+        if self.on_health is not None:
+            await self.on_health(name, serving)
+
+    async def _dead(self, key: str, model: LoadedModel, exc: BackendDeadError) -> None:
+        """A dead engine is dropped at once; the next request loads the model again."""
+        log.error("%s: %s; dropping it, the next request reloads it", model.spec["model_name"], exc)
+        if self._models.get(key) is model:
+            del self._models[key]
+        model.state, model.reason = ModelState.FAILED, str(exc)
+        await self._health(model.spec["model_name"], False)
+        backend, model.backend = model.backend, None
+        if backend is not None:
+            await _quietly_unload(backend)
 
     async def unload(self, selector: str | Mapping[str, Any]) -> bool:
         """Free a model after the calls running on it finish. False if it was not loaded."""
@@ -151,6 +169,7 @@ class ModelManager:
         if model.backend is not None:
             await _quietly_unload(model.backend)
             log.info("unloaded %s", model.spec["model_name"])
+            await self._health(model.spec["model_name"], False)
         model.backend, model.state = None, ModelState.NOT_LOADED
         return was_loaded
 
@@ -175,6 +194,9 @@ class ModelManager:
             started = time.perf_counter()
             generation = await model.backend.generate(merged, args)
             duration = timedelta(seconds=time.perf_counter() - started)
+        except BackendDeadError as exc:
+            await self._dead(key, model, exc)
+            raise
         finally:
             model.in_flight -= 1
             if model.in_flight == 0:

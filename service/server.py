@@ -64,6 +64,12 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
     clemserve_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    async def model_health(name: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(f"{SERVICE_NAME}/{name}", status)
+
+    manager.on_health = model_health
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(config.address)
     if port == 0:

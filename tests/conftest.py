@@ -65,7 +65,7 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path,
 
 
 def start_server(
-    tmp: Path, *args: str, cache_dir: Path | None = None, env: dict[str, str] | None = None
+    tmp: Path, *args: str, cache_dir: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
 ) -> ServerProcess:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
@@ -78,7 +78,7 @@ def start_server(
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp, env=full_env)
     address = f"127.0.0.1:{port}"
     try:
-        wait_serving(address, process, log_path)
+        wait_serving(address, process, log_path, timeout)
     except BaseException:
         process.kill()
         raise

@@ -6,7 +6,7 @@ import importlib
 
 from clemserve.registry.errors import FailedPreconditionError
 
-from .base import Backend, BackendContext, Progress, RetryPolicy
+from .base import Backend, BackendContext, BackendDeadError, Progress, RetryPolicy
 
 _PACKAGE = "clemserve.service.backends"
 _BACKENDS: dict[str, str] = {
@@ -20,10 +20,11 @@ _BACKENDS: dict[str, str] = {
     "google": f"{_PACKAGE}.google:GoogleBackend",
     "mistral": f"{_PACKAGE}.mistral:MistralBackend",
     "cohere": f"{_PACKAGE}.cohere:CohereBackend",
+    "vllm": f"{_PACKAGE}.vllm_engine:VLLMBackend",
 }
 
 #: clembench backends that this server does not serve (yet); a clear error beats "unknown backend"
-_NOT_SERVED = {"vllm", "llamacpp", "slurk"}
+_NOT_SERVED = {"llamacpp", "slurk"}
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -42,4 +43,4 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-__all__ = ["Backend", "BackendContext", "Progress", "RetryPolicy", "backend_class"]
+__all__ = ["Backend", "BackendContext", "BackendDeadError", "Progress", "RetryPolicy", "backend_class"]

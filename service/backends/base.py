@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from clemserve.registry import KeyRegistry, ModelSpec
-from clemserve.registry.errors import FailedPreconditionError
+from clemserve.registry.errors import FailedPreconditionError, UnavailableError
 
 from ..domain import GenArgs, Generation, Message, TokenCount
 from ..secrets import Redactor
@@ -89,6 +89,12 @@ class Backend(abc.ABC):
 
     async def unload(self) -> None:  # noqa: B027 - optional hook
         """Free what ``load`` took."""
+
+
+class BackendDeadError(UnavailableError):
+    """The backend's engine stopped. The server drops the model; the next request loads it again."""
+
+    reason = "BACKEND_DEAD"
 
 
 def missing_dependency(backend: str, extra: str, exc: ImportError) -> FailedPreconditionError:

@@ -11,43 +11,26 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import os
-import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from clemserve.registry.errors import (
-    ContextExceededError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    ResourceExhaustedError,
-)
+from clemserve.registry.errors import InvalidArgumentError, ResourceExhaustedError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
 from ..validation import reject_unsupported_args
 from . import gguf
 from .base import Backend, Progress, missing_dependency
-from .context import parse_context_size
+from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, precondition, weights_missing
 
 log = logging.getLogger(__name__)
 
 #: model_config keys this backend reads
-KNOWN_CONFIG = frozenset(
-    {
-        "premade_chat_template", "eos_to_cull", "custom_chat_template", "requires_api_key", "padding_side",
-        "output_split_prefix", "chat_template_kwargs", "chat_template_language", "cot_output",
-        "cot_start_tag", "cot_end_tag", "cot_bypass", "cot_effort", "load_in_8bit", "load_in_4bit",
-        "trust_remote_code", "attn_implementation", "peft_model", "multimodal", "gguf",
-    }
-)  # fmt: skip
+KNOWN_CONFIG = CHAT_CONFIG | {
+    "padding_side", "load_in_8bit", "load_in_4bit", "attn_implementation", "peft_model", "multimodal", "gguf",
+}  # fmt: skip
 _ENCODER_ONLY = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta"}
-_FALLBACK_CONTEXT = 256
-
-
-def _precondition(message: str, subject: str) -> FailedPreconditionError:
-    return FailedPreconditionError(message, subject=subject)
 
 
 class HuggingfaceLocalBackend(Backend):
@@ -63,6 +46,7 @@ class HuggingfaceLocalBackend(Backend):
         config = self.model_config
         self._check_config(config)
         try:
+            import accelerate  # noqa: F401  (device_map="auto" needs it)
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError as exc:
@@ -72,44 +56,20 @@ class HuggingfaceLocalBackend(Backend):
 
     def _check_config(self, config: dict[str, Any]) -> None:
         """Refuse what cannot be honoured here at load time, instead of at the first call."""
-        unknown = sorted(set(config) - KNOWN_CONFIG)
-        if unknown:
-            log.warning("%s: model_config keys %s are not read by %s", self.model_name, unknown, self.name)
-        if "huggingface_id" not in self.spec and "gguf" not in config:
-            raise _precondition(f"registry entry {self.model_name} has no huggingface_id", "huggingface_id")
-        for key in ("premade_chat_template", "eos_to_cull"):
-            if key not in config:
-                raise _precondition(
-                    f"registry entry {self.model_name} lacks model_config.{key}, which {self.name} requires",
-                    f"model_config.{key}",
-                )
-        try:
-            re.compile(config["eos_to_cull"])
-        except (re.error, TypeError) as exc:
-            raise _precondition(
-                f"model_config.eos_to_cull of {self.model_name} is not a regular expression: {exc}",
-                "model_config.eos_to_cull",
-            ) from None
-        if config.get("cot_output") and not config.get("cot_end_tag"):
-            raise _precondition("model_config.cot_output needs model_config.cot_end_tag", "model_config.cot_end_tag")
+        check_chat_config(self.spec, config, self.name, KNOWN_CONFIG)
         if config.get("multimodal"):
-            raise _precondition(
+            raise precondition(
                 f"{self.model_name} is a multimodal model; clemserve serves text models only on {self.name}",
                 "model_config.multimodal",
             )
         quantized = config.get("load_in_8bit") or config.get("load_in_4bit")
         if quantized and importlib.util.find_spec("bitsandbytes") is None:
-            raise _precondition(
+            raise precondition(
                 "model_config.load_in_8bit/load_in_4bit need the bitsandbytes package (and a GPU)",
                 "pip install bitsandbytes",
             )
         if config.get("peft_model") and importlib.util.find_spec("peft") is None:
-            raise _precondition("model_config.peft_model needs the peft package", "pip install peft")
-        kwargs = config.get("chat_template_kwargs", {})
-        if not isinstance(kwargs, dict):
-            raise _precondition(
-                "model_config.chat_template_kwargs must be an object", "model_config.chat_template_kwargs"
-            )
+            raise precondition("model_config.peft_model needs the peft package", "pip install peft")
 
     def _load_blocking(self, config: dict[str, Any], progress: Progress) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -129,17 +89,8 @@ class HuggingfaceLocalBackend(Backend):
             tokenizer = AutoTokenizer.from_pretrained(source, **token_kwargs)
             hf_config = AutoConfig.from_pretrained(source, **token_kwargs)
         except (OSError, ValueError) as exc:  # ValueError: a folder without tokenizer files
-            raise self._weights_missing(source, exc) from None
-
-        if not config.get("premade_chat_template") and config.get("custom_chat_template"):
-            tokenizer.chat_template = config["custom_chat_template"]
-        if not tokenizer.chat_template:
-            raise _precondition(
-                f"{self.model_name}: the tokenizer has no chat template; set model_config.custom_chat_template",
-                "model_config.custom_chat_template",
-            )
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+            raise weights_missing(self.model_name, source, exc) from None
+        chat = ChatTokenizer(tokenizer, config, self.model_name)
         tokenizer.padding_side = self._padding_side(config, hf_config)
 
         model_kwargs: dict[str, Any] = {"device_map": "auto", "dtype": "auto", **token_kwargs}
@@ -158,7 +109,7 @@ class HuggingfaceLocalBackend(Backend):
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
         except OSError as exc:
-            raise self._weights_missing(source, exc) from None
+            raise weights_missing(self.model_name, source, exc) from None
         except (MemoryError, RuntimeError) as exc:
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
                 raise ResourceExhaustedError(f"out of memory while loading {self.model_name}") from None
@@ -171,30 +122,19 @@ class HuggingfaceLocalBackend(Backend):
             model.generation_config.pad_token_id = tokenizer.eos_token_id
         model.eval()  # type: ignore[no-untyped-call]
 
+        self.chat = chat
         self.tokenizer = tokenizer
         self.model = model
         self.device = next(model.parameters()).device
-        self.context_size = self._context_size(hf_config, tokenizer)
-        self.template_kwargs: dict[str, Any] = dict(config.get("chat_template_kwargs", {}))
-        if config.get("chat_template_language"):
-            self.template_kwargs["chat_template"] = config["chat_template_language"]
+        self.context_size = context_size(hf_config, tokenizer, self.spec)
         progress(f"ready: context size {self.context_size}, device {self.device}")
-
-    def _weights_missing(self, source: str | Path, exc: Exception) -> FailedPreconditionError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        why = "this server is offline and the hub cache does not hold it" if offline else str(exc).splitlines()[0]
-        return _precondition(
-            f"cannot load {self.model_name} from {source}: {why}. Put the model in a local folder "
-            "and point huggingface_id at it, or pre-download it into the Hugging Face cache",
-            f"huggingface_id {source}",
-        )
 
     def _padding_side(self, config: dict[str, Any], hf_config: Any) -> str:
         side = config.get("padding_side")
         if side is not None:
             side = str(side).lower()
             if side not in ("left", "right"):
-                raise _precondition(
+                raise precondition(
                     f"Invalid 'padding_side={config['padding_side']}' for {self.model_name}. "
                     "Must be 'left' or 'right'.",
                     "model_config.padding_side",
@@ -206,21 +146,6 @@ class HuggingfaceLocalBackend(Backend):
             getattr(hf_config, "is_encoder_decoder", False) and not getattr(hf_config, "decoder", None)
         )
         return "right" if encoder_only else "left"
-
-    def _context_size(self, hf_config: Any, tokenizer: Any) -> int:
-        text_config = getattr(hf_config, "text_config", None)
-        for value in (
-            getattr(hf_config, "max_position_embeddings", None),
-            getattr(hf_config, "n_positions", None),
-            getattr(text_config, "max_position_embeddings", None),
-            parse_context_size(self.spec.get("context_size")),
-        ):
-            if isinstance(value, int) and value > 0:
-                return value
-        limit = getattr(tokenizer, "model_max_length", None)
-        if isinstance(limit, int) and limit < 1_000_000:
-            return limit
-        return _FALLBACK_CONTEXT
 
     async def unload(self) -> None:
         def drop() -> None:
@@ -249,45 +174,21 @@ class HuggingfaceLocalBackend(Backend):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._count_blocking, messages)
 
-    def _render(self, rows: Sequence[Sequence[Message]]) -> list[str]:
-        config = self.model_config
-        kwargs = dict(self.template_kwargs)
-        conversations = [[{k: v for k, v in m.items() if k != "image"} for m in row] for row in rows]
-        if config.get("cot_bypass"):
-            for conversation in conversations:
-                conversation.append({"role": "assistant", "content": config["cot_bypass"]})
-            kwargs.update(continue_final_message=True, add_generation_prompt=False)
-        else:
-            if config.get("cot_effort"):
-                kwargs.setdefault("reasoning_effort", config["cot_effort"])
-            kwargs["add_generation_prompt"] = True
-        rendered = self.tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs)
-        return list(rendered)
-
     def _count_blocking(self, messages: Sequence[Message]) -> TokenCount:
-        prompt = self._render([messages])[0]
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return TokenCount(len(ids), self.context_size, prompt)
+        prompt = self.chat.render([messages])[0]
+        return TokenCount(len(self.chat.token_ids(prompt)), self.context_size, prompt)
 
     def _generate_blocking(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
         config = self.model_config
         tokenizer, model = self.tokenizer, self.model
-        prompts = self._render(rows)
+        prompts = self.chat.render(rows)
         encoded = tokenizer(
             prompts, add_special_tokens=False, padding=True, return_attention_mask=True, return_tensors="pt"
         ).to(self.device)
         input_ids = encoded["input_ids"]
         padded_length = int(input_ids.shape[1])
-        for i in range(len(rows)):
-            tokens_used = padded_length + args.max_tokens
-            if tokens_used > self.context_size:
-                where = f" at batch index {i}" if len(rows) > 1 else ""
-                raise ContextExceededError(
-                    f"Context token limit for {self.model_name} exceeded{where}",
-                    tokens_used,
-                    self.context_size - tokens_used,
-                    self.context_size,
-                )
+        for i in range(len(rows)):  # clembench checks every row at the padded length
+            self.chat.check_context(padded_length, args.max_tokens, self.context_size, i if len(rows) > 1 else None)
 
         max_new_tokens = args.max_tokens
         if config.get("cot_output"):
@@ -318,7 +219,7 @@ class HuggingfaceLocalBackend(Backend):
         eos_ids = _eos_ids(model, tokenizer)
         results = []
         for i, (raw, prompt_text) in enumerate(zip(outputs, prompt_texts, strict=True)):
-            text, cot = self._clean(raw, prompt_text, args.max_tokens)
+            text, cot = self.chat.clean(raw, prompt_text, args.max_tokens)
             response: dict[str, Any] = {"response": raw}
             if cot is not None:
                 response["cot_content"] = cot
@@ -339,27 +240,6 @@ class HuggingfaceLocalBackend(Backend):
                 )
             )
         return results
-
-    def _clean(self, output: str, prompt_text: str, max_tokens: int) -> tuple[str, str | None]:
-        """clembench's cleaning order; returns the text and, with cot_output, the thinking part."""
-        config = self.model_config
-        text = output.replace(prompt_text, "").strip()
-        prefix = config.get("output_split_prefix")
-        if prefix and prefix in text:
-            text = text.rsplit(prefix, 1)[1]
-        pad = self.tokenizer.pad_token
-        if pad and (text.startswith(pad) or text.endswith(pad)):
-            text = text.replace(pad, "")
-        text = re.sub(config["eos_to_cull"], "", text)
-        if not config.get("cot_output"):
-            return text, None
-        start_tag = config.get("cot_start_tag")
-        if start_tag:
-            text = text.replace(start_tag, "")
-        parts = re.split(config["cot_end_tag"], text)
-        answer = parts[-1] if len(parts) >= 2 else ""
-        answer_ids = self.tokenizer(answer).input_ids[:max_tokens]
-        return str(self.tokenizer.decode(answer_ids)).strip(), parts[0]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -27,6 +27,7 @@ from clemserve.registry import Key
 from clemserve.registry.errors import (
     ClemserveError,
     ContextExceededError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     ModelNotFoundError,
@@ -34,13 +35,14 @@ from clemserve.registry.errors import (
     UnavailableError,
 )
 
-from ..domain import GenArgs, Generation, ImagePart, Message, TokenCount
+from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TokenCount
 from ..logs import deadline_var
 from .base import Backend, Progress, RetryPolicy, missing_dependency
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: 529 is Anthropic's "overloaded"
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 
 
 @dataclass
@@ -87,8 +89,14 @@ _CONTEXT_PATTERNS = (
     re.compile(r"maximum context length is (\d+) tokens.*?(?:has|contains) (?:at least )?(\d+) input tokens", re.S),
     # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
     re.compile(r"(?P<used>\d+) tokens > (?P<size>\d+) maximum"),
+    # Anthropic, prompt plus max_tokens: "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000"
+    re.compile(r"exceed context limit: (?P<a>\d+) \+ (?P<b>\d+) > (?P<size>\d+)"),
     # Google: "input token count (1048577) exceeds the maximum number of tokens allowed (1048576)"
     re.compile(r"input token count \(?(?P<used>\d+)\)? exceeds the maximum[^\d]*(?P<size>\d+)"),
+    # Mistral: "Prompt contains 40000 tokens and 0 draft tokens, too large for model with 32768 maximum context length"
+    re.compile(
+        r"[Pp]rompt contains (?P<used>\d+) tokens.*?too large for model with (?P<size>\d+) maximum context", re.S
+    ),
 )
 _CONTEXT_WORDS = re.compile(
     r"context[ _-]length|context window|maximum context|too many tokens|prompt is too long|"
@@ -103,6 +111,8 @@ def context_numbers(text: str) -> tuple[int, int] | None:
         match = pattern.search(text)
         if match:
             groups = match.groupdict()
+            if "a" in groups:
+                return int(groups["a"]) + int(groups["b"]), int(groups["size"])
             if groups:
                 return int(groups["used"]), int(groups["size"])
             size, used = int(match.group(1)), int(match.group(2))
@@ -192,14 +202,19 @@ class RemoteBackend(Backend):
         return key
 
     async def unload(self) -> None:
-        close = getattr(getattr(self, "client", None), "close", None)
-        if close is not None:
+        """Close the SDK client's connections, whichever way this SDK offers."""
+        client = getattr(self, "client", None)
+        for name in ("close", "aclose", "__aexit__"):
+            close = getattr(client, name, None)
+            if close is None:
+                continue
             try:
-                result = close()
+                result = close(None, None, None) if name == "__aexit__" else close()
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:
                 log.debug("closing the %s client failed", self.provider, exc_info=True)
+            return
 
     # -- what each provider supplies --------------------------------------------------------------
 
@@ -237,6 +252,7 @@ class RemoteBackend(Backend):
             text=text,
             prompt_tokens=usage[0],
             completion_tokens=usage[1],
+            finish_reason=finish_reason(response_object),
         )
 
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
@@ -250,13 +266,21 @@ class RemoteBackend(Backend):
         policy: RetryPolicy = self.context.retry
         deadline = deadline_var.get()
         failure: UpstreamFailure | None = None
+        made = 0
         for number in range(policy.attempts):
             timeout = policy.request_timeout_s
+            cut_by_deadline = deadline is not None and deadline - time.monotonic() < timeout
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+            made += 1
             try:
                 return await asyncio.wait_for(attempt(), timeout=timeout)
             except TimeoutError:
+                if cut_by_deadline:
+                    raise DeadlineExceededError(
+                        f"the caller's deadline passed while {self.provider} had not answered "
+                        f"(try {made} of {policy.attempts})"
+                    ) from None
                 failure = UpstreamFailure(None, f"no answer within {timeout:.1f} s")
             except Exception as exc:
                 classified = self.classify(exc)
@@ -287,7 +311,7 @@ class RemoteBackend(Backend):
             )
             await asyncio.sleep(delay)
         assert failure is not None
-        raise self.exhausted(failure)
+        raise self.exhausted(failure, made)
 
     def error_for(self, failure: UpstreamFailure) -> ClemserveError:
         """The error for a failure that retrying would not fix."""
@@ -314,8 +338,7 @@ class RemoteBackend(Backend):
         err.metadata.update(upstream_status=str(status), provider=self.provider)
         return err
 
-    def exhausted(self, failure: UpstreamFailure) -> ClemserveError:
-        attempts = self.context.retry.attempts
+    def exhausted(self, failure: UpstreamFailure, attempts: int) -> ClemserveError:
         said = f"HTTP {failure.status}" if failure.status else "no answer"
         message = f"{self.provider} failed {attempts} time(s), last with {said}: {failure.reason}"
         metadata = {"upstream_status": str(failure.status or 0), "provider": self.provider}
@@ -323,6 +346,22 @@ class RemoteBackend(Backend):
         if failure.status == 429:
             return ResourceExhaustedError(message, retry_after_s=retry_after, metadata=metadata)
         return UnavailableError(message, metadata=metadata, retry_after_s=retry_after)
+
+
+_LENGTH_REASONS = {"length", "max_tokens", "MAX_TOKENS"}
+_STOP_REASONS = {"stop", "end_turn", "stop_sequence", "STOP", "COMPLETE", "STOP_SEQUENCE"}
+
+
+def finish_reason(response: dict[str, Any]) -> FinishReason:
+    """Why the provider stopped, from where each provider says it (OpenAI, Mistral, Anthropic, Gemini, Cohere)."""
+    candidates = response.get("choices") or response.get("candidates") or [{}]
+    first = candidates[0] if isinstance(candidates, list) and candidates else {}
+    said = response.get("stop_reason") or response.get("finish_reason") or (first or {}).get("finish_reason")
+    if said in _LENGTH_REASONS:
+        return FinishReason.LENGTH
+    if said in _STOP_REASONS:
+        return FinishReason.STOP
+    return FinishReason.UNSPECIFIED
 
 
 def _usage(response: dict[str, Any]) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""huggingface_local's load-time checks and its text cleaning (spec section 5.1), without a server."""
+"""The local backends' load-time checks and text cleaning (spec section 5.1), without a server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError
 from clemserve.service.backends import BackendContext
+from clemserve.service.backends.chat import ChatTokenizer, context_size
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
 
 
@@ -34,10 +35,12 @@ def tokenizer(tiny_model_dir: Path) -> Any:
     return tok
 
 
+def chat(tokenizer: Any, **config: Any) -> ChatTokenizer:
+    return ChatTokenizer(tokenizer, {"premade_chat_template": True, "eos_to_cull": "</s>", **config}, "m")
+
+
 def cleaned(tmp_path: Path, tokenizer: Any, output: str, prompt: str = "P", **config: Any) -> tuple[str, Any]:
-    b = backend(tmp_path, **config)
-    b.tokenizer = tokenizer
-    return b._clean(output, prompt, max_tokens=50)
+    return chat(tokenizer, **config).clean(output, prompt, max_tokens=50)
 
 
 def test_cleaning_order(tmp_path: Path, tokenizer: Any) -> None:
@@ -53,10 +56,9 @@ def test_output_split_prefix_takes_the_last_part(tmp_path: Path, tokenizer: Any)
 
 
 def test_pad_strings_go_only_when_they_touch_an_edge(tmp_path: Path, tokenizer: Any) -> None:
-    b = backend(tmp_path, eos_to_cull="NEVER")
-    b.tokenizer = tokenizer
-    assert b._clean("P</s>x</s>y", "P", 10)[0] == "xy"
-    assert b._clean("P a</s>b c", "P", 10)[0] == "a</s>b c"
+    never = chat(tokenizer, eos_to_cull="NEVER")
+    assert never.clean("P</s>x</s>y", "P", 10)[0] == "xy"
+    assert never.clean("P a</s>b c", "P", 10)[0] == "a</s>b c"
 
 
 def test_unescaped_eos_is_a_regex_as_in_clembench(tmp_path: Path, tokenizer: Any) -> None:
@@ -104,17 +106,23 @@ def test_unknown_config_keys_are_a_warning(tmp_path: Path, caplog: pytest.LogCap
     assert "shiny_new_flag" in caplog.text
 
 
-def test_context_size_order(tmp_path: Path) -> None:
-    b = backend(tmp_path)
+def test_context_size_order() -> None:
+    spec = ModelSpec(model_name="m")
     tok = SimpleNamespace(model_max_length=2048)
-    assert b._context_size(SimpleNamespace(max_position_embeddings=4096, n_positions=1), tok) == 4096
-    assert b._context_size(SimpleNamespace(n_positions=1024), tok) == 1024
+    assert context_size(SimpleNamespace(max_position_embeddings=4096, n_positions=1), tok, spec) == 4096
+    assert context_size(SimpleNamespace(n_positions=1024), tok, spec) == 1024
     nested = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=777))
-    assert b._context_size(nested, tok) == 777
-    assert b._context_size(SimpleNamespace(), tok) == 2048
-    assert b._context_size(SimpleNamespace(), SimpleNamespace(model_max_length=10**30)) == 256
-    with_registry = HuggingfaceLocalBackend(
-        ModelSpec(model_name="m", context_size="128k", model_config={}),
-        BackendContext(KeyRegistry(tmp_path / "k.json"), tmp_path),
-    )
-    assert with_registry._context_size(SimpleNamespace(), tok) == 131072
+    assert context_size(nested, tok, spec) == 777
+    assert context_size(SimpleNamespace(), tok, spec) == 2048
+    assert context_size(SimpleNamespace(), SimpleNamespace(model_max_length=10**30), spec) == 256
+    assert context_size(SimpleNamespace(), tok, ModelSpec(model_name="m", context_size="128k")) == 131072
+
+
+def test_a_tokenizer_without_template_is_refused(tokenizer: Any) -> None:
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(FailedPreconditionError) as caught:
+        ChatTokenizer(bare, {"premade_chat_template": True, "eos_to_cull": "x"}, "m")
+    assert caught.value.subject == "model_config.custom_chat_template"

@@ -1,0 +1,158 @@
+"""Anthropic's Messages API through ``anthropic.AsyncAnthropic`` (clembench backend ``anthropic``).
+
+As clembench: system messages leave the list (the last one wins, default ``""``) and go as ``system``;
+every other message becomes ``{"role", "content": [text block, image blocks...]}``; only temperature
+and max_tokens are sent; ``thinking_mode`` adds a 4000-token thinking budget on top of max_tokens at
+temperature 1; the text is not stripped.
+
+Where this differs from clembench, on purpose:
+- ``thinking_mode`` is read by value (clembench: its presence).
+- The text comes from the first block of type ``text`` (clembench: ``content[0]``, or ``content[1]``
+  in thinking mode, which assumes the thinking block comes first and raises IndexError on an empty
+  content list; here an answer without a text block gives ``""``).
+- An image the caller named by http(s) URL is sent as a ``url`` image source, for Anthropic to fetch,
+  instead of being downloaded here (clembench downloads it and sends base64).
+- Anthropic's 529 (overloaded) is retried like a 503.
+
+The SDK (anthropic 2.x) sends API version 2026-10-21 and has no ``temperature`` argument any more (that
+version answers 400 to it), so clembench's request cannot be made through its keyword arguments: this
+backend pins ``anthropic-version`` to 2023-06-01, the version clembench's requests were written for, and
+sends ``temperature`` in the body (``extra_body``), so the request on the wire is clembench's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from clemserve.registry import Key
+
+from ..domain import GenArgs, ImagePart, Message
+from ..validation import reject_unsupported_args
+from .remote import (
+    RemoteBackend,
+    UpstreamFailure,
+    context_numbers,
+    flag,
+    image_base64,
+    image_mime,
+    looks_like_context_error,
+    retry_after_seconds,
+)
+
+THINKING_BUDGET = 4000
+#: the API version clembench's requests were written for; it still takes ``temperature``
+API_VERSION = "2023-06-01"
+#: Anthropic's "overloaded" status; transient, retried as a 503
+OVERLOADED = 529
+#: "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000, ..."
+_INPUT_PLUS_MAX = re.compile(r"exceed context limit: (\d+) \+ (\d+) > (\d+)")
+
+
+def _image_block(image: ImagePart) -> dict[str, Any]:
+    if image.source.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": image.source}}
+    return {"type": "image", "source": {"type": "base64", "media_type": image_mime(image), "data": image_base64(image)}}
+
+
+def encode_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], str]:
+    """(the message list Anthropic is sent, the system prompt)."""
+    encoded: list[dict[str, Any]] = []
+    system = ""
+    for message in messages:
+        if message["role"] == "system":
+            system = message["content"]
+            continue
+        content: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}]
+        content.extend(_image_block(image) for image in message.get("image") or [])
+        encoded.append({"role": message["role"], "content": content})
+    return encoded, system
+
+
+def _context(reason: str) -> tuple[bool, tuple[int, int] | None]:
+    """Whether a 400 says the prompt does not fit, and (tokens_used, context_size) where it says."""
+    match = _INPUT_PLUS_MAX.search(reason)
+    if match:
+        used, size = int(match.group(1)) + int(match.group(2)), int(match.group(3))
+        return True, (used, size)
+    return looks_like_context_error(reason), context_numbers(reason)
+
+
+class AnthropicBackend(RemoteBackend):
+    name = "anthropic"
+    key_name = "anthropic"
+    provider = "Anthropic"
+
+    def connect(self, key: Key) -> Any:
+        import anthropic
+
+        self.sdk = anthropic
+        options: dict[str, Any] = {}
+        if key.get("base_url"):
+            options["base_url"] = key["base_url"]
+        # An explicit timeout also stops the SDK from refusing large max_tokens without streaming;
+        # the caller's deadline still bounds every call (RemoteBackend.call).
+        return anthropic.AsyncAnthropic(
+            api_key=key["api_key"],
+            max_retries=0,
+            timeout=self.context.retry.request_timeout_s,
+            default_headers={"anthropic-version": API_VERSION},
+            **options,
+        )
+
+    def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        prompt, system = encode_messages(messages)
+        temperature, max_tokens = args.temperature, args.max_tokens
+        request: dict[str, Any] = {"model": self.model_id, "messages": prompt, "system": system}
+        if flag(self.model_config, "thinking_mode"):
+            temperature, max_tokens = 1.0, THINKING_BUDGET + args.max_tokens
+            request["thinking"] = {"type": "enabled", "budget_tokens": THINKING_BUDGET}
+        request["max_tokens"] = max_tokens
+        request["extra_body"] = {"temperature": temperature}  # not an argument of the 2.x SDK any more
+        return prompt, request
+
+    async def send(self, request: dict[str, Any]) -> Any:
+        return await self.client.messages.create(**request)
+
+    def parse(self, response: Any) -> tuple[dict[str, Any], str]:
+        role = getattr(response, "role", None)
+        if role != "assistant":
+            raise RuntimeError(f"Anthropic answered with role {role!r}; expected 'assistant'")
+        blocks = getattr(response, "content", None) or []
+        text = next((block.text for block in blocks if getattr(block, "type", None) == "text"), "")
+        return response.model_dump(mode="json"), text or ""
+
+    def classify(self, exc: Exception) -> UpstreamFailure | None:
+        sdk = self.sdk
+        if isinstance(exc, sdk.APIStatusError):
+            status = exc.status_code
+            reason = _reason(exc)
+            retry_after = retry_after_seconds(exc.response.headers)
+            if status == OVERLOADED:
+                return UpstreamFailure(503, f"HTTP {OVERLOADED} {reason}", retry_after)
+            if status == 400:
+                exceeded, numbers = _context(reason)
+                return UpstreamFailure(status, reason, retry_after, context=numbers, context_exceeded=exceeded)
+            return UpstreamFailure(status, reason, retry_after)
+        if isinstance(exc, sdk.APIConnectionError):  # timeouts included
+            return UpstreamFailure(None, exc.message[:300])
+        if isinstance(exc, json.JSONDecodeError):
+            # a reply that is not JSON: a proxy's error page or a cut-off body; the provider's fault, and
+            # usually gone on the next try, so a transient 502 rather than INTERNAL
+            return UpstreamFailure(502, f"a reply that is not JSON ({exc.msg})")
+        return None
+
+
+def _reason(exc: Any) -> str:
+    """Anthropic's own words: ``error.message`` (with ``error.type``) from the body, else the body."""
+    message = exc.api_message
+    if isinstance(message, str) and message:
+        kind = exc.type if isinstance(exc.type, str) else ""
+        return (f"{kind}: {message}" if kind else message)[:300]
+    body = exc.body
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    return str(body or exc.message)[:300]

