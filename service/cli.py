@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from clemserve.registry.errors import ClemserveError
 
+from . import clemcore_setup
 from .commands import CLIENT_COMMANDS, add_commands, run
 from .config import add_server_options, config_from_args
 from .logs import configure_logging
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("models", nargs="+", help="model names from the registry")
     add_server_options(prepare, os.environ)
     add_commands(commands, os.environ)
+    clemcore_setup.add_parser(commands, os.environ)
     return parser
 
 
@@ -40,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in CLIENT_COMMANDS:
         return run(args)
+    if args.command == "clemcore-setup":
+        return clemcore_setup.run(args)
     config = config_from_args(args)
     configure_logging(config.log_level)
     from .server import build_manager, serve
