@@ -21,9 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from serving import start_server  # noqa: E402
 from standin import Reply, StandIn  # noqa: E402
-
-from conftest import start_server  # noqa: E402
 
 TARGET_RATIO = 2.0
 RESULTS = HERE / "results"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess
+from serving import ServerProcess
 
 
 def buf() -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, ServerProcess, free_port
+from serving import REPO, ServerProcess, free_port
 
 MESSAGES = [
     {"role": "user", "content": "Hello!"},

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ServerProcess, free_port
+from serving import ServerProcess, free_port
 
 CLEMSERVE = [sys.executable, "-m", "clemserve.service.cli"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ServerProcess
+from serving import REPO, ServerProcess
 
 GAME = """
 import sys

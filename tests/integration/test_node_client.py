@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, ServerProcess
+from serving import REPO, ServerProcess
 
 EXAMPLE = REPO / "examples" / "node"
 

@@ -14,14 +14,13 @@ from typing import Any
 
 import grpc
 import pytest
-from standin import Reply, StandIn
 
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-from conftest import ServerProcess
-
-from .conftest import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from serving import ServerProcess
+from standin import Reply, StandIn
 
 MESSAGES_PATH = r"^/v1/messages$"
 MODEL_ID = "claude-test-model"

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from standin import Recorded, Reply, StandIn
 
 import clemserve.client as backends
-
-from .conftest import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from standin import Recorded, Reply, StandIn
 
 PATH = "/v1/chat/completions"
 ATTEMPTS = 4  # the server's default --remote-attempts

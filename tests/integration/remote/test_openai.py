@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from standin import Recorded, Reply, StandIn
 
 import clemserve.client as backends
-from conftest import ServerProcess
-
-from .conftest import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from serving import ServerProcess
+from standin import Recorded, Reply, StandIn
 
 CHAT = r"^/chat/completions$"
 USER = [{"role": "user", "content": "Say hello."}]
