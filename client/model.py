@@ -148,8 +148,17 @@ class Model(_ModelBase):
         return triple_from_proto(reply)
 
     def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
-        """One result per conversation, in order."""
-        return [self.generate_response(messages) for messages in batch_messages]
+        """One result per conversation, in order. All rows are sent at once, so a backend that batches
+        (vllm) batches them; as in clembench, one failing row fails the call."""
+        requests = [self._request(messages) for messages in batch_messages]
+        calls = [self._stub().Generate.future(request, timeout=self.timeout) for request in requests]
+        try:
+            return [triple_from_proto(call.result()) for call in calls]
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from exc
+        finally:
+            for call in calls:
+                call.cancel()  # a no-op for finished calls; frees the rest after a failure
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
         reply = _call(self.address, self._stub().CountTokens, self._count_request(messages), self.timeout)

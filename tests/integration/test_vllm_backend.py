@@ -147,3 +147,44 @@ def test_a_cancelled_caller_aborts_its_engine_request(vllm_server: ServerProcess
         time.sleep(0.2)
     assert "the engine now holds 0 request(s)" in vllm_server.log()
     assert model(vllm_server, "tiny-vllm").generate_response(MESSAGES)[2]  # the engine serves on
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                child = int(stat.parent.name)
+                found.append((child, (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_a_dead_engine_is_reported_and_reloaded(vllm_server: ServerProcess) -> None:
+    import signal
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import clemserve.client as backends
+
+    m = model(vllm_server, "tiny-vllm")
+    expected = m.generate_response(MESSAGES)[2]
+    engines = [pid for pid, cmdline in _children(vllm_server.process.pid) if "EngineCore" in cmdline]
+    assert engines, _children(vllm_server.process.pid)
+    for pid in engines:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(backends.ClemserveError) as caught:
+        m.generate_response(MESSAGES)
+    assert caught.value.code == "UNAVAILABLE" and "stopped" in str(caught.value)
+    with grpc.insecure_channel(vllm_server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="clemserve.v1.ModelService/tiny-vllm")
+        )
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+    assert m.generate_response(MESSAGES)[2] == expected  # loaded again, same answer
