@@ -126,6 +126,7 @@ proto-check: install
 bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/startup.py
+	$(PY) bench/remote_concurrency.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(CLEMCORE_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache

@@ -40,6 +40,12 @@ class Recorded:
 Responder = Callable[[Recorded], Reply]
 
 
+class _Server(ThreadingHTTPServer):
+    # a deep accept backlog: the default of 5 turns a burst of concurrent connections into SYN retries
+    request_queue_size = 256
+    daemon_threads = True
+
+
 class StandIn:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
@@ -49,8 +55,7 @@ class StandIn:
         self.max_in_flight = 0
         self.release = threading.Event()  # set it to let replies that wait on it go
         self.release.set()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
