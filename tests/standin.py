@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +51,8 @@ class _Server(ThreadingHTTPServer):
 class StandIn:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
+        #: replies never sent because the client closed the connection while the reply was delayed
+        self.abandoned = 0
         self._routes: list[tuple[str, re.Pattern[str], list[Reply] | Responder]] = []
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -116,8 +120,10 @@ class StandIn:
                     standin.max_in_flight = max(standin.max_in_flight, standin.in_flight)
                 try:
                     reply = standin._answer(recorded)
-                    if reply.delay_s:
-                        time.sleep(reply.delay_s)
+                    if reply.delay_s and self._client_left_within(reply.delay_s):
+                        with standin._lock:
+                            standin.abandoned += 1
+                        return
                     standin.release.wait(timeout=60)
                     body = reply.body
                     if isinstance(body, (dict, list)):
@@ -139,6 +145,15 @@ class StandIn:
                 finally:
                     with standin._lock:
                         standin.in_flight -= 1
+
+            def _client_left_within(self, seconds: float) -> bool:
+                """Wait ``seconds``, watching the connection: True as soon as the client closes it."""
+                deadline = time.monotonic() + seconds
+                while (left := deadline - time.monotonic()) > 0:
+                    readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
+                    if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                        return True
+                return False
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve
 

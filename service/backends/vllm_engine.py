@@ -135,8 +135,7 @@ class VLLMBackend(Backend):
                     f"messages[{i}].image", f"{self.model_name} is a text model and takes no images"
                 )
         sampling = self._sampling(args)
-        prompt = self.chat.render([messages])[0]
-        ids = self.chat.token_ids(prompt)
+        prompt, ids = await asyncio.to_thread(self._prompt, messages)  # templating and tokenizing take CPU time
         self.chat.check_context(len(ids), args.max_tokens, self.context_size)
         from vllm.inputs import TokensPrompt
 
@@ -178,9 +177,13 @@ class VLLMBackend(Backend):
         """Every row at once: the engine batches them."""
         return list(await asyncio.gather(*(self.generate(row, args) for row in rows)))
 
-    async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
+    def _prompt(self, messages: Sequence[Message]) -> tuple[str, list[int]]:
         prompt = self.chat.render([messages])[0]
-        return TokenCount(len(self.chat.token_ids(prompt)), self.context_size, prompt)
+        return prompt, self.chat.token_ids(prompt)
+
+    async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
+        prompt, ids = await asyncio.to_thread(self._prompt, messages)
+        return TokenCount(len(ids), self.context_size, prompt)
 
 
 def _sampling_fields(sampling_params: Any) -> frozenset[str]:

@@ -1,0 +1,42 @@
+"""A caller that gives up takes its upstream request with it: the provider sees the connection close."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from providers import ServeRemote
+from standin import Reply, StandIn
+
+OPENAI = {
+    "id": "c1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "late"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def server(serve_remote: ServeRemote) -> Any:
+    return serve_remote([{"model_name": "slow-openai", "backend": "openai", "model_id": "gpt-x", "model_config": {}}])
+
+
+def test_deadline_cancels_the_upstream_request(server: Any, standin: StandIn) -> None:
+    import clemserve.client as backends
+
+    standin.script("POST", r"/chat/completions$", Reply(200, OPENAI, delay_s=10))
+    model = backends.get_model_for("slow-openai", address=server.address, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(backends.ClemserveError) as caught:
+        model.generate_response([{"role": "user", "content": "hi"}])
+    assert caught.value.code == "DEADLINE_EXCEEDED"
+    assert time.monotonic() - started < 2
+    deadline = time.monotonic() + 3
+    while standin.abandoned < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert standin.abandoned == 1, "the provider's connection stayed open after the caller gave up"
+    assert len(list(standin.matching(r"/chat/completions$"))) == 1  # and it was not retried
