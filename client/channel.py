@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import weakref
@@ -10,9 +11,31 @@ import weakref
 import grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
+# Several replicas behind one target ("ipv4:127.0.0.1:P1,127.0.0.1:P2" or "dns:///name:port", whose DNS
+# name lists every replica) share the calls round-robin, and a call that meets a replica going away
+# (UNAVAILABLE) is tried again on another: gRPC's own load balancing, no router in between. Statuses the
+# server decides itself carry a "do not retry" pushback, so only lost connections and draining replicas
+# are retried.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "clemserve.v1.ModelService"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 _OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
 ]
 
 _lock = threading.Lock()

@@ -18,7 +18,7 @@ from . import convert
 from .logs import deadline_var, request_id_var
 from .models import LoadedModel, ModelManager
 from .status import as_clemserve_error, to_grpc_status
-from .validation import validate_request_id
+from .validation import Limits, validate_request_id, validate_request_size
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,10 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         deadline_token = deadline_var.set(None if remaining is None else time.monotonic() + remaining)
         try:
             request_id_var.set(_request_id(request, context))
-            return await handler(self, request, context)
+            validate_request_size(request.ByteSize(), self.limits)  # type: ignore[attr-defined]
+            response = await handler(self, request, context)
+            log.debug("%s -> OK", handler.__name__)
+            return response
         except Exception as exc:
             err = as_clemserve_error(exc, request_id_var.get())
             status = to_grpc_status(err, request_id_var.get(), self.manager.context.redactor)
@@ -69,14 +72,13 @@ def model_status(model: LoadedModel) -> pb.ModelStatus:
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, limits: Limits | None = None) -> None:
         self.manager = manager
+        self.limits = limits or Limits()
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        selector = convert.selector_from_proto(request.model)
-        messages = convert.messages_from_proto(request.messages)
-        args = convert.gen_args_from_proto(request.args)
+        selector, messages, args = convert.generate_request_from_proto(request, self.limits)
         spec, generation = await self.manager.generate(selector, messages, args)
         return convert.generation_to_proto(generation, spec, request_id_var.get())
 
@@ -84,7 +86,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def ResolveModel(
         self, request: pb.ResolveModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolveModelResponse:
-        spec = self.manager.resolve(convert.selector_from_proto(request.model))
+        spec = self.manager.resolve(convert.selector_from_proto(request.model, limits=self.limits))
         return pb.ResolveModelResponse(model_spec=convert.spec_to_proto(spec))
 
     @rpc
@@ -95,20 +97,21 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
 
     @rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        model = await self.manager.load(convert.selector_from_proto(request.model))
+        model = await self.manager.load(convert.selector_from_proto(request.model, limits=self.limits))
         return pb.LoadModelResponse(status=model_status(model))
 
     @rpc
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        was_loaded = await self.manager.unload(convert.selector_from_proto(request.model))
+        was_loaded = await self.manager.unload(convert.selector_from_proto(request.model, limits=self.limits))
         return pb.UnloadModelResponse(was_loaded=was_loaded)
 
     @rpc
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb.CountTokensResponse:
-        selector = convert.selector_from_proto(request.model)
-        count = await self.manager.count_tokens(selector, convert.messages_from_proto(request.messages))
+        selector = convert.selector_from_proto(request.model, limits=self.limits)
+        messages = convert.messages_from_proto(request.messages, limits=self.limits)
+        count = await self.manager.count_tokens(selector, messages)
         return convert.token_count_to_proto(count)

@@ -107,7 +107,19 @@ def to_grpc_status(err: ClemserveError, request_id: str, redactor: Redactor | No
     )
     if redactor:
         _redact_status(status, redactor)
-    return rpc_status.to_status(status)
+    grpc_status = rpc_status.to_status(status)
+    # the server decided this status: a client retry policy must not send the call again (gRPC pushback)
+    return _Status(grpc_status.code, grpc_status.details, (*grpc_status.trailing_metadata, (_PUSHBACK, "-1")))
+
+
+_PUSHBACK = "grpc-retry-pushback-ms"
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, Any], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 def _redact_status(status: status_pb2.Status, redactor: Redactor) -> None:
