@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from clemserve.registry import Key
-from clemserve.registry.errors import InvalidArgumentError
 
 from ..domain import GenArgs, Message
-from ..validation import reject_unsupported_args
 from .remote import RemoteBackend, UpstreamFailure, context_numbers, looks_like_context_error, retry_after_seconds
 
 #: Mistral's own wording: "Prompt contains 40000 tokens [and 0 draft tokens], too large for model with
@@ -48,28 +46,8 @@ class MistralBackend(RemoteBackend):
             debug_logger=NoOpLogger(),
         )
 
-    async def unload(self) -> None:
-        client, self.client = getattr(self, "client", None), None
-        if client is not None:
-            await client.__aexit__(None, None, None)
-
     def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
-        for i, message in enumerate(messages):
-            if message.get("image"):
-                raise InvalidArgumentError(
-                    f"messages[{i}].image",
-                    f"backend {self.name} sends text only; {self.model_name} cannot take images "
-                    "(whatever its registry entry says about multimodality)",
-                )
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
-        request = {
-            "model": self.model_id,
-            "messages": prompt,
-            "temperature": args.temperature,
-            "max_tokens": args.max_tokens,
-        }
-        return prompt, request
+        return self.text_chat_request(messages, args)
 
     async def send(self, request: dict[str, Any]) -> Any:
         try:

@@ -37,6 +37,7 @@ from clemserve.registry.errors import (
 
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TokenCount
 from ..logs import deadline_var
+from ..validation import reject_unsupported_args
 from .base import Backend, Progress, RetryPolicy, missing_dependency
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,26 @@ class RemoteBackend(Backend):
             completion_tokens=usage[1],
             finish_reason=finish_reason(response_object),
         )
+
+    def text_chat_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
+        """For providers clembench sends only text, temperature and max_tokens (Mistral, Cohere): the
+        prompt object is the message list as sent; images and other generation arguments are refused."""
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        for i, message in enumerate(messages):
+            if message.get("image"):
+                raise InvalidArgumentError(
+                    f"messages[{i}].image",
+                    f"backend {self.name} sends text only; {self.model_name} cannot take images "
+                    "(whatever its registry entry says about multimodality)",
+                )
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+        request = {
+            "model": self.model_id,
+            "messages": prompt,
+            "temperature": args.temperature,
+            "max_tokens": args.max_tokens,
+        }
+        return prompt, request
 
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
         raise FailedPreconditionError(
