@@ -23,6 +23,7 @@ from clemserve.registry.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
     ServerError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "ResourceExhaustedError",
     "ServerError",
     "TokenCount",
+    "UnauthenticatedError",
     "UnavailableError",
     "connect",
     "default_address",

@@ -44,26 +44,33 @@ def _status(status: pb.ModelStatus) -> ModelStatus:
     )
 
 
-def _stub(address: str) -> pb_grpc.ModelServiceStub:
-    return pb_grpc.ModelServiceStub(channel_for(address))
+def _stub(address: str, token: str | None) -> pb_grpc.ModelServiceStub:
+    return pb_grpc.ModelServiceStub(channel_for(address, token))
 
 
-def list_models(*, address: str | None = None, timeout: float | None = None) -> list[ModelStatus]:
+def list_models(
+    *, address: str | None = None, timeout: float | None = None, token: str | None = None
+) -> list[ModelStatus]:
     """The server's registry entries with their load state."""
     address = address or default_address()
-    reply = _call(address, _stub(address).ListModels, pb.ListModelsRequest(), timeout)
+    reply = _call(address, _stub(address, token).ListModels, pb.ListModelsRequest(), timeout)
     return [_status(s) for s in reply.models]
 
 
-def preload(selector: Selector, *, address: str | None = None, timeout: float | None = None) -> ModelStatus:
-    """Load a model on the server now, so the first generation does not wait for it."""
+def preload(
+    selector: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
+) -> ModelStatus:
+    """Load a model on the server now, so the first generation does not wait for it (a server with an
+    admin token wants that token here)."""
     address = address or default_address()
     request = pb.LoadModelRequest(model=selector_to_proto(selector))
-    return _status(_call(address, _stub(address).LoadModel, request, timeout).status)
+    return _status(_call(address, _stub(address, token).LoadModel, request, timeout).status)
 
 
-def unload(selector: Selector, *, address: str | None = None, timeout: float | None = None) -> bool:
-    """Free a model on the server; False if it was not loaded."""
+def unload(
+    selector: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
+) -> bool:
+    """Free a model on the server; False if it was not loaded (a server with an admin token wants it here)."""
     address = address or default_address()
     request = pb.UnloadModelRequest(model=selector_to_proto(selector))
-    return bool(_call(address, _stub(address).UnloadModel, request, timeout).was_loaded)
+    return bool(_call(address, _stub(address, token).UnloadModel, request, timeout).was_loaded)

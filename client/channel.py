@@ -10,6 +10,8 @@ import weakref
 
 import grpc
 
+from .credentials import Tls, aio_channel, remember, sync_channel, tls_for, token_for
+
 DEFAULT_ADDRESS = "localhost:50051"
 # Several replicas behind one target ("ipv4:127.0.0.1:P1,127.0.0.1:P2" or "dns:///name:port", whose DNS
 # name lists every replica) share the calls round-robin, and a call that meets a replica going away
@@ -40,15 +42,31 @@ _OPTIONS = [
 
 _lock = threading.Lock()
 _default_address: str | None = None
-_channels: dict[str, grpc.Channel] = {}
-_aio_channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, grpc.aio.Channel]] = (
+#: channels by address, token and TLS files: one per way of calling a server
+_Key = tuple[str, str | None, Tls | None]
+_channels: dict[_Key, grpc.Channel] = {}
+_aio_channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, grpc.aio.Channel]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def connect(address: str) -> None:
-    """Use ``address`` (host:port) for models created without an explicit address."""
+def connect(
+    address: str,
+    *,
+    token: str | None = None,
+    tls: bool | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+) -> None:
+    """Use ``address`` (host:port) for models created without an explicit address.
+
+    ``token`` goes with every call to it (else ``CLEMSERVE_TOKEN``). ``tls=True`` or a ``tls_ca`` file
+    speaks TLS to it (else ``CLEMSERVE_TLS_CA``/``CLEMSERVE_TLS``); ``tls_cert`` and ``tls_key`` show a
+    client certificate (mutual TLS; else ``CLEMSERVE_TLS_CERT``/``CLEMSERVE_TLS_KEY``).
+    """
     global _default_address
+    remember(address, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     with _lock:
         _default_address = address
 
@@ -57,22 +75,28 @@ def default_address() -> str:
     return _default_address or os.environ.get("CLEMSERVE_ADDRESS") or DEFAULT_ADDRESS
 
 
-def channel_for(address: str) -> grpc.Channel:
+def _key(address: str, token: str | None) -> _Key:
+    return (address, token_for(address, token), tls_for(address))
+
+
+def channel_for(address: str, token: str | None = None) -> grpc.Channel:
+    key = _key(address, token)
     with _lock:
-        channel = _channels.get(address)
+        channel = _channels.get(key)
         if channel is None:
-            channel = _channels[address] = grpc.insecure_channel(address, options=_OPTIONS)
+            channel = _channels[key] = sync_channel(*key, _OPTIONS)
         return channel
 
 
-def aio_channel_for(address: str) -> grpc.aio.Channel:
+def aio_channel_for(address: str, token: str | None = None) -> grpc.aio.Channel:
     """The asyncio channel for ``address`` on the running event loop (channels are bound to a loop)."""
     loop = asyncio.get_running_loop()
+    key = _key(address, token)
     with _lock:
         per_loop = _aio_channels.setdefault(loop, {})
-        channel = per_loop.get(address)
+        channel = per_loop.get(key)
         if channel is None:
-            channel = per_loop[address] = grpc.aio.insecure_channel(address, options=_OPTIONS)
+            channel = per_loop[key] = aio_channel(*key, _OPTIONS)
         return channel
 
 

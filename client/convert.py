@@ -68,6 +68,14 @@ def read_image(ref: str, field: str) -> pb.Image:
     return pb.Image(data=data, mime_type=_sniff(data) or (mimetypes.guess_type(ref)[0] or ""), source=ref)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_shapes(messages: Sequence[Any], field: str) -> None:
     """What the wire cannot carry is refused here, with the field named as the server would."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -81,6 +89,8 @@ def _check_shapes(messages: Sequence[Any], field: str) -> None:
         culled = i == 0 and message["role"] == "system" and not content
         if not isinstance(content, str) and not culled:
             raise InvalidArgumentError(f"{field}[{i}].content", f"must be a string, got {type(content).__name__}")
+        if isinstance(content, str) and not _is_utf8(content):
+            raise InvalidArgumentError(f"{field}[{i}].content", "is not valid UTF-8 (it holds a lone surrogate)")
 
 
 def messages_to_proto(messages: Sequence[Mapping[str, Any]], field: str = "messages") -> list[pb.Message]:
@@ -94,6 +104,8 @@ def messages_to_proto(messages: Sequence[Mapping[str, Any]], field: str = "messa
             extra_json = json.dumps(extras, ensure_ascii=False) if extras else ""
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"{field}[{i}]", f"extra keys must be JSON values: {exc}") from None
+        if not _is_utf8(extra_json):
+            raise InvalidArgumentError(f"{field}[{i}]", "extra keys are not valid UTF-8 (a lone surrogate)")
         images = message.get("image") or []
         if isinstance(images, str):
             images = [images]

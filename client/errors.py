@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from clemserve.registry.errors import (
@@ -49,11 +51,13 @@ class _Details:
 
 
 def _details(exc: grpc.RpcError) -> _Details:
-    found = _Details()
     blob = next((v for k, v in (exc.trailing_metadata() or ()) if k == _DETAILS_KEY), None)
-    if blob is None:
-        return found
-    for packed in status_pb2.Status.FromString(blob).details:
+    return _unpack(status_pb2.Status.FromString(blob).details if blob is not None else [])
+
+
+def _unpack(details: Iterable[any_pb2.Any]) -> _Details:
+    found = _Details()
+    for packed in details:
         for cls in _DETAIL_TYPES:
             if not packed.Is(cls.DESCRIPTOR):
                 continue
@@ -81,9 +85,21 @@ def _details(exc: grpc.RpcError) -> _Details:
 def error_from_rpc(exc: grpc.RpcError, address: str = "") -> ClemserveError:
     """The exception for a failed call; ``raise error_from_rpc(e) from e`` keeps the gRPC cause."""
     code: grpc.StatusCode = exc.code()
-    message: str = exc.details() or code.name
     found = _details(exc)
-    err = _error(code, message, found, address)
+    return _with_details(_error(code, exc.details() or code.name, found, address), found)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_row(row: clemserve_pb2.RowError) -> ClemserveError:
+    """The exception for one failed row of a GenerateBatch call."""
+    code = _CODES.get(row.code, grpc.StatusCode.UNKNOWN)
+    found = _unpack(row.details)
+    return _with_details(_error(code, row.message or code.name, found, ""), found)
+
+
+def _with_details(err: ClemserveError, found: _Details) -> ClemserveError:
     err.request_id = found.request_id
     err.metadata = found.metadata
     err.retry_after_s = found.retry_after_s

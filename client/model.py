@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -10,6 +9,7 @@ from typing import Any, TypeVar
 import grpc
 
 from clemserve.registry import ModelSpec
+from clemserve.registry.errors import ClemserveError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
@@ -23,7 +23,7 @@ from .convert import (
     spec_from_proto,
     triple_from_proto,
 )
-from .errors import error_from_rpc
+from .errors import error_from_row, error_from_rpc
 
 PROGRAMMATIC_SPECS = ("mock", "programmatic")
 HUMAN_SPECS = ("human", "terminal")
@@ -49,10 +49,13 @@ class _ModelBase:
         address: str | None = None,
         gen_args: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> None:
         assert "model_name" in model_spec, "The passed ModelSpec must have a `model_name` attribute"
         self.model_spec = model_spec
         self.address = address or default_address()
+        #: sent as "authorization: Bearer ..." (None: connect()'s token for the address, else CLEMSERVE_TOKEN)
+        self._token = token
         #: seconds per call (None: no deadline); generations on a cold model include its load
         self.timeout = timeout
         self._gen_args: dict[str, Any] = dict(DEFAULT_GEN_ARGS if gen_args is None else gen_args)
@@ -118,11 +121,34 @@ class _ModelBase:
             args=gen_args_to_proto(self._gen_args),
         )
 
+    def _batch_request(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> pb.GenerateBatchRequest:
+        conversations = [
+            pb.Conversation(messages=messages_to_proto(messages, f"batch[{i}]"))
+            for i, messages in enumerate(batch_messages)
+        ]
+        return pb.GenerateBatchRequest(
+            model=self._selector, conversations=conversations, args=gen_args_to_proto(self._gen_args)
+        )
+
     def _count_request(self, messages: Sequence[Mapping[str, Any]]) -> pb.CountTokensRequest:
         return pb.CountTokensRequest(
             model=self._selector,
             messages=messages_to_proto(messages),
         )
+
+
+def _outcomes(reply: pb.GenerateBatchResponse) -> list[Triple | ClemserveError]:
+    return [
+        error_from_row(row.error) if row.WhichOneof("result") == "error" else triple_from_proto(row.response)
+        for row in reply.results
+    ]
+
+
+def _raise_first(outcomes: list[Triple | ClemserveError]) -> list[Triple]:
+    for outcome in outcomes:
+        if isinstance(outcome, ClemserveError):
+            raise outcome
+    return [o for o in outcomes if not isinstance(o, ClemserveError)]
 
 
 def _call(address: str, method: Callable[..., T], request: object, timeout: float | None) -> T:
@@ -139,7 +165,7 @@ class Model(_ModelBase):
 
     def _stub(self) -> pb_grpc.ModelServiceStub:
         if self._sync_stub is None:
-            self._sync_stub = pb_grpc.ModelServiceStub(channel_for(self.address))
+            self._sync_stub = pb_grpc.ModelServiceStub(channel_for(self.address, self._token))
         return self._sync_stub
 
     def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
@@ -148,17 +174,14 @@ class Model(_ModelBase):
         return triple_from_proto(reply)
 
     def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
-        """One result per conversation, in order. All rows are sent at once, so a backend that batches
-        (vllm) batches them; as in clembench, one failing row fails the call."""
-        requests = [self._request(messages) for messages in batch_messages]
-        calls = [self._stub().Generate.future(request, timeout=self.timeout) for request in requests]
-        try:
-            return [triple_from_proto(call.result()) for call in calls]
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address) from exc
-        finally:
-            for call in calls:
-                call.cancel()  # a no-op for finished calls; frees the rest after a failure
+        """One result per conversation, in order, from one GenerateBatch call (the server batches the rows).
+        As in clembench, a failing row fails the call: its error is raised; see ``generate_batch``."""
+        return _raise_first(self.generate_batch(batch_messages))
+
+    def generate_batch(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple | ClemserveError]:
+        """One outcome per conversation: its triple, or the error that row alone got."""
+        reply = _call(self.address, self._stub().GenerateBatch, self._batch_request(batch_messages), self.timeout)
+        return _outcomes(reply)
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
         reply = _call(self.address, self._stub().CountTokens, self._count_request(messages), self.timeout)
@@ -166,14 +189,16 @@ class Model(_ModelBase):
 
     def as_async(self) -> AsyncModel:
         """The asyncio twin of this model, with the same spec and a copy of the gen args."""
-        return AsyncModel(self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout)
+        return AsyncModel(
+            self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout, token=self._token
+        )
 
 
 class AsyncModel(_ModelBase):
     """The asyncio twin of :class:`Model`: same names, awaitable calls (for players run concurrently)."""
 
     def _stub(self) -> pb_grpc.ModelServiceStub:
-        return pb_grpc.ModelServiceStub(aio_channel_for(self.address))
+        return pb_grpc.ModelServiceStub(aio_channel_for(self.address, self._token))
 
     async def _acall(self, method: Callable[..., Any], request: object) -> Any:
         try:
@@ -186,7 +211,12 @@ class AsyncModel(_ModelBase):
         return triple_from_proto(reply)
 
     async def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
-        return list(await asyncio.gather(*(self.generate_response(m) for m in batch_messages)))
+        return _raise_first(await self.generate_batch(batch_messages))
+
+    async def generate_batch(
+        self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]
+    ) -> list[Triple | ClemserveError]:
+        return _outcomes(await self._acall(self._stub().GenerateBatch, self._batch_request(batch_messages)))
 
     async def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
         reply = await self._acall(self._stub().CountTokens, self._count_request(messages))
@@ -234,37 +264,43 @@ def _local_model(spec: ModelSpec, address: str | None) -> Model | None:
     return None
 
 
-def resolve(selector: Selector, *, address: str | None = None, timeout: float | None = None) -> ModelSpec:
+def resolve(
+    selector: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
+) -> ModelSpec:
     """The server's unified registry entry for ``selector``; loads nothing."""
     address = address or default_address()
-    stub = pb_grpc.ModelServiceStub(channel_for(address))
+    stub = pb_grpc.ModelServiceStub(channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(selector))
     return spec_from_proto(_call(address, stub.ResolveModel, request, timeout).model_spec)
 
 
-def get_model_for(model_spec: Selector, *, address: str | None = None, timeout: float | None = None) -> Model:
+def get_model_for(
+    model_spec: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
+) -> Model:
     """clembench's ``backends.get_model_for(name | dict | ModelSpec)``, served by clemserve.
 
     The selector is resolved on the server now, so an unknown model fails here, as in clembench.
+    ``token`` authenticates the calls (default: ``connect()``'s token for the address, else ``CLEMSERVE_TOKEN``).
     """
     local = _local_model(_as_spec(model_spec), address)
     if local is not None:
         return local
-    return Model(resolve(model_spec, address=address, timeout=timeout), address=address, timeout=timeout)
+    spec = resolve(model_spec, address=address, timeout=timeout, token=token)
+    return Model(spec, address=address, timeout=timeout, token=token)
 
 
 async def get_async_model_for(
-    model_spec: Selector, *, address: str | None = None, timeout: float | None = None
+    model_spec: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
 ) -> AsyncModel:
     """The asyncio twin of :func:`get_model_for`."""
     address = address or default_address()
-    stub = pb_grpc.ModelServiceStub(aio_channel_for(address))
+    stub = pb_grpc.ModelServiceStub(aio_channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(model_spec))
     try:
         reply = await stub.ResolveModel(request, timeout=timeout)
     except grpc.RpcError as exc:
         raise error_from_rpc(exc, address) from exc
-    return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout)
+    return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout, token=token)
 
 
 def load_model(model_spec: Selector, gen_args: Mapping[str, Any] | None = None, *, address: str | None = None) -> Model:

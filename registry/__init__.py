@@ -17,6 +17,7 @@ from .errors import (
     ModelNotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from .keys import Key, KeyFileError, KeyRegistry
@@ -44,6 +45,7 @@ __all__ = [
     "PermissionDeniedError",
     "RegistryFileError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
     "UnificationError",
     "ensure_alternating_roles",

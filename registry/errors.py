@@ -70,7 +70,17 @@ class InvalidArgumentError(ClemserveError, ValueError):
         self.description = message
 
 
+class UnauthenticatedError(ClemserveError):
+    """The call carried no valid token (``authorization: Bearer <token>`` metadata)."""
+
+    code = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
 class PermissionDeniedError(ClemserveError):
+    """The caller may not do this: an admin-only RPC without the admin token, or a selector that adds a
+    field the server does not let clients choose (``ErrorInfo.metadata["field"]`` names it)."""
+
     code = "PERMISSION_DENIED"
     reason = "PERMISSION_DENIED"
 
@@ -165,6 +175,7 @@ ERRORS_BY_CODE: dict[str, type[ClemserveError]] = {
     for cls in (
         ModelNotFoundError,
         InvalidArgumentError,
+        UnauthenticatedError,
         PermissionDeniedError,
         FailedPreconditionError,
         ResourceExhaustedError,

@@ -15,6 +15,7 @@ from . import clemcore_setup
 from .commands import CLIENT_COMMANDS, add_commands, run
 from .config import add_server_options, config_from_args
 from .logs import configure_logging
+from .security import exposure_problem
 
 log = logging.getLogger("clemserve")
 
@@ -46,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return clemcore_setup.run(args)
     config = config_from_args(args)
     configure_logging(config.log_level)
+    exposed = exposure_problem(config.host, config.security) if args.command == "serve" else None
+    if exposed:
+        print(f"clemserve: {exposed}", file=sys.stderr)
+        return 2
     from .server import build_manager, serve
 
     try:

@@ -25,6 +25,12 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
             "--address", default=address, help=f"server host:port [env CLEMSERVE_ADDRESS; now {address}]"
         )
         parser.add_argument("--timeout", type=float, default=None, help="seconds before giving up on the server")
+        parser.add_argument(
+            "--token",
+            default=None,
+            help="the server's token; the admin token for load and unload on a server that has one "
+            "[env CLEMSERVE_TOKEN; TLS from CLEMSERVE_TLS_CA, CLEMSERVE_TLS_CERT, CLEMSERVE_TLS_KEY]",
+        )
         return parser
 
     command("models", "the server's models as a table: name, backend, state, load time")
@@ -55,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         "load": _load,
         "unload": _unload,
     }
+    # every call below goes to args.address: with the token, over TLS where the environment asks for it
+    backends.connect(args.address, token=args.token)
     try:
         return handlers[args.command](args)
     except backends.UnavailableError as exc:
@@ -95,14 +103,15 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout or 5
-            )
-        except grpc.RpcError as exc:
-            print(f"clemserve: no server at {args.address}: {exc.code().name}", file=sys.stderr)
-            return EXIT_UNREACHABLE
+    from clemserve.client.channel import channel_for
+
+    try:
+        reply = health_pb2_grpc.HealthStub(channel_for(args.address)).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=args.timeout or 5
+        )
+    except grpc.RpcError as exc:
+        print(f"clemserve: no server at {args.address}: {exc.code().name}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address}: {status}")
     return EXIT_OK if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_SERVER

@@ -8,6 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .scheduler import SchedulingPolicy
+from .security import Security, security_from_args
+from .validation import Limits
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -25,6 +29,9 @@ class ServerConfig:
     remote_retry_delay_s: float = 0.5
     remote_max_delay_s: float = 30.0
     remote_timeout_s: float = 300.0
+    scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
+    limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
 
     @property
     def address(self) -> str:
@@ -38,6 +45,8 @@ class _Option:
     help: str
     default: str | None
     repeatable: bool = False
+    #: a flag without a value; its twin is on when set to 1, true, yes or on
+    switch: bool = False
 
 
 _OPTIONS = (
@@ -100,6 +109,84 @@ _OPTIONS = (
         "seconds one remote HTTP request may take (the caller's gRPC deadline also bounds it)",
         "300",
     ),
+    # scheduling: per model, a bounded queue with fair turns across callers, and batches
+    _Option(
+        "--max-queue",
+        "CLEMSERVE_MAX_QUEUE",
+        "requests that may wait per model; more are refused at once with RESOURCE_EXHAUSTED",
+        "256",
+    ),
+    _Option(
+        "--max-batch",
+        "CLEMSERVE_MAX_BATCH",
+        "most waiting requests merged into one batched call (huggingface_local)",
+        "8",
+    ),
+    _Option(
+        "--max-wait-ms",
+        "CLEMSERVE_MAX_WAIT_MS",
+        "how long a request waits for others to join its batch, in milliseconds",
+        "5",
+    ),
+    # input limits: a request over one is INVALID_ARGUMENT naming the field
+    _Option(
+        "--max-request-mb",
+        "CLEMSERVE_MAX_REQUEST_MB",
+        "largest serialized request, in MiB (gRPC refuses messages over --max-message-mb before this)",
+        "48",
+    ),
+    _Option("--max-messages", "CLEMSERVE_MAX_MESSAGES", "most messages in one request", "1024"),
+    _Option("--max-message-chars", "CLEMSERVE_MAX_MESSAGE_CHARS", "most characters in one message", "1000000"),
+    _Option("--max-total-chars", "CLEMSERVE_MAX_TOTAL_CHARS", "most characters in all messages together", "4000000"),
+    _Option("--max-tokens-cap", "CLEMSERVE_MAX_TOKENS_CAP", "largest max_tokens a caller may ask for", "65536"),
+    _Option("--max-images", "CLEMSERVE_MAX_IMAGES", "most images in one request", "32"),
+    _Option("--max-image-mb", "CLEMSERVE_MAX_IMAGE_MB", "largest image, in MiB", "20"),
+    _Option("--max-images-mb", "CLEMSERVE_MAX_IMAGES_MB", "most image bytes in one request, in MiB", "40"),
+    _Option(
+        "--max-json-depth",
+        "CLEMSERVE_MAX_JSON_DEPTH",
+        "deepest nesting of objects and lists in a model spec, extra_json and generation arguments",
+        "16",
+    ),
+    # security: see service/security.py and the README's "Security"
+    _Option(
+        "--auth-token",
+        "CLEMSERVE_AUTH_TOKEN",
+        "callers must send 'authorization: Bearer TOKEN' (health and reflection stay open); "
+        "prefer --auth-token-file, since a command line is visible to other users",
+        None,
+    ),
+    _Option("--auth-token-file", "CLEMSERVE_AUTH_TOKEN_FILE", "file holding the --auth-token", None),
+    _Option(
+        "--admin-token",
+        "CLEMSERVE_ADMIN_TOKEN",
+        "token needed for LoadModel, UnloadModel and other state-changing calls (default: any accepted token)",
+        None,
+    ),
+    _Option("--admin-token-file", "CLEMSERVE_ADMIN_TOKEN_FILE", "file holding the --admin-token", None),
+    _Option("--tls-cert", "CLEMSERVE_TLS_CERT", "PEM certificate chain: serve TLS only", None),
+    _Option("--tls-key", "CLEMSERVE_TLS_KEY", "PEM private key of --tls-cert", None),
+    _Option(
+        "--tls-client-ca",
+        "CLEMSERVE_TLS_CLIENT_CA",
+        "PEM CA certificates: require client certificates signed by them (mutual TLS)",
+        None,
+    ),
+    _Option(
+        "--insecure",
+        "CLEMSERVE_INSECURE",
+        "allow a non-loopback --host with neither a token nor TLS",
+        None,
+        switch=True,
+    ),
+    _Option(
+        "--allow-client-specs",
+        "CLEMSERVE_ALLOW_CLIENT_SPECS",
+        "let selectors add a model id, path, base_url, backend, trust_remote_code, chat template or engine "
+        "arguments that their registry entry lacks",
+        None,
+        switch=True,
+    ),
     _Option(
         "--preload",
         "CLEMSERVE_PRELOAD",
@@ -121,6 +208,10 @@ def add_server_options(parser: argparse.ArgumentParser, environ: Mapping[str, st
             default = [v for v in env_value.split(sep) if v] if env_value else []
             parser.add_argument(opt.flag, dest=dest, action="append", default=None, help=help_text)
             parser.set_defaults(**{f"{dest}_env": default})
+        elif opt.switch:
+            parser.add_argument(
+                opt.flag, dest=dest, action="store_const", const=True, default=env_value, help=help_text
+            )
         else:
             parser.add_argument(opt.flag, dest=dest, default=env_value or opt.default, help=help_text)
 
@@ -152,6 +243,40 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         remote_retry_delay_s=number("remote_retry_delay", args.remote_retry_delay, float),
         remote_max_delay_s=number("remote_max_delay", args.remote_max_delay, float),
         remote_timeout_s=number("remote_timeout", args.remote_timeout, float),
+        scheduling=SchedulingPolicy(
+            max_queue=max(1, int(number("max_queue", args.max_queue, int))),
+            max_batch=max(1, int(number("max_batch", args.max_batch, int))),
+            max_wait_s=max(0.0, number("max_wait_ms", args.max_wait_ms, float) / 1000),
+        ),
+        limits=limits_from_args(args),
+        security=security_from_args(args),
+    )
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    def positive(name: str, kind: type[float] | type[int], zero_allowed: bool = False) -> float:
+        value = getattr(args, name)
+        try:
+            number = kind(value)
+        except ValueError:
+            number = -1
+        if not (number >= 0 if zero_allowed else number > 0):
+            raise SystemExit(f"clemserve: --{name.replace('_', '-')} must be a positive number, got {value!r}")
+        return number
+
+    def mib(name: str) -> int:
+        return max(1, int(positive(name, float) * 1024 * 1024))
+
+    return Limits(
+        request_bytes=mib("max_request_mb"),
+        messages=int(positive("max_messages", int)),
+        message_chars=int(positive("max_message_chars", int)),
+        total_chars=int(positive("max_total_chars", int)),
+        max_tokens=int(positive("max_tokens_cap", int)),
+        images=int(positive("max_images", int, zero_allowed=True)),
+        image_bytes=mib("max_image_mb"),
+        total_image_bytes=mib("max_images_mb"),
+        json_depth=int(positive("max_json_depth", int)),
     )
 
 

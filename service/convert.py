@@ -19,41 +19,45 @@ from .domain import (
     Message,
     TokenCount,
 )
-from .validation import validate_max_tokens, validate_temperature
+from .validation import (
+    DEFAULT_LIMITS,
+    Limits,
+    parse_json_object,
+    validate_extra_args,
+    validate_max_tokens,
+    validate_message_count,
+    validate_message_sizes,
+    validate_temperature,
+)
 
 Selector = str | dict[str, Any]
 
 
-def _json_object(text: str, field: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise InvalidArgumentError(field, f"is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidArgumentError(field, f"must be a JSON object, got {type(value).__name__}")
-    return value
+def _json_object(text: str, field: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    return parse_json_object(text, field, limits)
 
 
-def selector_from_proto(selector: pb.ModelSelector, field: str = "model") -> Selector:
+def selector_from_proto(selector: pb.ModelSelector, field: str = "model", limits: Limits = DEFAULT_LIMITS) -> Selector:
     kind = selector.WhichOneof("selector")
     if kind == "name":
         if not selector.name:
             raise InvalidArgumentError(f"{field}.name", "must not be empty")
         return selector.name
     if kind == "spec":
-        spec = _json_object(selector.spec.json, f"{field}.spec.json")
+        spec = _json_object(selector.spec.json, f"{field}.spec.json", limits)
         if not spec:
             raise InvalidArgumentError(f"{field}.spec.json", "must be a non-empty JSON object")
         return spec
     raise InvalidArgumentError(field, "is required: set a model name or spec")
 
 
-def messages_from_proto(messages: Sequence[pb.Message], field: str = "messages") -> list[Message]:
+def messages_from_proto(
+    messages: Sequence[pb.Message], field: str = "messages", limits: Limits = DEFAULT_LIMITS
+) -> list[Message]:
+    validate_message_count(len(messages), limits, field)
     result: list[Message] = []
     for i, message in enumerate(messages):
-        converted: Message = _json_object(message.extra_json, f"{field}[{i}].extra_json")
+        converted: Message = _json_object(message.extra_json, f"{field}[{i}].extra_json", limits)
         clash = {"role", "content", "image"} & converted.keys()
         if clash:
             raise InvalidArgumentError(
@@ -66,16 +70,29 @@ def messages_from_proto(messages: Sequence[pb.Message], field: str = "messages")
                 ImagePart(data=img.data, mime_type=img.mime_type, source=img.source) for img in message.images
             ]
         result.append(converted)
+    validate_message_sizes(result, limits, field)
     return result
 
 
-def gen_args_from_proto(args: pb.GenerationArgs) -> GenArgs:
+def gen_args_from_proto(args: pb.GenerationArgs, limits: Limits = DEFAULT_LIMITS) -> GenArgs:
     temperature = args.temperature if args.HasField("temperature") else DEFAULT_TEMPERATURE
-    max_tokens = args.max_tokens if args.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    # unset, it is the usual default, or the server's cap when that is lower
+    max_tokens = args.max_tokens if args.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, limits.max_tokens)
     return GenArgs(
         temperature=validate_temperature(temperature),
-        max_tokens=validate_max_tokens(max_tokens),
-        extra=_json_object(args.extra_json, "args.extra_json"),
+        max_tokens=validate_max_tokens(max_tokens, limits.max_tokens),
+        extra=validate_extra_args(_json_object(args.extra_json, "args.extra_json", limits), limits),
+    )
+
+
+def generate_request_from_proto(
+    request: pb.GenerateRequest, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Selector, list[Message], GenArgs]:
+    """A Generate request's selector, messages and arguments, each checked against ``limits``."""
+    return (
+        selector_from_proto(request.model, limits=limits),
+        messages_from_proto(request.messages, limits=limits),
+        gen_args_from_proto(request.args, limits),
     )
 
 

@@ -14,10 +14,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from clemserve.registry import ModelRegistry, ModelSpec, ensure_alternating_roles
-from clemserve.registry.errors import ClemserveError, InvalidArgumentError
+from clemserve.registry.errors import ClemserveError, InvalidArgumentError, ResourceExhaustedError
 
 from .backends import Backend, BackendContext, BackendDeadError, backend_class
 from .domain import GenArgs, Generation, Message, TokenCount
+from .safety import check_selector
+from .scheduler import Scheduler, SchedulingPolicy
 from .validation import validate_messages
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class LoadedModel:
     loads: int = 0
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: orders and batches the model's requests once it is ready
+    scheduler: Scheduler | None = None
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -57,9 +61,19 @@ def cache_key(spec: ModelSpec) -> str:
 
 
 class ModelManager:
-    def __init__(self, registry: ModelRegistry, context: BackendContext) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        context: BackendContext,
+        *,
+        allow_client_specs: bool = False,
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
         self.registry = registry
         self.context = context
+        self.policy = policy or SchedulingPolicy()
+        #: let selectors add fields that choose what is loaded or called (service/safety.py); off by default
+        self.allow_client_specs = allow_client_specs
         self._models: dict[str, LoadedModel] = {}
         # The registry does not change while serving, so a selector resolves the same way every time;
         # game processes send the same few selectors on every turn.
@@ -79,6 +93,8 @@ class ModelManager:
         found = self._resolved.get(lookup)
         if found is None:
             spec = self.registry.resolve(selector)
+            if not self.allow_client_specs:
+                check_selector(selector, self.registry)
             found = self._resolved[lookup] = (spec, cache_key(spec))
             if len(self._resolved) > RESOLVE_CACHE_SIZE:
                 self._resolved.popitem(last=False)
@@ -131,8 +147,17 @@ class ModelManager:
             log.warning("loading %s failed: %s", name, model.reason)
             if backend is not None:
                 await _quietly_unload(backend)
+            if isinstance(exc, MemoryError):
+                raise ResourceExhaustedError(f"out of memory while loading {name}") from exc
             raise
         model.backend = backend
+        model.scheduler = Scheduler(
+            name,
+            self.policy,
+            concurrency=backend.concurrency,
+            run_one=backend.generate,
+            run_batch=backend.generate_rows if backend.batches else None,
+        )
         model.load_seconds = time.perf_counter() - started
         model.state, model.reason = ModelState.READY, ""
         log.info("loaded %s in %.2f s", name, model.load_seconds)
@@ -151,6 +176,9 @@ class ModelManager:
         model.state, model.reason = ModelState.FAILED, str(exc)
         await self._health(model.spec["model_name"], False)
         backend, model.backend = model.backend, None
+        scheduler, model.scheduler = model.scheduler, None
+        if scheduler is not None:
+            await scheduler.close()
         if backend is not None:
             await _quietly_unload(backend)
 
@@ -166,6 +194,9 @@ class ModelManager:
             model.load_task.cancel()
         await model.idle.wait()
         was_loaded = model.backend is not None
+        if model.scheduler is not None:
+            await model.scheduler.close()
+            model.scheduler = None
         if model.backend is not None:
             await _quietly_unload(model.backend)
             log.info("unloaded %s", model.spec["model_name"])
@@ -180,8 +211,9 @@ class ModelManager:
     # -- serving ------------------------------------------------------------------------------
 
     async def generate(
-        self, selector: str | Mapping[str, Any], messages: Sequence[Message], args: GenArgs
+        self, selector: str | Mapping[str, Any], messages: Sequence[Message], args: GenArgs, caller: str = ""
     ) -> tuple[ModelSpec, Generation]:
+        """One reply; ``caller`` (a game process) gets its fair turn among the model's waiting callers."""
         spec, key = self._servable(selector)
         validate_messages(messages)
         merged = ensure_alternating_roles(list(messages))
@@ -192,10 +224,14 @@ class ModelManager:
         try:
             call_start = datetime.now()
             started = time.perf_counter()
-            generation = await model.backend.generate(merged, args)
+            assert model.scheduler is not None
+            generation = await model.scheduler.submit(merged, args, caller)
             duration = timedelta(seconds=time.perf_counter() - started)
         except BackendDeadError as exc:
             await self._dead(key, model, exc)
+            raise
+        except asyncio.CancelledError:
+            log.info("generation on %s cancelled: the caller went away or its deadline passed", spec["model_name"])
             raise
         finally:
             model.in_flight -= 1

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from clemserve.registry import Key, KeyRegistry, ModelRegistry
 from clemserve.v1 import clemserve_pb2, clemserve_pb2_grpc
 
+from .auth import interceptors, server_credentials
 from .backends import BackendContext, RetryPolicy
 from .config import ServerConfig
 from .logs import redact_logs
@@ -31,6 +32,8 @@ def build_manager(config: ServerConfig) -> ModelManager:
     registry = ModelRegistry.from_files(config.registries, cwd=config.working_dir)
     keys = KeyRegistry.from_json(config.key_file, cwd=config.working_dir).with_environment(os.environ)
     redactor = Redactor(secret for name in keys for secret in _secrets(keys.get_key_for(name)))
+    for token in config.security.tokens:
+        redactor.add(token)
     redact_logs(redactor)
     retry = RetryPolicy(
         attempts=config.remote_attempts,
@@ -39,7 +42,9 @@ def build_manager(config: ServerConfig) -> ModelManager:
         request_timeout_s=config.remote_timeout_s,
     )
     context = BackendContext(keys=keys, cache_dir=config.cache_dir, retry=retry, redactor=redactor)
-    return ModelManager(registry, context)
+    return ModelManager(
+        registry, context, allow_client_specs=config.security.allow_client_specs, policy=config.scheduling
+    )
 
 
 def _secrets(key: Key) -> list[str]:
@@ -51,17 +56,32 @@ def _secrets(key: Key) -> list[str]:
     ]
 
 
+def _protection(config: ServerConfig) -> str:
+    security = config.security
+    transport = "mutual TLS" if security.tls_client_ca else "TLS" if security.tls else "plain text"
+    token = "token required" if security.auth_token else "no token required"
+    admin = "admin token for state changes" if security.admin_token else "no admin token"
+    specs = "client specs allowed" if security.allow_client_specs else "registry entries only"
+    return f"{transport}, {token}, {admin}, {specs}"
+
+
 async def serve(config: ServerConfig, manager: ModelManager) -> int:
+    try:
+        credentials = server_credentials(config.security)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     server = grpc.aio.server(
+        interceptors=interceptors(config.security, manager.context.redactor),
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             # long generations: accept client keepalive pings without calls in flight
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
-        ]
+        ],
     )
-    clemserve_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
+    clemserve_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager, config.limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
@@ -71,12 +91,15 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
 
     manager.on_health = model_health
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.address)
+    if credentials is not None:
+        port = server.add_secure_port(config.address, credentials)
+    else:
+        port = server.add_insecure_port(config.address)
     if port == 0:
         log.error("cannot bind %s", config.address)
         return 2
     await server.start()
-    log.info("listening on %s:%d", config.host, port)
+    log.info("listening on %s:%d (%s)", config.host, port, _protection(config))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

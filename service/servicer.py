@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -11,14 +12,15 @@ from typing import Any, TypeVar
 
 import grpc
 
+from clemserve.registry.errors import InvalidArgumentError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
 from . import convert
 from .logs import deadline_var, request_id_var
 from .models import LoadedModel, ModelManager
-from .status import as_clemserve_error, to_grpc_status
-from .validation import Limits, validate_request_id, validate_request_size
+from .status import as_clemserve_error, to_grpc_status, to_row_error
+from .validation import Limits, validate_messages, validate_request_id, validate_request_size
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,13 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     return wrapper
 
 
+def _caller(context: grpc.aio.ServicerContext) -> str:
+    """Who is asking, for fair turns: the x-clemserve-caller metadata, else the connection's peer (one
+    game process, one channel)."""
+    metadata = dict(context.invocation_metadata() or ())
+    return str(metadata.get("x-clemserve-caller") or context.peer() or "")
+
+
 def model_status(model: LoadedModel) -> pb.ModelStatus:
     return pb.ModelStatus(
         model_spec=convert.spec_to_proto(model.spec),
@@ -79,8 +88,35 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         selector, messages, args = convert.generate_request_from_proto(request, self.limits)
-        spec, generation = await self.manager.generate(selector, messages, args)
+        spec, generation = await self.manager.generate(selector, messages, args, _caller(context))
         return convert.generation_to_proto(generation, spec, request_id_var.get())
+
+    @rpc
+    async def GenerateBatch(
+        self, request: pb.GenerateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateBatchResponse:
+        """Every row is a Generate of its own, submitted at once: the scheduler batches them, and a row's
+        error (a context overflow, say) is that row's alone."""
+        selector = convert.selector_from_proto(request.model, limits=self.limits)
+        args = convert.gen_args_from_proto(request.args, self.limits)
+        if not request.conversations:
+            raise InvalidArgumentError("conversations", "must hold at least one conversation")
+        batch_id, caller = request_id_var.get(), _caller(context)
+
+        async def row(i: int, conversation: pb.Conversation) -> pb.BatchResult:
+            row_id = f"{batch_id}/{i}"
+            try:
+                field = f"conversations[{i}].messages"
+                messages = convert.messages_from_proto(conversation.messages, field, limits=self.limits)
+                validate_messages(messages, field)  # so that a row's error names its own field
+                spec, generation = await self.manager.generate(selector, messages, args, caller)
+                return pb.BatchResult(response=convert.generation_to_proto(generation, spec, row_id))
+            except Exception as exc:
+                err = as_clemserve_error(exc, row_id)
+                return pb.BatchResult(error=to_row_error(err, row_id, self.manager.context.redactor))
+
+        results = await asyncio.gather(*(row(i, c) for i, c in enumerate(request.conversations)))
+        return pb.GenerateBatchResponse(results=results, request_id=batch_id)
 
     @rpc
     async def ResolveModel(

@@ -95,8 +95,8 @@ def _details(err: ClemserveError, request_id: str) -> list[object]:
     return details
 
 
-def to_grpc_status(err: ClemserveError, request_id: str, redactor: Redactor | None = None) -> grpc.Status:
-    """A gRPC status for ``err``: its code, its message and google.rpc details, with secrets scrubbed."""
+def to_status_message(err: ClemserveError, request_id: str, redactor: Redactor | None = None) -> status_pb2.Status:
+    """``err`` as a google.rpc.Status: its code, its message and details, with secrets scrubbed."""
     message = err.message
     if isinstance(err, InternalError):
         message = f"internal error (request id {request_id}); the server log has the detail"
@@ -107,7 +107,18 @@ def to_grpc_status(err: ClemserveError, request_id: str, redactor: Redactor | No
     )
     if redactor:
         _redact_status(status, redactor)
-    grpc_status = rpc_status.to_status(status)
+    return status
+
+
+def to_row_error(err: ClemserveError, request_id: str, redactor: Redactor | None = None) -> clemserve_pb2.RowError:
+    """A GenerateBatch row's error: the same status a Generate call would have failed with."""
+    status = to_status_message(err, request_id, redactor)
+    return clemserve_pb2.RowError(code=status.code, message=status.message, details=status.details)
+
+
+def to_grpc_status(err: ClemserveError, request_id: str, redactor: Redactor | None = None) -> grpc.Status:
+    """A gRPC status for ``err``: its code, its message and google.rpc details, with secrets scrubbed."""
+    grpc_status = rpc_status.to_status(to_status_message(err, request_id, redactor))
     # the server decided this status: a client retry policy must not send the call again (gRPC pushback)
     return _Status(grpc_status.code, grpc_status.details, (*grpc_status.trailing_metadata, (_PUSHBACK, "-1")))
 
@@ -115,7 +126,7 @@ def to_grpc_status(err: ClemserveError, request_id: str, redactor: Redactor | No
 _PUSHBACK = "grpc-retry-pushback-ms"
 
 
-class _Status(grpc.Status):
+class _Status(grpc.Status):  # type: ignore[misc]  # grpc ships no type hints
     def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, Any], ...]) -> None:
         self.code = code
         self.details = details

@@ -40,12 +40,16 @@ class ServerProcess:
         return self.process.wait(timeout=timeout)
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
+def wait_serving(
+    address: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60, credentials: object = None
+) -> None:
+    """``credentials``: grpc.ChannelCredentials for a TLS server."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -67,6 +71,7 @@ def start_server(
     env: dict[str, str] | None = None,
     timeout: float = 60,
     python: str = sys.executable,
+    credentials: object = None,
 ) -> ServerProcess:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
@@ -79,7 +84,7 @@ def start_server(
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp, env=full_env)
     address = f"127.0.0.1:{port}"
     try:
-        wait_serving(address, process, log_path, timeout)
+        wait_serving(address, process, log_path, timeout, credentials)
     except BaseException:
         process.kill()
         raise

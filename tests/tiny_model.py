@@ -22,7 +22,9 @@ _CORPUS = [
 ]
 
 
-def build_tiny_llama(folder: Path, *, seed: int = 0, max_positions: int = 512) -> Path:
+def build_tiny_llama(
+    folder: Path, *, seed: int = 0, max_positions: int = 512, hidden: int = 64, layers: int = 2
+) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -41,9 +43,9 @@ def build_tiny_llama(folder: Path, *, seed: int = 0, max_positions: int = 512) -
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,

@@ -69,7 +69,9 @@ async function main() {
   console.log(`finish_reason: ${reply.finish_reason}`);
 
   try {
-    await call("Generate", { model: { name: "echo" }, messages, args: { max_tokens: 1000000 } });
+    // echo counts words: 70,001 prompt words plus 65,536 new tokens do not fit its 131,072
+    const long = [{ role: "user", content: "word ".repeat(70000) }];
+    await call("Generate", { model: { name: "echo" }, messages: long, args: { max_tokens: 65536 } });
     console.log("context error: none (unexpected)");
     process.exitCode = 1;
   } catch (err) {

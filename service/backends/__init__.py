@@ -11,6 +11,7 @@ from .base import Backend, BackendContext, BackendDeadError, Progress, RetryPoli
 _PACKAGE = "clemserve.service.backends"
 _BACKENDS: dict[str, str] = {
     "echo": f"{_PACKAGE}.echo:EchoBackend",
+    "fault": f"{_PACKAGE}.fault:FaultBackend",
     "huggingface_local": f"{_PACKAGE}.huggingface_local:HuggingfaceLocalBackend",
     "openai": f"{_PACKAGE}.openai:OpenAIBackend",
     "openai_compatible": f"{_PACKAGE}.openai:OpenAICompatibleBackend",

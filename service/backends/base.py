@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,10 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: generation arguments beyond temperature and max_tokens that this backend honours
     supported_args: ClassVar[tuple[str, ...]] = ()
+    #: calls the scheduler runs on this backend at once (engines and remote APIs batch or fan out themselves)
+    concurrency: ClassVar[int] = 256
+    #: whether the scheduler should merge waiting requests into ``generate_rows`` calls
+    batches: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, context: BackendContext) -> None:
         self.spec = spec
@@ -83,6 +88,12 @@ class Backend(abc.ABC):
     async def generate_batch(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
         """Many conversations; backends that batch natively override this."""
         return list(await asyncio.gather(*(self.generate(row, args) for row in rows)))
+
+    async def generate_rows(
+        self, rows: Sequence[Sequence[Message]], args: GenArgs, cancels: Sequence[threading.Event]
+    ) -> list[Generation | BaseException]:
+        """Independent requests in one call (backends with ``batches``); each row's error is its own."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount: ...

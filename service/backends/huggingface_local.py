@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from clemserve.registry.errors import InvalidArgumentError, ResourceExhaustedError
+from clemserve.registry.errors import ContextExceededError, InvalidArgumentError, ResourceExhaustedError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
 from ..validation import reject_unsupported_args
@@ -35,6 +36,9 @@ _ENCODER_ONLY = {"bert", "roberta", "distilbert", "albert", "electra", "deberta"
 
 class HuggingfaceLocalBackend(Backend):
     name = "huggingface_local"
+    # one generate call at a time (the worker thread); the scheduler merges waiting requests into it
+    concurrency = 1
+    batches = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -163,12 +167,35 @@ class HuggingfaceLocalBackend(Backend):
     async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
         return (await self.generate_batch([messages], args))[0]
 
+    async def generate_rows(
+        self, rows: Sequence[Sequence[Message]], args: GenArgs, cancels: Sequence[threading.Event]
+    ) -> list[Generation | BaseException]:
+        """Independent requests merged into one batched call by the scheduler; a row's error is its own."""
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
+        results: list[Generation | BaseException | None] = [None] * len(rows)
+        live = []
+        for i, row in enumerate(rows):
+            try:
+                _refuse_images(row, self.model_name)
+                live.append(i)
+            except InvalidArgumentError as exc:
+                results[i] = exc
+        if live:
+            loop = asyncio.get_running_loop()
+            done = await loop.run_in_executor(
+                self._executor, self._generate_blocking, [rows[i] for i in live], args, [cancels[i] for i in live]
+            )
+            for i, result in zip(live, done, strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
     async def generate_batch(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
         reject_unsupported_args(args.extra, self.supported_args, self.name)
         for row in rows:
             _refuse_images(row, self.model_name)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._generate_blocking, rows, args)
+        results = await loop.run_in_executor(self._executor, self._generate_blocking, rows, args)
+        return [r for r in results if isinstance(r, Generation)]
 
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
         loop = asyncio.get_running_loop()
@@ -178,17 +205,44 @@ class HuggingfaceLocalBackend(Backend):
         prompt = self.chat.render([messages])[0]
         return TokenCount(len(self.chat.token_ids(prompt)), self.context_size, prompt)
 
-    def _generate_blocking(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
+    def _generate_blocking(
+        self,
+        rows: Sequence[Sequence[Message]],
+        args: GenArgs,
+        cancels: Sequence[threading.Event] | None = None,
+    ) -> list[Generation | BaseException]:
+        """One ``model.generate`` call for all rows.
+
+        Without ``cancels`` the rows are one clembench batch: every row is checked at the padded length,
+        one row over the limit fails them all, and the prompt and response texts keep the padding, as
+        clembench's do. With ``cancels`` the rows are independent requests merged by the scheduler: each
+        is checked and reported on its own, and its texts are exactly what it would get alone.
+        """
         config = self.model_config
         tokenizer, model = self.tokenizer, self.model
         prompts = self.chat.render(rows)
-        encoded = tokenizer(
-            prompts, add_special_tokens=False, padding=True, return_attention_mask=True, return_tensors="pt"
-        ).to(self.device)
-        input_ids = encoded["input_ids"]
+        results: list[Generation | BaseException | None] = [None] * len(rows)
+        if cancels is None:
+            encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+            for i in range(len(rows)):  # clembench checks every row at the padded length
+                self.chat.check_context(
+                    int(encoded["input_ids"].shape[1]), args.max_tokens, self.context_size, i if len(rows) > 1 else None
+                )
+            live = list(range(len(rows)))
+        else:
+            live = []
+            for i, prompt in enumerate(prompts):
+                try:
+                    self.chat.check_context(len(self.chat.token_ids(prompt)), args.max_tokens, self.context_size)
+                    live.append(i)
+                except ContextExceededError as exc:
+                    results[i] = exc
+            if not live:
+                return [r for r in results if r is not None]
+            encoded = tokenizer([prompts[i] for i in live], add_special_tokens=False, padding=True, return_tensors="pt")
+        encoded = encoded.to(self.device)
+        input_ids, attention = encoded["input_ids"], encoded["attention_mask"]
         padded_length = int(input_ids.shape[1])
-        for i in range(len(rows)):  # clembench checks every row at the padded length
-            self.chat.check_context(padded_length, args.max_tokens, self.context_size, i if len(rows) > 1 else None)
 
         max_new_tokens = args.max_tokens
         if config.get("cot_output"):
@@ -196,15 +250,13 @@ class HuggingfaceLocalBackend(Backend):
             max_new_tokens = max(1, self.context_size - padded_length)
         sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None}
         if args.temperature > 0.0:
-            sampling = {
-                "do_sample": True,
-                "temperature": args.temperature,
-                "top_p": model.generation_config.top_p,
-            }
+            sampling = {"do_sample": True, "temperature": args.temperature, "top_p": model.generation_config.top_p}
+        if cancels is not None:
+            sampling["stopping_criteria"] = _stop_on([cancels[i] for i in live])
         try:
             output = model.generate(
                 input_ids,
-                attention_mask=encoded["attention_mask"],
+                attention_mask=attention,
                 max_new_tokens=max_new_tokens,
                 return_dict_in_generate=True,
                 **sampling,
@@ -214,32 +266,41 @@ class HuggingfaceLocalBackend(Backend):
                 raise ResourceExhaustedError(f"out of memory while generating with {self.model_name}") from None
             raise
         sequences = output.sequences
-        outputs = tokenizer.batch_decode(sequences)
-        prompt_texts = tokenizer.batch_decode(input_ids)
+        if cancels is not None and (gone := sum(cancels[i].is_set() for i in live)):
+            log.info("%s: stopped %d row(s) early: their callers went away", self.model_name, gone)
         eos_ids = _eos_ids(model, tokenizer)
-        results = []
-        for i, (raw, prompt_text) in enumerate(zip(outputs, prompt_texts, strict=True)):
+        for row, i in enumerate(live):
+            # merged requests drop the left padding their batch-mates caused; a clembench batch keeps it
+            start = 0 if cancels is None else int((attention[row] == 0).sum())
+            raw = str(tokenizer.decode(sequences[row, start:]))
+            prompt_text = str(tokenizer.decode(input_ids[row, start:]))
             text, cot = self.chat.clean(raw, prompt_text, args.max_tokens)
             response: dict[str, Any] = {"response": raw}
             if cot is not None:
                 response["cot_content"] = cot
-            new_tokens = sequences[i, padded_length:].tolist()
+            new_tokens = sequences[row, padded_length:].tolist()
             stop = next((n for n, t in enumerate(new_tokens) if t in eos_ids), None)
-            results.append(
-                Generation(
-                    prompt={
-                        "inputs": prompt_text,
-                        "max_new_tokens": args.max_tokens,
-                        "temperature": args.temperature,
-                    },
-                    response=response,
-                    text=text,
-                    prompt_tokens=int(encoded["attention_mask"][i].sum()),
-                    completion_tokens=len(new_tokens) if stop is None else stop + 1,
-                    finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
-                )
+            results[i] = Generation(
+                prompt={"inputs": prompt_text, "max_new_tokens": args.max_tokens, "temperature": args.temperature},
+                response=response,
+                text=text,
+                prompt_tokens=int(attention[row].sum()),
+                completion_tokens=len(new_tokens) if stop is None else stop + 1,
+                finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
             )
-        return results
+        return [r for r in results if r is not None]
+
+
+def _stop_on(cancels: Sequence[threading.Event]) -> Any:
+    """A stopping criterion, checked between tokens: a row stops once its caller has gone."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CallerGone(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.tensor([event.is_set() for event in cancels], device=input_ids.device)
+
+    return StoppingCriteriaList([CallerGone()])
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

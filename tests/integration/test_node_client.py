@@ -29,6 +29,6 @@ def test_node_client_lists_generates_and_reads_the_context_error(server: ServerP
         "clem_player.model_name: echo",
         "finish_reason: FINISH_REASON_STOP",
     ]
-    assert lines[4] == "context error: OUT_OF_RANGE Context token limit for echo exceeded 1000004/131072"
-    assert lines[5] == "tokens_used=1000004 tokens_left=-868932 context_size=131072"
+    assert lines[4] == "context error: OUT_OF_RANGE Context token limit for echo exceeded 135537/131072"
+    assert lines[5] == "tokens_used=135537 tokens_left=-4465 context_size=131072"
     assert lines[6] == "reason: CONTEXT_EXCEEDED"

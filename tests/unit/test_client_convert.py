@@ -85,3 +85,13 @@ def test_selectors() -> None:
         "model_config": {"a": [1, 2.5]},
     }
     assert selector_to_proto({"model_name": "m"}).WhichOneof("selector") == "spec"
+
+
+def test_lone_surrogates_are_refused_here_with_the_field() -> None:
+    for messages, field in (
+        ([{"role": "user", "content": "a\ud800b"}], "messages[0].content"),
+        ([{"role": "user", "content": "ok", "note": "\udfff"}], "messages[0]"),
+    ):
+        with pytest.raises(InvalidArgumentError) as caught:
+            messages_to_proto(messages)
+        assert caught.value.field == field

@@ -410,23 +410,24 @@ _json = st.recursive(
 )
 
 
+def _compatible(draw: st.DrawFn, value: Any) -> Any:
+    """A value that unifies with ``value`` (a subset, a superset, equal-valued scalars)."""
+    if isinstance(value, dict):
+        kept = {k: _compatible(draw, v) for k, v in value.items() if draw(st.booleans())}
+        extra = draw(st.dictionaries(_keys.filter(lambda k: k not in value), _json, max_size=2))
+        return {**kept, **extra}
+    if isinstance(value, list):
+        return [_compatible(draw, item) for item in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    return draw(st.sampled_from([value, float(value)]))
+
+
 @st.composite
 def _compatible_pair(draw: st.DrawFn) -> tuple[Any, Any]:
-    """A value and a second one that unifies with it (a subset, a superset, equal-valued scalars)."""
-
-    def compatible(value: Any) -> Any:
-        if isinstance(value, dict):
-            kept = {k: compatible(v) for k, v in value.items() if draw(st.booleans())}
-            extra = draw(st.dictionaries(_keys.filter(lambda k: k not in value), _json, max_size=2))
-            return {**kept, **extra}
-        if isinstance(value, list):
-            return [compatible(item) for item in value]
-        if isinstance(value, bool) or value is None or isinstance(value, str):
-            return value
-        return draw(st.sampled_from([value, float(value)]))
-
+    """A value and a second one that unifies with it."""
     first = draw(_json)
-    return first, compatible(first)
+    return first, _compatible(draw, first)
 
 
 @settings(max_examples=300)
@@ -482,3 +483,69 @@ def test_equal_specs_hash_alike(data: dict[str, Any]) -> None:
     assert spec == same
     assert hash(spec) == hash(same)
     assert spec.unify(spec) == spec
+
+
+# -- property tests: ModelSpec.unify and registry lookup on generated nested specs (section 1.4, 2.2) ---------
+
+
+def _reference_order(a: Any, b: Any) -> Any:
+    """The key order section 1.4 observes: the caller's keys in their order, then the other's extras sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [*a, *sorted(k for k in b if k not in a)]
+        return [(k, _reference_order(a.get(k), b.get(k)) if k in a and k in b else None) for k in keys]
+    if isinstance(a, list) and isinstance(b, list):
+        return [_reference_order(x, y) for x, y in zip(a, b, strict=True)]
+    return None
+
+
+def _order_of(value: Any, reference: Any) -> Any:
+    if isinstance(value, dict):
+        pairs = zip(value.items(), reference, strict=True)
+        return [(k, None if r[1] is None else _order_of(v, r[1])) for (k, v), r in pairs]
+    if isinstance(value, list):
+        return [_order_of(v, r) for v, r in zip(value, reference, strict=True)]
+    return None
+
+
+_specs = st.dictionaries(_keys, _json, max_size=4)
+
+
+@st.composite
+def _spec_pair(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two specs: independent ones (which seldom unify), or one and a compatible variant of it."""
+    first = draw(_specs)
+    return first, draw(_specs) if draw(st.booleans()) else _compatible(draw, first)
+
+
+@settings(max_examples=400)
+@given(_spec_pair())
+def test_spec_unify_agrees_with_section_1_4(pair: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    a, b = pair
+    left, right = ModelSpec.from_dict(a), ModelSpec.from_dict(b)
+    expected = _reference_unify(a, b)
+    if expected is _FAIL:
+        with pytest.raises(ValueError, match="does not unify with"):
+            left.unify(right)
+        return
+    result = left.unify(right).to_dict()
+    assert _tagged(result) == _tagged(expected)
+    # keys: the caller's first, in order, then the other side's extras alphabetically, at every depth
+    assert _order_of(result, _reference_order(a, b)) == _reference_order(a, b)
+    assert _tagged((left.to_dict(), right.to_dict())) == _tagged((a, b))  # inputs unchanged
+
+
+@settings(max_examples=200)
+@given(st.lists(_specs, min_size=1, max_size=4), _specs)
+def test_registry_picks_the_first_entry_that_unifies(entries: list[dict[str, Any]], selector: dict[str, Any]) -> None:
+    from clemserve.registry import ModelRegistry
+    from clemserve.registry.errors import ModelNotFoundError
+
+    named = [{**entry, "model_name": "m", "backend": "echo"} for entry in entries]
+    query = {**selector, "model_name": "m"}
+    registry = ModelRegistry([ModelSpec.from_dict(entry) for entry in named])
+    expected = next((u for u in (_reference_unify(query, e) for e in named) if u is not _FAIL), _FAIL)
+    if expected is _FAIL:
+        with pytest.raises(ModelNotFoundError):
+            registry.resolve(query)
+    else:
+        assert _tagged(registry.resolve(query).to_dict()) == _tagged(expected)

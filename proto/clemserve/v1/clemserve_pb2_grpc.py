@@ -40,6 +40,11 @@ class ModelServiceStub:
                 request_serializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateBatch = channel.unary_unary(
+                '/clemserve.v1.ModelService/GenerateBatch',
+                request_serializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateBatchRequest.SerializeToString,
+                response_deserializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateBatchResponse.FromString,
+                _registered_method=True)
         self.ResolveModel = channel.unary_unary(
                 '/clemserve.v1.ModelService/ResolveModel',
                 request_serializer=clemserve_dot_v1_dot_clemserve__pb2.ResolveModelRequest.SerializeToString,
@@ -73,6 +78,14 @@ class ModelServiceServicer:
 
     def Generate(self, request, context):
         """Generate one reply: clembench's Model.generate_response(messages).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateBatch(self, request, context):
+        """Generate one reply per conversation: clembench's generate_batch_response. Results come in order,
+        each with its own status, so one bad row does not fail the others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +133,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateRequest.FromString,
                     response_serializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateBatch,
+                    request_deserializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateBatchRequest.FromString,
+                    response_serializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateBatchResponse.SerializeToString,
             ),
             'ResolveModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveModel,
@@ -175,6 +193,33 @@ class ModelService:
             '/clemserve.v1.ModelService/Generate',
             clemserve_dot_v1_dot_clemserve__pb2.GenerateRequest.SerializeToString,
             clemserve_dot_v1_dot_clemserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clemserve.v1.ModelService/GenerateBatch',
+            clemserve_dot_v1_dot_clemserve__pb2.GenerateBatchRequest.SerializeToString,
+            clemserve_dot_v1_dot_clemserve__pb2.GenerateBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class ModelServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ModelServiceAsyncStub: ...
     Generate: _grpc.UnaryUnaryMultiCallable[_clemserve_pb2.GenerateRequest, _clemserve_pb2.GenerateResponse]
     """Generate one reply: clembench's Model.generate_response(messages)."""
+    GenerateBatch: _grpc.UnaryUnaryMultiCallable[_clemserve_pb2.GenerateBatchRequest, _clemserve_pb2.GenerateBatchResponse]
+    """Generate one reply per conversation: clembench's generate_batch_response. Results come in order,
+    each with its own status, so one bad row does not fail the others.
+    """
     ResolveModel: _grpc.UnaryUnaryMultiCallable[_clemserve_pb2.ResolveModelRequest, _clemserve_pb2.ResolveModelResponse]
     """Resolve a selector to the unified registry entry. Loads nothing."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_clemserve_pb2.ListModelsRequest, _clemserve_pb2.ListModelsResponse]
@@ -63,6 +67,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_clemserve_pb2.GenerateRequest, _clemserve_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generate one reply: clembench's Model.generate_response(messages)."""
+    GenerateBatch: _aio.UnaryUnaryMultiCallable[_clemserve_pb2.GenerateBatchRequest, _clemserve_pb2.GenerateBatchResponse]  # type: ignore[assignment]
+    """Generate one reply per conversation: clembench's generate_batch_response. Results come in order,
+    each with its own status, so one bad row does not fail the others.
+    """
     ResolveModel: _aio.UnaryUnaryMultiCallable[_clemserve_pb2.ResolveModelRequest, _clemserve_pb2.ResolveModelResponse]  # type: ignore[assignment]
     """Resolve a selector to the unified registry entry. Loads nothing."""
     ListModels: _aio.UnaryUnaryMultiCallable[_clemserve_pb2.ListModelsRequest, _clemserve_pb2.ListModelsResponse]  # type: ignore[assignment]
@@ -84,6 +92,16 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_clemserve_pb2.GenerateResponse, _abc.Awaitable[_clemserve_pb2.GenerateResponse]]:
         """Generate one reply: clembench's Model.generate_response(messages)."""
+
+    @_abc_1.abstractmethod
+    def GenerateBatch(
+        self,
+        request: _clemserve_pb2.GenerateBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_clemserve_pb2.GenerateBatchResponse, _abc.Awaitable[_clemserve_pb2.GenerateBatchResponse]]:
+        """Generate one reply per conversation: clembench's generate_batch_response. Results come in order,
+        each with its own status, so one bad row does not fail the others.
+        """
 
     @_abc_1.abstractmethod
     def ResolveModel(

@@ -466,9 +466,13 @@ def test_vllm_context_errors(server: ServerProcess, chat: StandIn, message: str,
 
 
 def test_validation_error_is_not_retried(server: ServerProcess, chat: StandIn) -> None:
-    chat.script("POST", CHAT, openai_error(400, "Invalid value for 'top_p': must be <= 1.", "invalid_value"))
+    chat.script("POST", CHAT, openai_error(400, "Invalid key in 'logit_bias': x.", "invalid_value"))
+    err = failure(server, "gpt-test", backends.InvalidArgumentError, logit_bias={"x": 5})
+    assert "Invalid key in 'logit_bias'" in str(err) and "HTTP 400" in str(err)
+    assert len(list(chat.matching(CHAT))) == 1
+    # a value clemserve can check itself never reaches the provider
     err = failure(server, "gpt-test", backends.InvalidArgumentError, top_p=3)
-    assert "Invalid value for 'top_p'" in str(err) and "HTTP 400" in str(err)
+    assert err.field == "args.top_p"
     assert len(list(chat.matching(CHAT))) == 1
 
 

@@ -1,0 +1,164 @@
+"""Throughput against concurrency: many game processes sharing one clemserve vs one model each.
+
+For 1, 2, 4, ... client processes (each a separate process, like a game), in one run:
+- clemserve with batching (the default scheduler),
+- clemserve without batching (``--max-batch 1``),
+- the in-process baseline: every process loads the model itself and generates, as clembench does today.
+Every client makes the same number of greedy calls; throughput is calls per second over the time all
+clients were busy. Peak memory: the server's, and the sum of the in-process clients'.
+
+    python bench/throughput.py [--models tiny,demo] [--clients 1,2,4,8,16,32] [--calls 4] [--max-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from serving import DEMO_CACHE, hf_entry, start_server  # noqa: E402
+
+RESULTS = HERE / "results"
+#: in-process copies of the demo model beyond this do not fit a 24 GiB machine next to everything else
+MAX_INPROC_DEMO = 8
+
+
+def questions(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"Question {i}: what is {i} plus {i + 1}? Answer briefly."}] for i in range(n)]
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def server_client(address: str, name: str, calls: int, max_tokens: int, barrier: Any, out: Any) -> None:
+    import clemserve.client as backends
+
+    model = backends.get_model_for(name, address=address, timeout=600)
+    model.set_gen_args(temperature=0.0, max_tokens=max_tokens)
+    rows = questions(calls)
+    barrier.wait()
+    started = time.monotonic()
+    for row in rows:
+        model.generate_response(row)
+    out.put((started, time.monotonic(), 0.0))
+
+
+def inproc_client(folder: str, calls: int, max_tokens: int, barrier: Any, out: Any) -> None:
+    """clembench today: this process loads its own copy and generates with it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.eval()
+    rows = questions(calls)
+    barrier.wait()
+    started = time.monotonic()
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row, tokenize=False, add_generation_prompt=True)
+        encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        model.generate(**encoded, max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None)
+    out.put((started, time.monotonic(), peak_rss_mib(os.getpid())))
+
+
+def run_clients(target: Any, args: tuple[Any, ...], clients: int) -> tuple[float, float]:
+    """(calls per second while all clients ran, summed peak memory reported by the clients)."""
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(clients), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, out)) for _ in range(clients)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=3600) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    start, end = min(r[0] for r in results), max(r[1] for r in results)
+    calls = clients * args[-2]
+    return calls / (end - start), sum(r[2] for r in results)
+
+
+def model_folder(kind: str, tmp: Path) -> tuple[str, dict[str, Any]]:
+    if kind == "tiny":
+        from tiny_model import build_tiny_llama
+
+        folder = build_tiny_llama(tmp / "tiny")
+        return str(folder), hf_entry("bench-tiny", folder)
+    prepared = sorted((DEMO_CACHE / "gguf").glob("SmolLM2-135M-Instruct*"))
+    if not prepared:
+        sys.exit(f"the demo model is not prepared in {DEMO_CACHE}: run `clemserve prepare smollm2-135m-instruct`")
+    return str(prepared[0]), {
+        "model_name": "bench-demo",
+        "backend": "huggingface_local",
+        "huggingface_id": str(prepared[0]),
+        "model_config": {"premade_chat_template": True, "eos_to_cull": "<\\|im_end\\|>", "padding_side": "left"},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,demo")
+    parser.add_argument("--clients", default="1,2,4,8,16,32")
+    parser.add_argument("--calls", type=int, default=4, help="calls per client")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args()
+    import json
+
+    columns = (
+        "model", "clients", "batched calls/s", "unbatched calls/s", "in-process calls/s", "batched/unbatched",
+        "batched/in-process", "server peak MiB", "in-process peak MiB (sum)",
+    )  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for kind in args.models.split(","):
+            folder, entry = model_folder(kind, tmp)
+            registry = tmp / f"{kind}.json"
+            registry.write_text(json.dumps([entry]))
+            name = entry["model_name"]
+            servers = {}
+            for mode, flags in (("batched", ()), ("unbatched", ("--max-batch", "1"))):
+                (tmp / mode).mkdir(exist_ok=True)
+                servers[mode] = start_server(
+                    tmp / mode, "--registry", str(registry), "--preload", name, *flags, timeout=300
+                )
+            try:
+                for clients in (int(c) for c in args.clients.split(",")):
+                    rates = {}
+                    for mode, server in servers.items():
+                        rates[mode], _ = run_clients(
+                            server_client, (server.address, name, args.calls, args.max_tokens), clients
+                        )
+                    inproc, inproc_mib = float("nan"), float("nan")
+                    if kind == "tiny" or clients <= MAX_INPROC_DEMO:
+                        inproc, inproc_mib = run_clients(inproc_client, (folder, args.calls, args.max_tokens), clients)
+                    row = (
+                        f"| {kind} | {clients} | {rates['batched']:.2f} | {rates['unbatched']:.2f} | {inproc:.2f} | "
+                        f"{rates['batched'] / rates['unbatched']:.2f}x | {rates['batched'] / inproc:.2f}x | "
+                        f"{peak_rss_mib(servers['batched'].process.pid):.0f} | {inproc_mib:.0f} |"
+                    )
+                    lines.append(row)
+                    print(row, flush=True)
+            finally:
+                for server in servers.values():
+                    server.stop()
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "throughput.md").write_text("\n".join(lines) + "\n")
+    print("matplotlib is not installed: no plot written; the table is in bench/results/throughput.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Admission and order for one loaded model: a bounded queue, fair turns across callers, batches.
+
+Requests wait in one queue per caller; the dispatcher takes them round-robin across callers, so a game
+process with 100 queued requests cannot starve one with a single request. A full queue refuses at once
+(RESOURCE_EXHAUSTED with a retry delay) instead of letting callers pile up. For a backend that batches
+(``huggingface_local``), the dispatcher merges waiting requests with the same generation arguments into
+one batched call, waiting at most ``max_wait_s`` for a batch to fill; other backends get up to
+``concurrency`` calls at a time and batch (vLLM) or fan out (remote APIs) themselves.
+
+A caller that cancels or passes its deadline leaves the queue at once; a running one is told through
+its ``cancel`` event, which a batching backend checks between tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from clemserve.registry.errors import ResourceExhaustedError
+
+from .domain import GenArgs, Generation, Message
+
+log = logging.getLogger(__name__)
+
+Outcome = Generation | BaseException
+#: runs one batch: rows, their shared arguments, one cancel event per row -> a result or an error per row
+RunBatch = Callable[[list[Sequence[Message]], GenArgs, list[threading.Event]], Awaitable[list[Outcome]]]
+RunOne = Callable[[Sequence[Message], GenArgs], Awaitable[Generation]]
+
+
+@dataclass(frozen=True)
+class SchedulingPolicy:
+    #: requests that may wait per model; more are refused at once
+    max_queue: int = 256
+    #: most requests merged into one batched call (batching backends)
+    max_batch: int = 8
+    #: how long the first waiting request waits for others to join its batch
+    max_wait_s: float = 0.005
+
+
+@dataclass
+class Ticket:
+    messages: Sequence[Message]
+    args: GenArgs
+    caller: str
+    future: asyncio.Future[Generation]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.monotonic)
+    #: the task running this ticket alone (backends without batching), cancelled with its caller
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def batch_key(self) -> str:
+        return json.dumps([self.args.temperature, self.args.max_tokens, self.args.extra], sort_keys=True, default=repr)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        name: str,
+        policy: SchedulingPolicy,
+        *,
+        concurrency: int,
+        run_one: RunOne,
+        run_batch: RunBatch | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.run_one = run_one
+        self.run_batch = run_batch
+        self._slots = asyncio.Semaphore(concurrency)
+        self._callers: dict[str, deque[Ticket]] = {}
+        self._turns: deque[str] = deque()
+        self._arrived = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"schedule {name}")
+        #: seconds the last finished requests took, for the retry delay a full queue suggests
+        self._recent_s: deque[float] = deque(maxlen=32)
+        self.running = 0
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._callers.values())
+
+    async def submit(self, messages: Sequence[Message], args: GenArgs, caller: str) -> Generation:
+        if self.queued >= self.policy.max_queue:
+            raise ResourceExhaustedError(
+                f"{self.name} has {self.queued} requests waiting, its queue's limit; try again shortly",
+                retry_after_s=self._retry_after(),
+            )
+        ticket = Ticket(messages, args, caller, asyncio.get_running_loop().create_future())
+        if caller not in self._callers:
+            self._callers[caller] = deque()
+            self._turns.append(caller)
+        self._callers[caller].append(ticket)
+        self._arrived.set()
+        try:
+            return await asyncio.shield(ticket.future)
+        except asyncio.CancelledError:
+            ticket.cancel.set()  # queued: it is skipped; running in a batch: stopped between tokens
+            if ticket.task is not None:
+                ticket.task.cancel()  # running alone: the backend call itself is cancelled (vLLM aborts)
+            self._forget(ticket)
+            ticket.future.add_done_callback(_consume)
+            raise
+
+    def _retry_after(self) -> float:
+        per_request = sum(self._recent_s) / len(self._recent_s) if self._recent_s else 1.0
+        return round(min(60.0, max(0.1, per_request * self.queued / max(1, self.policy.max_batch))), 2)
+
+    def _forget(self, ticket: Ticket) -> None:
+        queue = self._callers.get(ticket.caller)
+        if queue is not None and ticket in queue:
+            queue.remove(ticket)
+            self._drop_if_empty(ticket.caller)
+
+    def _drop_if_empty(self, caller: str) -> None:
+        if caller in self._callers and not self._callers[caller]:
+            del self._callers[caller]
+            self._turns.remove(caller)
+
+    def _take(self, limit: int) -> list[Ticket]:
+        """Up to ``limit`` tickets with the first one's arguments, one per caller per round, in turn order."""
+        batch: list[Ticket] = []
+        key: str | None = None
+        progress = True
+        while len(batch) < limit and progress:
+            progress = False
+            for _ in range(len(self._turns)):
+                if len(batch) >= limit:
+                    break
+                caller = self._turns[0]
+                self._turns.rotate(-1)
+                queue = self._callers[caller]
+                while queue and queue[0].cancel.is_set():
+                    queue.popleft()
+                if queue and (key is None or queue[0].batch_key == key):
+                    ticket = queue.popleft()
+                    key = ticket.batch_key
+                    batch.append(ticket)
+                    progress = True
+            for caller in list(self._callers):
+                self._drop_if_empty(caller)
+        return batch
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self.queued:
+                await self._slots.acquire()
+                limit = self.policy.max_batch if self.run_batch is not None else 1
+                if self.run_batch is not None and self.queued < limit and self.policy.max_wait_s > 0:
+                    await asyncio.sleep(self.policy.max_wait_s)  # let a batch fill
+                batch = self._take(limit)
+                if not batch:
+                    self._slots.release()
+                    break
+                task = asyncio.create_task(self._run(batch))
+                if self.run_batch is None:
+                    batch[0].task = task
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[Ticket]) -> None:
+        if len(batch) > 1:
+            log.debug(
+                "%s: a batch of %d requests from %d caller(s)", self.name, len(batch), len({t.caller for t in batch})
+            )
+        self.running += len(batch)
+        started = time.monotonic()
+        try:
+            if self.run_batch is not None:
+                results = await self.run_batch([t.messages for t in batch], batch[0].args, [t.cancel for t in batch])
+            else:
+                results = [await _outcome(self.run_one(batch[0].messages, batch[0].args))]
+            for ticket, result in zip(batch, results, strict=True):
+                if ticket.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    ticket.future.set_exception(result)
+                else:
+                    ticket.future.set_result(result)
+        except BaseException as exc:  # the whole call failed: every row gets the error
+            for ticket in batch:
+                if ticket.future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    ticket.future.cancel()
+                else:
+                    ticket.future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self.running -= len(batch)
+            self._recent_s.append((time.monotonic() - started) / len(batch))
+            self._slots.release()
+
+    async def close(self) -> None:
+        self._dispatcher.cancel()
+        for caller in list(self._callers):
+            for ticket in self._callers.pop(caller):
+                if not ticket.future.done():
+                    ticket.future.cancel()
+        self._turns.clear()
+        await asyncio.gather(self._dispatcher, *self._tasks, return_exceptions=True)
+
+
+def _consume(future: asyncio.Future[Generation]) -> None:
+    """Nobody waits for a cancelled caller's result any more; take its error so asyncio does not warn."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _outcome(call: Awaitable[Generation]) -> Outcome:
+    try:
+        return await call
+    except Exception as exc:
+        return exc

@@ -1,0 +1,138 @@
+"""The scheduler without a server: fair turns, a bounded queue, batches of like requests, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from clemserve.registry.errors import ResourceExhaustedError
+from clemserve.service.domain import GenArgs, Generation, Message
+from clemserve.service.scheduler import Outcome, Scheduler, SchedulingPolicy
+
+
+def msg(text: str) -> list[Message]:
+    return [{"role": "user", "content": text}]
+
+
+class Recorder:
+    """A backend stand-in: records every call, answers with the message text, can be held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.cancels: list[threading.Event] = []
+
+    async def run_batch(
+        self, rows: list[Sequence[Message]], args: GenArgs, cancels: list[threading.Event]
+    ) -> list[Outcome]:
+        self.batches.append([row[-1]["content"] for row in rows])
+        self.cancels.extend(cancels)
+        await self.gate.wait()
+        return [Generation(prompt={}, response={}, text=row[-1]["content"]) for row in rows]
+
+    async def run_one(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+        return (await self.run_batch([messages], args, [threading.Event()]))[0]  # type: ignore[return-value]
+
+
+def scheduler(rec: Recorder, *, batch: bool = True, **policy: float) -> Scheduler:
+    return Scheduler(
+        "m",
+        SchedulingPolicy(**policy),  # type: ignore[arg-type]
+        concurrency=1,
+        run_one=rec.run_one,
+        run_batch=rec.run_batch if batch else None,
+    )
+
+
+def test_waiting_requests_are_merged_into_batches() -> None:
+    async def run() -> list[list[str]]:
+        rec = Recorder()
+        s = scheduler(rec, max_batch=4, max_wait_s=0.05)
+        results = await asyncio.gather(*(s.submit(msg(str(i)), GenArgs(), f"c{i}") for i in range(6)))
+        assert [r.text for r in results] == [str(i) for i in range(6)]
+        await s.close()
+        return rec.batches
+
+    batches = asyncio.run(run())
+    assert [len(b) for b in batches] == [4, 2]
+
+
+def test_one_busy_caller_cannot_starve_another() -> None:
+    async def run() -> list[list[str]]:
+        rec = Recorder()
+        rec.gate.clear()
+        s = scheduler(rec, max_batch=2, max_wait_s=0)
+        first = asyncio.ensure_future(s.submit(msg("warm"), GenArgs(), "busy"))
+        await asyncio.sleep(0.01)  # the first call holds the model
+        flood = [asyncio.ensure_future(s.submit(msg(f"busy{i}"), GenArgs(), "busy")) for i in range(10)]
+        await asyncio.sleep(0.01)
+        single = asyncio.ensure_future(s.submit(msg("other"), GenArgs(), "other"))
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        await asyncio.gather(first, single, *flood)
+        await s.close()
+        return rec.batches
+
+    batches = asyncio.run(run())
+    assert "other" in batches[1], batches  # served in the very next batch, not after the ten
+
+
+def test_different_arguments_are_not_merged() -> None:
+    async def run() -> list[list[str]]:
+        rec = Recorder()
+        s = scheduler(rec, max_batch=8, max_wait_s=0.05)
+        calls = [s.submit(msg(f"t{i}"), GenArgs(temperature=0.0 if i % 2 else 0.5), f"c{i}") for i in range(4)]
+        await asyncio.gather(*calls)
+        await s.close()
+        return rec.batches
+
+    batches = asyncio.run(run())
+    assert sorted(map(sorted, batches)) == [["t0", "t2"], ["t1", "t3"]]
+
+
+def test_a_full_queue_refuses_at_once_with_a_retry_delay() -> None:
+    async def run() -> ResourceExhaustedError:
+        rec = Recorder()
+        rec.gate.clear()
+        s = scheduler(rec, max_batch=1, max_wait_s=0, max_queue=2)
+        running = asyncio.ensure_future(s.submit(msg("a"), GenArgs(), "c"))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(s.submit(msg(x), GenArgs(), "c")) for x in "bc"]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ResourceExhaustedError) as caught:
+            await asyncio.wait_for(s.submit(msg("d"), GenArgs(), "c"), timeout=0.05)
+        rec.gate.set()
+        await asyncio.gather(running, *queued)
+        await s.close()
+        return caught.value
+
+    err = asyncio.run(run())
+    assert err.retry_after_s > 0 and "2 requests waiting" in str(err)
+
+
+def test_a_cancelled_caller_leaves_the_queue_and_its_running_row_is_told() -> None:
+    async def run() -> tuple[list[list[str]], bool]:
+        rec = Recorder()
+        rec.gate.clear()
+        s = scheduler(rec, max_batch=1, max_wait_s=0)
+        running = asyncio.ensure_future(s.submit(msg("running"), GenArgs(), "a"))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(s.submit(msg("queued"), GenArgs(), "b"))
+        await asyncio.sleep(0.01)
+        queued.cancel()
+        running.cancel()
+        await asyncio.sleep(0.01)
+        told = rec.cancels[0].is_set()
+        after = asyncio.ensure_future(s.submit(msg("after"), GenArgs(), "c"))
+        rec.gate.set()
+        await after
+        await s.close()
+        return rec.batches, told
+
+    batches, told = asyncio.run(run())
+    assert told  # the backend sees the running row's cancel event between tokens
+    assert ["queued"] not in batches and batches[-1] == ["after"]
