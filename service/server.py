@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -66,6 +67,9 @@ def _protection(config: ServerConfig) -> str:
 
 
 async def serve(config: ServerConfig, manager: ModelManager) -> int:
+    # Generation threads (transformers) hold the GIL between small tensor operations; a short switch
+    # interval lets the event loop answer others (health checks, refusals of a full queue) meanwhile.
+    sys.setswitchinterval(0.001)
     try:
         credentials = server_credentials(config.security)
     except ValueError as exc:

@@ -157,3 +157,38 @@ def test_generate_batch_on_the_wire(batching_server: ServerProcess) -> None:
     assert (
         error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "conversations[1].messages[0].role" in error.message
     )
+
+
+def test_a_full_queue_refuses_at_once_and_every_accepted_call_completes(tmp_path: Path, test_registry: Path) -> None:
+    import clemserve.client as backends
+
+    flags = ("--registry", str(test_registry), "--max-queue", "2", "--max-batch", "1", "--preload", "tiny-llama")
+    proc = start_server(tmp_path, *flags)
+    try:
+        m = model(proc, max_tokens=400)
+        m.generate_response([{"role": "user", "content": "warm up"}])  # torch's first call is slow
+        outcomes: list[tuple[float, Any]] = [(0.0, None)] * 8
+        barrier = threading.Barrier(8)
+
+        def call(i: int) -> None:
+            barrier.wait()
+            started = time.monotonic()
+            try:
+                result: Any = m.generate_response([{"role": "user", "content": f"question {i}"}])[2]
+            except backends.ResourceExhaustedError as exc:
+                result = exc
+            outcomes[i] = (time.monotonic() - started, result)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        refused = [(s, r) for s, r in outcomes if isinstance(r, backends.ResourceExhaustedError)]
+        served = [r for _, r in outcomes if isinstance(r, str)]
+        # all eight arrive together: one runs and two wait, or two wait before the first is taken
+        assert refused and len(served) + len(refused) == 8 and len(served) >= 2
+        assert all(seconds < 0.2 for seconds, _ in refused), refused  # at once, not after waiting
+        assert all(r.retry_after_s > 0 and "queue" in str(r) for _, r in refused)
+    finally:
+        assert proc.stop() == 0
