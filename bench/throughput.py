@@ -55,16 +55,27 @@ def server_client(address: str, name: str, calls: int, max_tokens: int, barrier:
     out.put((started, time.monotonic(), 0.0))
 
 
+def warm_up(address: str, name: str) -> None:
+    """torch's first generate in a process is slow; measure the steady state."""
+    import clemserve.client as backends
+
+    model = backends.get_model_for(name, address=address, timeout=600)
+    model.set_gen_args(temperature=0.0, max_tokens=4)
+    model.generate_response(questions(1)[0])
+
+
 def inproc_client(folder: str, calls: int, max_tokens: int, barrier: Any, out: Any) -> None:
     """clembench today: this process loads its own copy and generates with it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # as clembench's get_model_for does
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     model.eval()
     rows = questions(calls)
+    warm = tokenizer(tokenizer.apply_chat_template(rows[0], tokenize=False), return_tensors="pt")
+    model.generate(**warm, max_new_tokens=2, do_sample=False, temperature=None, top_p=None)  # slow first call
     barrier.wait()
     started = time.monotonic()
     for row in rows:
@@ -133,6 +144,7 @@ def main() -> int:
                 servers[mode] = start_server(
                     tmp / mode, "--registry", str(registry), "--preload", name, *flags, timeout=300
                 )
+                warm_up(servers[mode].address, name)
             try:
                 for clients in (int(c) for c in args.clients.split(",")):
                     rates = {}

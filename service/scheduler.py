@@ -82,6 +82,8 @@ class Scheduler:
         self._dispatcher = asyncio.create_task(self._dispatch(), name=f"schedule {name}")
         #: seconds the last finished requests took, for the retry delay a full queue suggests
         self._recent_s: deque[float] = deque(maxlen=32)
+        #: when each caller last submitted: waiting for a batch to fill only pays with company
+        self._last_seen: dict[str, float] = {}
         self.running = 0
 
     @property
@@ -95,6 +97,7 @@ class Scheduler:
                 retry_after_s=self._retry_after(),
             )
         ticket = Ticket(messages, args, caller, asyncio.get_running_loop().create_future())
+        self._last_seen[caller] = ticket.enqueued
         if caller not in self._callers:
             self._callers[caller] = deque()
             self._turns.append(caller)
@@ -109,6 +112,15 @@ class Scheduler:
             self._forget(ticket)
             ticket.future.add_done_callback(_consume)
             raise
+
+    def _others_active(self) -> bool:
+        """More than one caller in the last second: a short wait will likely fill a batch."""
+        if self.policy.max_wait_s <= 0:
+            return False
+        horizon = time.monotonic() - 1.0
+        for caller in [c for c, seen in self._last_seen.items() if seen < horizon]:
+            del self._last_seen[caller]
+        return len(self._last_seen) > 1
 
     def _retry_after(self) -> float:
         per_request = sum(self._recent_s) / len(self._recent_s) if self._recent_s else 1.0
@@ -156,7 +168,7 @@ class Scheduler:
             while self.queued:
                 await self._slots.acquire()
                 limit = self.policy.max_batch if self.run_batch is not None else 1
-                if self.run_batch is not None and self.queued < limit and self.policy.max_wait_s > 0:
+                if self.run_batch is not None and self.queued < limit and self._others_active():
                     await asyncio.sleep(self.policy.max_wait_s)  # let a batch fill
                 batch = self._take(limit)
                 if not batch:
