@@ -15,7 +15,6 @@ import gc
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from serving import start_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_P50_RATIO = 1.5
@@ -83,31 +86,6 @@ def raw_server() -> Iterator[str]:
 # --- the real clemserve server ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"clemserve exited with {process.returncode} before SERVING")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"clemserve at {address} not SERVING after {timeout} s")
-
-
 @contextmanager
 def clemserve_server() -> Iterator[str]:
     """``clemserve serve`` on a free loopback port with the packaged registry; stopped with SIGTERM.
@@ -115,29 +93,17 @@ def clemserve_server() -> Iterator[str]:
     It runs in a fresh temporary directory so that no ./model_registry.json or ./key.json is picked up.
     """
     with tempfile.TemporaryDirectory(prefix="clemserve-bench-") as tmp:
-        port = free_port()
-        command = [
-            sys.executable, "-m", "clemserve.service.cli", "serve",
-            "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(Path(tmp) / "cache"),
-        ]  # fmt: skip
-        log_path = Path(tmp) / "server.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp, env=env)
-        address = f"127.0.0.1:{port}"
+        server = start_server(Path(tmp))
         try:
-            wait_serving(address, process)
-            yield address
+            yield server.address
         except BaseException:
-            process.kill()
-            process.wait()
-            print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+            server.process.kill()
+            print(server.log()[-4000:], file=sys.stderr)
             raise
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
+        code = server.stop()
         print(f"clemserve stopped on SIGTERM with exit code {code}")
         if code != 0:
-            print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+            print(server.log()[-4000:], file=sys.stderr)
             raise RuntimeError(f"clemserve exited with {code} on SIGTERM, expected 0")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 2.0
@@ -42,12 +46,6 @@ class Run:
     seconds: float
     torch_loaded: bool | None
     exit_code: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def serve_command() -> list[str]:

@@ -129,8 +129,9 @@ class ModelSpec(Mapping[str, Any]):
     Attribute access reaches a key only when no method has its name; use ``spec["keys"]`` for such keys.
     """
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_text")
     _data: dict[str, Any]
+    _text: str | None
 
     def __init__(self, /, **kwargs: Any) -> None:
         object.__setattr__(self, "_data", copy.deepcopy(kwargs))
@@ -258,7 +259,12 @@ class ModelSpec(Mapping[str, Any]):
         return copy.deepcopy(self._data)
 
     def to_string(self) -> str:
-        return json.dumps(self._data, separators=(",", ":"))
+        # computed once: a spec does not change (the server sends the same one with every answer)
+        text = getattr(self, "_text", None)
+        if text is None:
+            text = json.dumps(self._data, separators=(",", ":"))
+            object.__setattr__(self, "_text", text)
+        return text
 
     def __str__(self) -> str:
         return str(self._data)

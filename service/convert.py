@@ -37,6 +37,10 @@ def _json_object(text: str, field: str, limits: Limits = DEFAULT_LIMITS) -> dict
     return parse_json_object(text, field, limits)
 
 
+_CHECKED_SPECS_SIZE = 1024
+_checked_specs: dict[tuple[str, str, Limits], dict[str, Any]] = {}
+
+
 def selector_from_proto(selector: pb.ModelSelector, field: str = "model", limits: Limits = DEFAULT_LIMITS) -> Selector:
     kind = selector.WhichOneof("selector")
     if kind == "name":
@@ -44,10 +48,17 @@ def selector_from_proto(selector: pb.ModelSelector, field: str = "model", limits
             raise InvalidArgumentError(f"{field}.name", "must not be empty")
         return selector.name
     if kind == "spec":
-        spec = _json_object(selector.spec.json, f"{field}.spec.json", limits)
-        if not spec:
-            raise InvalidArgumentError(f"{field}.spec.json", "must be a non-empty JSON object")
-        return spec
+        # a game's Model sends the same resolved spec on every turn: parse and check each text once
+        text = selector.spec.json
+        spec = _checked_specs.get((text, field, limits))
+        if spec is None:
+            spec = _json_object(text, f"{field}.spec.json", limits)
+            if not spec:
+                raise InvalidArgumentError(f"{field}.spec.json", "must be a non-empty JSON object")
+            if len(_checked_specs) >= _CHECKED_SPECS_SIZE:
+                _checked_specs.pop(next(iter(_checked_specs)))
+            _checked_specs[(text, field, limits)] = spec
+        return spec  # shared: selectors are only read (resolution copies what it keeps)
     raise InvalidArgumentError(field, "is required: set a model name or spec")
 
 

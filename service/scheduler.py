@@ -96,8 +96,10 @@ class Scheduler:
                 f"{self.name} has {self.queued} requests waiting, its queue's limit; try again shortly",
                 retry_after_s=self._retry_after(),
             )
+        self._last_seen[caller] = time.monotonic()
+        if self.run_batch is None and not self._callers and not self._slots.locked():
+            return await self._run_now(messages, args)  # nobody waits and a slot is free: no queue trip
         ticket = Ticket(messages, args, caller, asyncio.get_running_loop().create_future())
-        self._last_seen[caller] = ticket.enqueued
         if caller not in self._callers:
             self._callers[caller] = deque()
             self._turns.append(caller)
@@ -112,6 +114,17 @@ class Scheduler:
             self._forget(ticket)
             ticket.future.add_done_callback(_consume)
             raise
+
+    async def _run_now(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+        """Run in the caller's own task (backends without batching); cancelling the caller cancels it."""
+        async with self._slots:
+            self.running += 1
+            started = time.monotonic()
+            try:
+                return await self.run_one(messages, args)
+            finally:
+                self.running -= 1
+                self._recent_s.append(time.monotonic() - started)
 
     def _others_active(self) -> bool:
         """More than one caller in the last second: a short wait will likely fill a batch."""

@@ -40,14 +40,14 @@ def test_introduced_paths_are_what_the_entry_lacks() -> None:
         ({"model_name": "echo", "model_id": "gpt-4-32k"}, ECHO, "model_id"),
         ({"model_name": "llama", "model_config": {"trust_remote_code": True}}, HF, "model_config.trust_remote_code"),
         ({"model_name": "llama", "trust_remote_code": True}, HF, "trust_remote_code"),
-        ({"model_name": "llama", "model_config": {"peft_model": "/tmp/lora"}}, HF, "model_config.peft_model"),
+        ({"model_name": "llama", "model_config": {"peft_model": "/data/lora"}}, HF, "model_config.peft_model"),
         ({"model_name": "echo", "model_config": {"gguf": {"file": "x.gguf"}}}, ECHO, "model_config.gguf.file"),
         ({"model_name": "echo", "model_config": {"custom_chat_template": "{{ x }}"}}, ECHO,
          "model_config.custom_chat_template"),
         ({"model_name": "llama", "model_config": {"vllm_args": {"dtype": "half", "seed": 1}}}, HF,
          "model_config.vllm_args.seed"),
         ({"model_name": "echo", "model_config": {"vllm_args": {}}}, ECHO, "model_config.vllm_args"),
-        ({"model_name": "echo", "model_config": {"cache_dir": "/tmp"}}, ECHO, "model_config.cache_dir"),
+        ({"model_name": "echo", "model_config": {"cache_dir": "/data"}}, ECHO, "model_config.cache_dir"),
         ({"model_name": "echo", "tokenizer_path": "/etc"}, ECHO, "tokenizer_path"),
         ({"model_name": "echo", "weights-file": "a.bin"}, ECHO, "weights-file"),
         ({"model_name": "echo", "extra": {"Model_Folder": "x"}}, ECHO, "extra.Model_Folder"),
@@ -108,7 +108,7 @@ def test_the_first_unifying_entry_decides() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../evil", "evil", "os:system", "clemserve.service.backends.echo:EchoBackend", "/tmp/evil.py", "__import__"],
+    ["../evil", "evil", "os:system", "clemserve.service.backends.echo:EchoBackend", "/data/evil.py", "__import__"],
 )
 def test_backend_code_comes_from_the_fixed_map_only(name: str) -> None:
     before = set(sys.modules)
