@@ -380,13 +380,13 @@ FORBIDDEN = [
     ({"model_name": "echo-small", "huggingface_id": "someone/evil-model"}, "huggingface_id"),
     ({"model_name": "echo-small", "base_url": "http://203.0.113.7/v1"}, "base_url"),
     ({"model_name": "tiny-llama", "model_config": {"trust_remote_code": True}}, "model_config.trust_remote_code"),
-    ({"model_name": "tiny-llama", "model_config": {"peft_model": "/tmp/adapter"}}, "model_config.peft_model"),
+    ({"model_name": "tiny-llama", "model_config": {"peft_model": "/data/adapter"}}, "model_config.peft_model"),
     ({"model_name": "echo-small", "model_config": {"gguf": {"file": "x.gguf"}}}, "model_config.gguf.file"),
     ({"model_name": "echo-small", "model_config": {"custom_chat_template": "{{ 1 }}"}},
      "model_config.custom_chat_template"),
     ({"model_name": "tiny-llama", "model_config": {"vllm_args": {"max_model_len": 64}}},
      "model_config.vllm_args.max_model_len"),
-    ({"model_name": "echo-small", "model_config": {"cache_dir": "/tmp/elsewhere"}}, "model_config.cache_dir"),
+    ({"model_name": "echo-small", "model_config": {"cache_dir": "/data/elsewhere"}}, "model_config.cache_dir"),
     ({"model_name": "tiny-llama", "tokenizer_path": "/etc"}, "tokenizer_path"),
 ]  # fmt: skip
 
@@ -417,7 +417,7 @@ def test_narrowing_selectors_still_work(client: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "backend", ["../evil", "evil", "os:system", "clemserve.service.backends.echo:EchoBackend", "/tmp/evil.py"]
+    "backend", ["../evil", "evil", "os:system", "clemserve.service.backends.echo:EchoBackend", "/data/evil.py"]
 )
 def test_a_selector_cannot_name_backend_code(client: Any, backend: str) -> None:
     with pytest.raises(client.ModelNotFoundError):  # every entry has its own backend: no entry unifies
