@@ -23,7 +23,6 @@ sends ``temperature`` in the body (``extra_body``), so the request on the wire i
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +47,6 @@ API_VERSION = "2023-06-01"
 #: Anthropic's "overloaded" status; transient, retried as a 503
 OVERLOADED = 529
 #: "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000, ..."
-_INPUT_PLUS_MAX = re.compile(r"exceed context limit: (\d+) \+ (\d+) > (\d+)")
 
 
 def _image_block(image: ImagePart) -> dict[str, Any]:
@@ -69,15 +67,6 @@ def encode_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], 
         content.extend(_image_block(image) for image in message.get("image") or [])
         encoded.append({"role": message["role"], "content": content})
     return encoded, system
-
-
-def _context(reason: str) -> tuple[bool, tuple[int, int] | None]:
-    """Whether a 400 says the prompt does not fit, and (tokens_used, context_size) where it says."""
-    match = _INPUT_PLUS_MAX.search(reason)
-    if match:
-        used, size = int(match.group(1)) + int(match.group(2)), int(match.group(3))
-        return True, (used, size)
-    return looks_like_context_error(reason), context_numbers(reason)
 
 
 class AnthropicBackend(RemoteBackend):
@@ -118,32 +107,45 @@ class AnthropicBackend(RemoteBackend):
         return await self.client.messages.create(**request)
 
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
-        role = getattr(response, "role", None)
-        if role != "assistant":
-            raise RuntimeError(f"Anthropic answered with role {role!r}; expected 'assistant'")
-        blocks = getattr(response, "content", None) or []
-        text = next((block.text for block in blocks if getattr(block, "type", None) == "text"), "")
-        return response.model_dump(mode="json"), text or ""
+        return parse_message(response)
 
     def classify(self, exc: Exception) -> UpstreamFailure | None:
-        sdk = self.sdk
-        if isinstance(exc, sdk.APIStatusError):
-            status = exc.status_code
-            reason = _reason(exc)
-            retry_after = retry_after_seconds(exc.response.headers)
-            if status == OVERLOADED:
-                return UpstreamFailure(503, f"HTTP {OVERLOADED} {reason}", retry_after)
-            if status == 400:
-                exceeded, numbers = _context(reason)
-                return UpstreamFailure(status, reason, retry_after, context=numbers, context_exceeded=exceeded)
-            return UpstreamFailure(status, reason, retry_after)
-        if isinstance(exc, sdk.APIConnectionError):  # timeouts included
-            return UpstreamFailure(None, exc.message[:300])
-        if isinstance(exc, json.JSONDecodeError):
-            # a reply that is not JSON: a proxy's error page or a cut-off body; the provider's fault, and
-            # usually gone on the next try, so a transient 502 rather than INTERNAL
-            return UpstreamFailure(502, f"a reply that is not JSON ({exc.msg})")
-        return None
+        return classify_anthropic(self.sdk, exc)
+
+
+def parse_message(response: Any) -> tuple[dict[str, Any], str]:
+    """An Anthropic message as clembench returns it: the dump and the first text block, not stripped
+    (clembench reads content[0], or content[1] with thinking on). Shared with Azure's Claude route."""
+    role = getattr(response, "role", None)
+    if role != "assistant":
+        raise RuntimeError(f"Anthropic answered with role {role!r}; expected 'assistant'")
+    blocks = getattr(response, "content", None) or []
+    text = next((block.text for block in blocks if getattr(block, "type", None) == "text"), "")
+    return response.model_dump(mode="json"), text or ""
+
+
+def classify_anthropic(sdk: Any, exc: Exception) -> UpstreamFailure | None:
+    """The anthropic SDK's exceptions as UpstreamFailures (``sdk`` is the imported module). Shared with
+    Azure's Claude route."""
+    if isinstance(exc, sdk.APIStatusError):
+        status = exc.status_code
+        reason = _reason(exc)
+        retry_after = retry_after_seconds(exc.response.headers)
+        if status == OVERLOADED:
+            return UpstreamFailure(503, f"HTTP {OVERLOADED} {reason}", retry_after)
+        if status == 400:
+            numbers = context_numbers(reason)
+            exceeded = numbers is not None or looks_like_context_error(reason)
+            return UpstreamFailure(status, reason, retry_after, context=numbers, context_exceeded=exceeded)
+        return UpstreamFailure(status, reason, retry_after)
+    if isinstance(exc, sdk.APIConnectionError):  # timeouts included
+        cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+        return UpstreamFailure(None, f"{exc.message[:300]}{cause}")
+    if isinstance(exc, json.JSONDecodeError):
+        # a reply that is not JSON: a proxy's error page or a cut-off body; the provider's fault, and
+        # usually gone on the next try, so a transient 502 rather than INTERNAL
+        return UpstreamFailure(502, f"a reply that is not JSON ({exc.msg})")
+    return None
 
 
 def _reason(exc: Any) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +29,9 @@ from clemserve.registry.errors import FailedPreconditionError
 
 from ..domain import GenArgs, ImagePart, Message
 from ..validation import reject_unsupported_args
+from .anthropic import API_VERSION, classify_anthropic, parse_message
 from .base import BackendContext
 from .openai import (
-    REASON_CHARS,
     MalformedAnswer,
     base_url,
     chat_result,
@@ -44,21 +43,11 @@ from .openai import (
 from .remote import (
     RemoteBackend,
     UpstreamFailure,
-    context_numbers,
     flag,
     image_base64,
     image_mime,
-    looks_like_context_error,
-    retry_after_seconds,
 )
 
-#: the Messages API version clembench's requests were written for: the SDK's default (2026-10-21) refuses
-#: ``temperature``, which clembench sends
-ANTHROPIC_VERSION = "2023-06-01"
-#: Anthropic's "overloaded" status: transient, retried as a 503
-OVERLOADED = 529
-#: "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000"
-_INPUT_PLUS_MAX = re.compile(r"exceed context limit: (\d+) \+ (\d+) > (\d+)")
 #: clembench sends this one deployment to the Responses API (by model_name)
 RESPONSES_API_MODELS = frozenset({"upgpt-codex"})
 
@@ -155,7 +144,7 @@ class AzureClaudeBackend(AzureBackend):
             base_url=url,
             max_retries=0,
             timeout=self.context.retry.request_timeout_s,
-            default_headers={"anthropic-version": ANTHROPIC_VERSION},
+            default_headers={"anthropic-version": API_VERSION},
         )
 
     def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
@@ -189,34 +178,14 @@ class AzureClaudeBackend(AzureBackend):
         return response
 
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
-        if response.role != "assistant":
-            raise RuntimeError(f"Response message role is {response.role} but should be 'assistant'")
-        # clembench reads content[1] with thinking on and content[0] otherwise: the first text block; not stripped
-        text = next((block.text for block in response.content if block.type == "text"), "")
-        return response.model_dump(mode="json"), text
+        return parse_message(response)
 
     def classify(self, exc: Exception) -> UpstreamFailure | None:
         import anthropic
 
         if isinstance(exc, MalformedAnswer):
             return UpstreamFailure(None, str(exc))
-        if isinstance(exc, anthropic.APIStatusError):
-            text = str(exc.api_message or exc.body or exc.message)
-            status = exc.status_code
-            if status == OVERLOADED:
-                status, text = 503, f"HTTP {OVERLOADED} {text}"
-            context = _context(text)
-            return UpstreamFailure(
-                status,
-                text[:REASON_CHARS],
-                retry_after_s=retry_after_seconds(exc.response.headers),
-                context=context,
-                context_exceeded=status == 400 and (context is not None or looks_like_context_error(text)),
-            )
-        if isinstance(exc, anthropic.APIConnectionError):  # timeouts included
-            cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
-            return UpstreamFailure(None, f"{exc.message[:REASON_CHARS]}{cause}")
-        return None
+        return classify_anthropic(anthropic, exc)
 
 
 def encode_claude_messages(messages: Sequence[Message]) -> tuple[str, list[dict[str, Any]]]:
@@ -240,11 +209,3 @@ def encode_claude_messages(messages: Sequence[Message]) -> tuple[str, list[dict[
 
 def _image_block(image: ImagePart) -> dict[str, Any]:
     return {"type": "image", "source": {"type": "base64", "media_type": image_mime(image), "data": image_base64(image)}}
-
-
-def _context(text: str) -> tuple[int, int] | None:
-    """(tokens_used, context_size) from Anthropic's two context-length messages."""
-    match = _INPUT_PLUS_MAX.search(text)
-    if match:
-        return int(match.group(1)) + int(match.group(2)), int(match.group(3))
-    return context_numbers(text)

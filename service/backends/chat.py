@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from clemserve.registry import ModelSpec
-from clemserve.registry.errors import ContextExceededError, FailedPreconditionError
+from clemserve.registry.errors import ContextExceededError, FailedPreconditionError, InvalidArgumentError
 
 from ..domain import Message
 from .context import parse_context_size
@@ -59,6 +59,13 @@ def check_chat_config(spec: ModelSpec, config: dict[str, Any], backend: str, kno
         raise precondition("model_config.cot_output needs model_config.cot_end_tag", "model_config.cot_end_tag")
     if not isinstance(config.get("chat_template_kwargs", {}), dict):
         raise precondition("model_config.chat_template_kwargs must be an object", "model_config.chat_template_kwargs")
+
+
+def refuse_images(messages: Sequence[Message], model_name: str) -> None:
+    """The local backends serve text models: an image is refused, naming the message it came in."""
+    for i, message in enumerate(messages):
+        if message.get("image"):
+            raise InvalidArgumentError(f"messages[{i}].image", f"{model_name} is a text model and takes no images")
 
 
 def weights_missing(model_name: str, source: str | Path, exc: Exception) -> FailedPreconditionError:

@@ -23,7 +23,15 @@ from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
 from ..validation import reject_unsupported_args
 from . import gguf
 from .base import Backend, Progress, missing_dependency
-from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, precondition, weights_missing
+from .chat import (
+    CHAT_CONFIG,
+    ChatTokenizer,
+    check_chat_config,
+    context_size,
+    precondition,
+    refuse_images,
+    weights_missing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +184,7 @@ class HuggingfaceLocalBackend(Backend):
         live = []
         for i, row in enumerate(rows):
             try:
-                _refuse_images(row, self.model_name)
+                refuse_images(row, self.model_name)
                 live.append(i)
             except InvalidArgumentError as exc:
                 results[i] = exc
@@ -192,7 +200,7 @@ class HuggingfaceLocalBackend(Backend):
     async def generate_batch(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
         reject_unsupported_args(args.extra, self.supported_args, self.name)
         for row in rows:
-            _refuse_images(row, self.model_name)
+            refuse_images(row, self.model_name)
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._generate_blocking, rows, args)
         return [r for r in results if isinstance(r, Generation)]
@@ -309,12 +317,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
-
-
-def _refuse_images(messages: Sequence[Message], model_name: str) -> None:
-    for i, message in enumerate(messages):
-        if message.get("image"):
-            raise InvalidArgumentError(f"messages[{i}].image", f"{model_name} is a text model and takes no images")
 
 
 def _check_memory(source: str | Path, model_name: str) -> None:

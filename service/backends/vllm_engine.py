@@ -20,7 +20,7 @@ from clemserve.registry.errors import InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
 from .base import Backend, BackendDeadError, Progress, missing_dependency
-from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, weights_missing
+from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, refuse_images, weights_missing
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,7 @@ class VLLMBackend(Backend):
             raise InvalidArgumentError("args", f"vLLM refused the sampling parameters: {exc}") from None
 
     async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
-        for i, message in enumerate(messages):
-            if message.get("image"):
-                raise InvalidArgumentError(
-                    f"messages[{i}].image", f"{self.model_name} is a text model and takes no images"
-                )
+        refuse_images(messages, self.model_name)
         sampling = self._sampling(args)
         prompt, ids = await asyncio.to_thread(self._prompt, messages)  # templating and tokenizing take CPU time
         self.chat.check_context(len(ids), args.max_tokens, self.context_size)
