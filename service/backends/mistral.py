@@ -8,7 +8,6 @@ multimodality for a Mistral model does not change that, so images are refused ra
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +15,6 @@ from clemserve.registry import Key
 
 from ..domain import GenArgs, Message
 from .remote import RemoteBackend, UpstreamFailure, context_numbers, looks_like_context_error, retry_after_seconds
-
-#: Mistral's own wording: "Prompt contains 40000 tokens [and 0 draft tokens], too large for model with
-#: 32768 maximum context length" (HTTP 400); remote.context_numbers() does not know it
-_PROMPT_TOO_LARGE = re.compile(r"Prompt contains (\d+) tokens.*?too large for model with (\d+) maximum context", re.S)
 
 
 class MistralBackend(RemoteBackend):
@@ -81,14 +76,8 @@ def _http_failure(status: int, body: str, headers: Any) -> UpstreamFailure:
     reason, kind = _error_message(body)
     if status == 400 and kind == "invalid_model":
         status = 404  # Mistral answers an unknown model with 400 "Invalid model: ..."
-    context = None
-    exceeded = False
-    if status == 400 and (looks_like_context_error(reason) or _PROMPT_TOO_LARGE.search(reason)):
-        exceeded = True
-        context = context_numbers(reason)
-        match = _PROMPT_TOO_LARGE.search(reason)
-        if context is None and match:
-            context = int(match.group(1)), int(match.group(2))
+    context = context_numbers(reason) if status == 400 else None  # knows Mistral's "Prompt contains N tokens"
+    exceeded = status == 400 and (context is not None or looks_like_context_error(reason))
     return UpstreamFailure(
         status,
         reason[:300],
