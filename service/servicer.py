@@ -151,3 +151,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         messages = convert.messages_from_proto(request.messages, limits=self.limits)
         count = await self.manager.count_tokens(selector, messages)
         return convert.token_count_to_proto(count)
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GenerateStream is not served yet")
+
+    async def LeaseModel(self, request: pb.LeaseModelRequest, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LeaseModel is not served yet")

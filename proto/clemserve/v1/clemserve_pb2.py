@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lemserve/v1/clemserve.proto\x12\x0c\x63lemserve.v1\x1a\x19google/protobuf/any.proto\"\x19\n\tModelSpec\x12\x0c\n\x04json\x18\x01 \x01(\t\"T\n\rModelSelector\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x17.clemserve.v1.ModelSpecH\x00\x42\n\n\x08selector\"8\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"a\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.clemserve.v1.Image\x12\x12\n\nextra_json\x18\x04 \x01(\t\"v\n\x0eGenerationArgs\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nextra_json\x18\x03 \x01(\tB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\"\xa6\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.clemserve.v1.Message\x12*\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x1c.clemserve.v1.GenerationArgs\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"\xed\x01\n\x10GenerateResponse\x12\x13\n\x0bprompt_json\x18\x01 \x01(\t\x12\x15\n\rresponse_json\x18\x02 \x01(\t\x12\x15\n\rresponse_text\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.clemserve.v1.Usage\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.clemserve.v1.FinishReason\x12+\n\nmodel_spec\x18\x06 \x01(\x0b\x32\x17.clemserve.v1.ModelSpec\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xb5\x01\n\x14GenerateBatchRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\x31\n\rconversations\x18\x02 \x03(\x0b\x32\x1a.clemserve.v1.Conversation\x12*\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x1c.clemserve.v1.GenerationArgs\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"7\n\x0c\x43onversation\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.clemserve.v1.Message\"W\n\x15GenerateBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.clemserve.v1.BatchResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"t\n\x0b\x42\x61tchResult\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32\x1e.clemserve.v1.GenerateResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.clemserve.v1.RowErrorH\x00\x42\x08\n\x06result\"P\n\x08RowError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"A\n\x13ResolveModelRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\"C\n\x14ResolveModelResponse\x12+\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x17.clemserve.v1.ModelSpec\"\xab\x01\n\x0bModelStatus\x12+\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x17.clemserve.v1.ModelSpec\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.clemserve.v1.ModelState\x12\x14\n\x0cstate_reason\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\x03\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.clemserve.v1.ModelStatus\">\n\x10LoadModelRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\">\n\x11LoadModelResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.clemserve.v1.ModelStatus\"@\n\x12UnloadModelRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\")\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\"i\n\x12\x43ountTokensRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.clemserve.v1.Message\"R\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0c\x63ontext_size\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\"\\\n\x0c\x43ontextLimit\x12\x13\n\x0btokens_used\x18\x01 \x01(\x03\x12\x13\n\x0btokens_left\x18\x02 \x01(\x03\x12\x14\n\x0c\x63ontext_size\x18\x03 \x01(\x03\x12\x0c\n\x04info\x18\x04 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\xd1\x04\n\x0cModelService\x12I\n\x08Generate\x12\x1d.clemserve.v1.GenerateRequest\x1a\x1e.clemserve.v1.GenerateResponse\x12X\n\rGenerateBatch\x12\".clemserve.v1.GenerateBatchRequest\x1a#.clemserve.v1.GenerateBatchResponse\x12U\n\x0cResolveModel\x12!.clemserve.v1.ResolveModelRequest\x1a\".clemserve.v1.ResolveModelResponse\x12O\n\nListModels\x12\x1f.clemserve.v1.ListModelsRequest\x1a .clemserve.v1.ListModelsResponse\x12L\n\tLoadModel\x12\x1e.clemserve.v1.LoadModelRequest\x1a\x1f.clemserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .clemserve.v1.UnloadModelRequest\x1a!.clemserve.v1.UnloadModelResponse\x12R\n\x0b\x43ountTokens\x12 .clemserve.v1.CountTokensRequest\x1a!.clemserve.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lemserve/v1/clemserve.proto\x12\x0c\x63lemserve.v1\x1a\x19google/protobuf/any.proto\"\x19\n\tModelSpec\x12\x0c\n\x04json\x18\x01 \x01(\t\"T\n\rModelSelector\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x17.clemserve.v1.ModelSpecH\x00\x42\n\n\x08selector\"8\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"a\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.clemserve.v1.Image\x12\x12\n\nextra_json\x18\x04 \x01(\t\"v\n\x0eGenerationArgs\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nextra_json\x18\x03 \x01(\tB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\"\xa6\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.clemserve.v1.Message\x12*\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x1c.clemserve.v1.GenerationArgs\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"\xed\x01\n\x10GenerateResponse\x12\x13\n\x0bprompt_json\x18\x01 \x01(\t\x12\x15\n\rresponse_json\x18\x02 \x01(\t\x12\x15\n\rresponse_text\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.clemserve.v1.Usage\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.clemserve.v1.FinishReason\x12+\n\nmodel_spec\x18\x06 \x01(\x0b\x32\x17.clemserve.v1.ModelSpec\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xb5\x01\n\x14GenerateBatchRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\x31\n\rconversations\x18\x02 \x03(\x0b\x32\x1a.clemserve.v1.Conversation\x12*\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x1c.clemserve.v1.GenerationArgs\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"7\n\x0c\x43onversation\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.clemserve.v1.Message\"W\n\x15GenerateBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.clemserve.v1.BatchResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"t\n\x0b\x42\x61tchResult\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32\x1e.clemserve.v1.GenerateResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.clemserve.v1.RowErrorH\x00\x42\x08\n\x06result\"P\n\x08RowError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"A\n\x13ResolveModelRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\"C\n\x14ResolveModelResponse\x12+\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x17.clemserve.v1.ModelSpec\"\xc0\x02\n\x0bModelStatus\x12+\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x17.clemserve.v1.ModelSpec\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.clemserve.v1.ModelState\x12\x14\n\x0cstate_reason\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\x03\x12\x17\n\x0frequests_queued\x18\x06 \x01(\x03\x12\x0e\n\x06leases\x18\x07 \x01(\x03\x12\x1e\n\x16\x65stimated_memory_bytes\x18\x08 \x01(\x03\x12\x1d\n\x15measured_memory_bytes\x18\t \x01(\x03\x12\x15\n\rload_progress\x18\n \x01(\x01\x12\x14\n\x0cidle_seconds\x18\x0b \x01(\x01\"\x13\n\x11ListModelsRequest\"\x8c\x01\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.clemserve.v1.ModelStatus\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmemory_kind\x18\x04 \x01(\t\">\n\x10LoadModelRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\">\n\x11LoadModelResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.clemserve.v1.ModelStatus\"@\n\x12UnloadModelRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\")\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\"i\n\x12\x43ountTokensRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.clemserve.v1.Message\"R\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0c\x63ontext_size\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\"\\\n\x0c\x43ontextLimit\x12\x13\n\x0btokens_used\x18\x01 \x01(\x03\x12\x13\n\x0btokens_left\x18\x02 \x01(\x03\x12\x14\n\x0c\x63ontext_size\x18\x03 \x01(\x03\x12\x0c\n\x04info\x18\x04 \x01(\t\"\xac\x01\n\x15GenerateStreamRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.clemserve.v1.Message\x12*\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x1c.clemserve.v1.GenerationArgs\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xa8\x01\n\x16GenerateStreamResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x19.clemserve.v1.StreamStateH\x00\x12(\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x17.clemserve.v1.TextDeltaH\x00\x12/\n\x05reply\x18\x03 \x01(\x0b\x32\x1e.clemserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"q\n\x0bStreamState\x12(\n\x05phase\x18\x01 \x01(\x0e\x32\x19.clemserve.v1.StreamPhase\x12\x10\n\x08progress\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x16\n\x0erequests_ahead\x18\x04 \x01(\x03\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"b\n\x11LeaseModelRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.clemserve.v1.ModelSelector\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04load\x18\x03 \x01(\x08\"~\n\x12LeaseModelResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0b\x32\x19.clemserve.v1.ModelStatus\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x08*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04*v\n\x0bStreamPhase\x12\x1c\n\x18STREAM_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_PHASE_LOADING\x10\x01\x12\x17\n\x13STREAM_PHASE_QUEUED\x10\x02\x12\x16\n\x12STREAM_PHASE_READY\x10\x03\x32\x83\x06\n\x0cModelService\x12I\n\x08Generate\x12\x1d.clemserve.v1.GenerateRequest\x1a\x1e.clemserve.v1.GenerateResponse\x12X\n\rGenerateBatch\x12\".clemserve.v1.GenerateBatchRequest\x1a#.clemserve.v1.GenerateBatchResponse\x12U\n\x0cResolveModel\x12!.clemserve.v1.ResolveModelRequest\x1a\".clemserve.v1.ResolveModelResponse\x12O\n\nListModels\x12\x1f.clemserve.v1.ListModelsRequest\x1a .clemserve.v1.ListModelsResponse\x12L\n\tLoadModel\x12\x1e.clemserve.v1.LoadModelRequest\x1a\x1f.clemserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .clemserve.v1.UnloadModelRequest\x1a!.clemserve.v1.UnloadModelResponse\x12R\n\x0b\x43ountTokens\x12 .clemserve.v1.CountTokensRequest\x1a!.clemserve.v1.CountTokensResponse\x12]\n\x0eGenerateStream\x12#.clemserve.v1.GenerateStreamRequest\x1a$.clemserve.v1.GenerateStreamResponse0\x01\x12Q\n\nLeaseModel\x12\x1f.clemserve.v1.LeaseModelRequest\x1a .clemserve.v1.LeaseModelResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clemserve.v1.clemserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2379
-  _globals['_FINISHREASON']._serialized_end=2474
-  _globals['_MODELSTATE']._serialized_start=2477
-  _globals['_MODELSTATE']._serialized_end=2618
+  _globals['_FINISHREASON']._serialized_start=3322
+  _globals['_FINISHREASON']._serialized_end=3417
+  _globals['_MODELSTATE']._serialized_start=3420
+  _globals['_MODELSTATE']._serialized_end=3561
+  _globals['_STREAMPHASE']._serialized_start=3563
+  _globals['_STREAMPHASE']._serialized_end=3681
   _globals['_MODELSPEC']._serialized_start=73
   _globals['_MODELSPEC']._serialized_end=98
   _globals['_MODELSELECTOR']._serialized_start=100
@@ -67,25 +69,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOLVEMODELRESPONSE']._serialized_start=1528
   _globals['_RESOLVEMODELRESPONSE']._serialized_end=1595
   _globals['_MODELSTATUS']._serialized_start=1598
-  _globals['_MODELSTATUS']._serialized_end=1769
-  _globals['_LISTMODELSREQUEST']._serialized_start=1771
-  _globals['_LISTMODELSREQUEST']._serialized_end=1790
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1792
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1855
-  _globals['_LOADMODELREQUEST']._serialized_start=1857
-  _globals['_LOADMODELREQUEST']._serialized_end=1919
-  _globals['_LOADMODELRESPONSE']._serialized_start=1921
-  _globals['_LOADMODELRESPONSE']._serialized_end=1983
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1985
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2049
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2051
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2092
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=2094
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=2199
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2201
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2283
-  _globals['_CONTEXTLIMIT']._serialized_start=2285
-  _globals['_CONTEXTLIMIT']._serialized_end=2377
-  _globals['_MODELSERVICE']._serialized_start=2621
-  _globals['_MODELSERVICE']._serialized_end=3214
+  _globals['_MODELSTATUS']._serialized_end=1918
+  _globals['_LISTMODELSREQUEST']._serialized_start=1920
+  _globals['_LISTMODELSREQUEST']._serialized_end=1939
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1942
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2082
+  _globals['_LOADMODELREQUEST']._serialized_start=2084
+  _globals['_LOADMODELREQUEST']._serialized_end=2146
+  _globals['_LOADMODELRESPONSE']._serialized_start=2148
+  _globals['_LOADMODELRESPONSE']._serialized_end=2210
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2212
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2276
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2278
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2319
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=2321
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=2426
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2428
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2510
+  _globals['_CONTEXTLIMIT']._serialized_start=2512
+  _globals['_CONTEXTLIMIT']._serialized_end=2604
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=2607
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=2779
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2782
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2950
+  _globals['_STREAMSTATE']._serialized_start=2952
+  _globals['_STREAMSTATE']._serialized_end=3065
+  _globals['_TEXTDELTA']._serialized_start=3067
+  _globals['_TEXTDELTA']._serialized_end=3092
+  _globals['_LEASEMODELREQUEST']._serialized_start=3094
+  _globals['_LEASEMODELREQUEST']._serialized_end=3192
+  _globals['_LEASEMODELRESPONSE']._serialized_start=3194
+  _globals['_LEASEMODELRESPONSE']._serialized_end=3320
+  _globals['_MODELSERVICE']._serialized_start=3684
+  _globals['_MODELSERVICE']._serialized_end=4455
 # @@protoc_insertion_point(module_scope)

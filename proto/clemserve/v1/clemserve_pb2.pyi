@@ -86,6 +86,34 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """The last load failed; state_reason says why. The next request tries again."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _StreamPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StreamPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StreamPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STREAM_PHASE_UNSPECIFIED: _StreamPhase.ValueType  # 0
+    """Not set."""
+    STREAM_PHASE_LOADING: _StreamPhase.ValueType  # 1
+    """The model is loading; progress and detail say how far."""
+    STREAM_PHASE_QUEUED: _StreamPhase.ValueType  # 2
+    """The model is ready and the request waits for its turn; requests_ahead says behind how many."""
+    STREAM_PHASE_READY: _StreamPhase.ValueType  # 3
+    """Generation has started; text follows."""
+
+class StreamPhase(_StreamPhase, metaclass=_StreamPhaseEnumTypeWrapper):
+    """Where a streamed request stands."""
+
+STREAM_PHASE_UNSPECIFIED: StreamPhase.ValueType  # 0
+"""Not set."""
+STREAM_PHASE_LOADING: StreamPhase.ValueType  # 1
+"""The model is loading; progress and detail say how far."""
+STREAM_PHASE_QUEUED: StreamPhase.ValueType  # 2
+"""The model is ready and the request waits for its turn; requests_ahead says behind how many."""
+STREAM_PHASE_READY: StreamPhase.ValueType  # 3
+"""Generation has started; text follows."""
+Global___StreamPhase: _TypeAlias = StreamPhase  # noqa: Y015
+
 @_typing.final
 class ModelSpec(_message.Message):
     """A model spec: one JSON object, like an entry of clembench's model_registry.json."""
@@ -582,6 +610,12 @@ class ModelStatus(_message.Message):
     STATE_REASON_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    REQUESTS_QUEUED_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    ESTIMATED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    MEASURED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    LOAD_PROGRESS_FIELD_NUMBER: _builtins.int
+    IDLE_SECONDS_FIELD_NUMBER: _builtins.int
     state: Global___ModelState.ValueType
     """Whether it is loaded."""
     state_reason: _builtins.str
@@ -590,6 +624,20 @@ class ModelStatus(_message.Message):
     """Seconds the last successful load took."""
     requests_in_flight: _builtins.int
     """Generate calls running on this model now."""
+    requests_queued: _builtins.int
+    """Requests waiting in the model's queue."""
+    leases: _builtins.int
+    """Active leases (LeaseModel calls) holding the model resident."""
+    estimated_memory_bytes: _builtins.int
+    """Memory the model is expected to take, estimated from its config before loading (parameters times
+    dtype bytes plus a KV-cache allowance). 0 when unknown or not applicable (remote backends).
+    """
+    measured_memory_bytes: _builtins.int
+    """Memory the load actually took, measured when it finished. 0 when not loaded or not measured."""
+    load_progress: _builtins.float
+    """While loading: the fraction done, 0 to 1, where the backend can tell."""
+    idle_seconds: _builtins.float
+    """Seconds since the model last finished a request (or finished loading), while loaded."""
     @_builtins.property
     def model_spec(self) -> Global___ModelSpec:
         """The registry entry (or, for a model loaded from a narrower selector, the resolved spec)."""
@@ -602,10 +650,16 @@ class ModelStatus(_message.Message):
         state_reason: _builtins.str = ...,
         load_seconds: _builtins.float = ...,
         requests_in_flight: _builtins.int = ...,
+        requests_queued: _builtins.int = ...,
+        leases: _builtins.int = ...,
+        estimated_memory_bytes: _builtins.int = ...,
+        measured_memory_bytes: _builtins.int = ...,
+        load_progress: _builtins.float = ...,
+        idle_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "model_spec", b"model_spec", "requests_in_flight", b"requests_in_flight", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_memory_bytes", b"estimated_memory_bytes", "idle_seconds", b"idle_seconds", "leases", b"leases", "load_progress", b"load_progress", "load_seconds", b"load_seconds", "measured_memory_bytes", b"measured_memory_bytes", "model_spec", b"model_spec", "requests_in_flight", b"requests_in_flight", "requests_queued", b"requests_queued", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,6 +689,15 @@ class ListModelsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_KIND_FIELD_NUMBER: _builtins.int
+    memory_budget_bytes: _builtins.int
+    """The memory budget for loaded models in bytes (GPU memory on a GPU machine, RAM otherwise)."""
+    memory_used_bytes: _builtins.int
+    """What the loaded models take now, by the measured (else estimated) size of each."""
+    memory_kind: _builtins.str
+    """"gpu" or "ram": what the budget counts."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """Every registry entry in lookup order, then loaded models that no entry names verbatim."""
@@ -643,10 +706,13 @@ class ListModelsResponse(_message.Message):
         self,
         *,
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
+        memory_budget_bytes: _builtins.int = ...,
+        memory_used_bytes: _builtins.int = ...,
+        memory_kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_budget_bytes", b"memory_budget_bytes", "memory_kind", b"memory_kind", "memory_used_bytes", b"memory_used_bytes", "models", b"models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -841,3 +907,207 @@ class ContextLimit(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ContextLimit: _TypeAlias = ContextLimit  # noqa: Y015
+
+@_typing.final
+class GenerateStreamRequest(_message.Message):
+    """A Generate call whose reply streams (GenerateStream); the fields are GenerateRequest's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional; otherwise taken from the x-request-id metadata, else generated."""
+    @_builtins.property
+    def model(self) -> Global___ModelSelector:
+        """The model to answer."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
+        """The conversation so far, oldest first."""
+
+    @_builtins.property
+    def args(self) -> Global___GenerationArgs:
+        """temperature, max_tokens and further arguments; unset fields take clembench's defaults."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelSelector | None = ...,
+        messages: _abc.Iterable[Global___Message] | None = ...,
+        args: Global___GenerationArgs | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "messages", b"messages", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateStreamRequest: _TypeAlias = GenerateStreamRequest  # noqa: Y015
+
+@_typing.final
+class GenerateStreamResponse(_message.Message):
+    """One message of a streamed reply: a state change, a piece of text, or the full reply (always last)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___StreamState:
+        """What the request waits for, sent whenever it changes (and as loading progresses)."""
+
+    @_builtins.property
+    def delta(self) -> Global___TextDelta:
+        """Newly generated text. The deltas concatenated are the generated text before clembench's
+        cleaning; the reply's response_text is authoritative.
+        """
+
+    @_builtins.property
+    def reply(self) -> Global___GenerateResponse:
+        """The full reply, exactly as Generate returns it. The stream ends after it."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___StreamState | None = ...,
+        delta: Global___TextDelta | None = ...,
+        reply: Global___GenerateResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "reply", b"reply", "state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "reply", b"reply", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["state", "delta", "reply"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
+
+@_typing.final
+class StreamState(_message.Message):
+    """The state of a streamed request while it waits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    REQUESTS_AHEAD_FIELD_NUMBER: _builtins.int
+    phase: Global___StreamPhase.ValueType
+    """Loading, queued or ready."""
+    progress: _builtins.float
+    """Loading: the fraction done, 0 to 1, where the backend can tell; otherwise 0."""
+    detail: _builtins.str
+    """What the load is doing now, in words (for example "converting GGUF to safetensors")."""
+    requests_ahead: _builtins.int
+    """Queued: requests ahead of this one in the model's queue."""
+    def __init__(
+        self,
+        *,
+        phase: Global___StreamPhase.ValueType = ...,
+        progress: _builtins.float = ...,
+        detail: _builtins.str = ...,
+        requests_ahead: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "phase", b"phase", "progress", b"progress", "requests_ahead", b"requests_ahead"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamState: _TypeAlias = StreamState  # noqa: Y015
+
+@_typing.final
+class TextDelta(_message.Message):
+    """A piece of generated text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text generated since the previous delta."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextDelta: _TypeAlias = TextDelta  # noqa: Y015
+
+@_typing.final
+class LeaseModelRequest(_message.Message):
+    """Hold a model resident."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    ttl_seconds: _builtins.float
+    """How long the lease may last at most, in seconds; 0 takes the server's lease timeout. Capped by it."""
+    load: _builtins.bool
+    """Load the model now (if it is not loaded) before confirming the lease."""
+    @_builtins.property
+    def model(self) -> Global___ModelSelector:
+        """A name or a (partial) spec."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelSelector | None = ...,
+        ttl_seconds: _builtins.float = ...,
+        load: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "model", b"model", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseModelRequest: _TypeAlias = LeaseModelRequest  # noqa: Y015
+
+@_typing.final
+class LeaseModelResponse(_message.Message):
+    """A message on a lease's stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """Identifies the lease in the server's log."""
+    expires_in_seconds: _builtins.float
+    """Seconds until the lease times out."""
+    expired: _builtins.bool
+    """Set on the last message: the lease timed out and no longer holds the model."""
+    @_builtins.property
+    def status(self) -> Global___ModelStatus:
+        """The leased model's status when this message was sent."""
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        status: Global___ModelStatus | None = ...,
+        expires_in_seconds: _builtins.float = ...,
+        expired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "expires_in_seconds", b"expires_in_seconds", "lease_id", b"lease_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseModelResponse: _TypeAlias = LeaseModelResponse  # noqa: Y015

@@ -70,6 +70,16 @@ class ModelServiceStub:
                 request_serializer=clemserve_dot_v1_dot_clemserve__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=clemserve_dot_v1_dot_clemserve__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/clemserve.v1.ModelService/GenerateStream',
+                request_serializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.LeaseModel = channel.unary_stream(
+                '/clemserve.v1.ModelService/LeaseModel',
+                request_serializer=clemserve_dot_v1_dot_clemserve__pb2.LeaseModelRequest.SerializeToString,
+                response_deserializer=clemserve_dot_v1_dot_clemserve__pb2.LeaseModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -126,6 +136,24 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request, context):
+        """Generate one reply as a stream: first the request's state while it waits (loading with progress,
+        queued, ready), then the text as it is generated, then the full reply as Generate returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseModel(self, request, context):
+        """Keep a model resident while this call stays open (a game's episode): a leased model is never
+        evicted for memory or unloaded for being idle. The first message confirms the lease. The lease
+        ends when the caller cancels the call, when its channel closes, or after the lease timeout, when
+        the server sends a last message with expired set and ends the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +191,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=clemserve_dot_v1_dot_clemserve__pb2.CountTokensRequest.FromString,
                     response_serializer=clemserve_dot_v1_dot_clemserve__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=clemserve_dot_v1_dot_clemserve__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'LeaseModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.LeaseModel,
+                    request_deserializer=clemserve_dot_v1_dot_clemserve__pb2.LeaseModelRequest.FromString,
+                    response_serializer=clemserve_dot_v1_dot_clemserve__pb2.LeaseModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +393,60 @@ class ModelService:
             '/clemserve.v1.ModelService/CountTokens',
             clemserve_dot_v1_dot_clemserve__pb2.CountTokensRequest.SerializeToString,
             clemserve_dot_v1_dot_clemserve__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clemserve.v1.ModelService/GenerateStream',
+            clemserve_dot_v1_dot_clemserve__pb2.GenerateStreamRequest.SerializeToString,
+            clemserve_dot_v1_dot_clemserve__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clemserve.v1.ModelService/LeaseModel',
+            clemserve_dot_v1_dot_clemserve__pb2.LeaseModelRequest.SerializeToString,
+            clemserve_dot_v1_dot_clemserve__pb2.LeaseModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,16 @@ class ModelServiceStub:
     """Free a loaded model. Requests in flight on it finish first."""
     CountTokens: _grpc.UnaryUnaryMultiCallable[_clemserve_pb2.CountTokensRequest, _clemserve_pb2.CountTokensResponse]
     """Count the prompt tokens of messages under the model's chat template."""
+    GenerateStream: _grpc.UnaryStreamMultiCallable[_clemserve_pb2.GenerateStreamRequest, _clemserve_pb2.GenerateStreamResponse]
+    """Generate one reply as a stream: first the request's state while it waits (loading with progress,
+    queued, ready), then the text as it is generated, then the full reply as Generate returns it.
+    """
+    LeaseModel: _grpc.UnaryStreamMultiCallable[_clemserve_pb2.LeaseModelRequest, _clemserve_pb2.LeaseModelResponse]
+    """Keep a model resident while this call stays open (a game's episode): a leased model is never
+    evicted for memory or unloaded for being idle. The first message confirms the lease. The lease
+    ends when the caller cancels the call, when its channel closes, or after the lease timeout, when
+    the server sends a last message with expired set and ends the stream.
+    """
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -81,6 +91,16 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Free a loaded model. Requests in flight on it finish first."""
     CountTokens: _aio.UnaryUnaryMultiCallable[_clemserve_pb2.CountTokensRequest, _clemserve_pb2.CountTokensResponse]  # type: ignore[assignment]
     """Count the prompt tokens of messages under the model's chat template."""
+    GenerateStream: _aio.UnaryStreamMultiCallable[_clemserve_pb2.GenerateStreamRequest, _clemserve_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """Generate one reply as a stream: first the request's state while it waits (loading with progress,
+    queued, ready), then the text as it is generated, then the full reply as Generate returns it.
+    """
+    LeaseModel: _aio.UnaryStreamMultiCallable[_clemserve_pb2.LeaseModelRequest, _clemserve_pb2.LeaseModelResponse]  # type: ignore[assignment]
+    """Keep a model resident while this call stays open (a game's episode): a leased model is never
+    evicted for memory or unloaded for being idle. The first message confirms the lease. The lease
+    ends when the caller cancels the call, when its channel closes, or after the lease timeout, when
+    the server sends a last message with expired set and ends the stream.
+    """
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """The model service. Models load on demand at the first request that needs them."""
@@ -142,5 +162,27 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_clemserve_pb2.CountTokensResponse, _abc.Awaitable[_clemserve_pb2.CountTokensResponse]]:
         """Count the prompt tokens of messages under the model's chat template."""
+
+    @_abc_1.abstractmethod
+    def GenerateStream(
+        self,
+        request: _clemserve_pb2.GenerateStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_clemserve_pb2.GenerateStreamResponse], _abc.AsyncIterator[_clemserve_pb2.GenerateStreamResponse]]:
+        """Generate one reply as a stream: first the request's state while it waits (loading with progress,
+        queued, ready), then the text as it is generated, then the full reply as Generate returns it.
+        """
+
+    @_abc_1.abstractmethod
+    def LeaseModel(
+        self,
+        request: _clemserve_pb2.LeaseModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_clemserve_pb2.LeaseModelResponse], _abc.AsyncIterator[_clemserve_pb2.LeaseModelResponse]]:
+        """Keep a model resident while this call stays open (a game's episode): a leased model is never
+        evicted for memory or unloaded for being idle. The first message confirms the lease. The lease
+        ends when the caller cancels the call, when its channel closes, or after the lease timeout, when
+        the server sends a last message with expired set and ends the stream.
+        """
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
