@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -152,8 +152,14 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         count = await self.manager.count_tokens(selector, messages)
         return convert.token_count_to_proto(count)
 
-    async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext) -> None:
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GenerateStream is not served yet")
+        yield pb.GenerateStreamResponse()
 
-    async def LeaseModel(self, request: pb.LeaseModelRequest, context: grpc.aio.ServicerContext) -> None:
+    async def LeaseModel(
+        self, request: pb.LeaseModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LeaseModelResponse]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LeaseModel is not served yet")
+        yield pb.LeaseModelResponse()
