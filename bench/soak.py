@@ -5,8 +5,8 @@ keeping its own growing conversation, a new game every few turns. Meanwhile the 
 (VmRSS), open file descriptors and threads are sampled from /proc. It passes when no request failed, RSS
 after the warm-up stays within 10% of its value at the end of the warm-up, descriptors and threads stay
 stable, and the server exits 0 on SIGTERM. p50/p99 latency per window (a minute; 10 s in runs shorter than
-5 minutes) is printed, written to bench/results/soak.md and plotted to bench/results/soak.png when
-matplotlib is importable. Exits 1 when a criterion fails.
+5 minutes) is printed, written to bench/results/soak.md and plotted to bench/results/soak.png. Exits 1 when a
+criterion fails.
 
     python bench/soak.py [--seconds 60] [--clients 32] [--max-tokens 8]
 """
@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from plots import RESULTS, pyplot, save
 from serving import ServerProcess, hf_entry, start_server
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("soak-tiny", "echo")
 TURNS_PER_GAME = 5
 RSS_TOLERANCE = 0.10
@@ -241,15 +242,8 @@ def criteria(run: Run) -> list[tuple[bool, str]]:
     ]
 
 
-def plot(run: Run, rows: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written (pip install matplotlib to get bench/results/soak.png)")
-        return
+def plot(run: Run, rows: list[dict[str, Any]]) -> None:
+    plt = pyplot()
     fig, (lat, rss) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     mids = [(r["from"] + r["to"]) / 2 for r in rows]
     for m in MODELS:
@@ -267,9 +261,7 @@ def plot(run: Run, rows: list[dict[str, Any]], path: Path) -> None:
     rss.legend()
     rss.grid(True, alpha=0.3)
     fig.suptitle(f"clemserve soak: {run.clients} client processes, {run.seconds:.0f} s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot written to bench/results/{path.name}")
+    save(fig, "soak.png")
 
 
 def report(run: Run) -> bool:
@@ -293,7 +285,7 @@ def report(run: Run) -> bool:
     markdown += [f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in checks]
     (RESULTS / "soak.md").write_text("\n".join(markdown) + "\n")
     print("table written to bench/results/soak.md")
-    plot(run, rows, RESULTS / "soak.png")
+    plot(run, rows)
     return all(ok for ok, _ in checks)
 
 

@@ -5,7 +5,8 @@ For 1, 2, 4, ... client processes (each a separate process, like a game), in one
 - clemserve without batching (``--max-batch 1``),
 - the in-process baseline: every process loads the model itself and generates, as clembench does today.
 Every client makes the same number of greedy calls; throughput is calls per second over the time all
-clients were busy. Peak memory: the server's, and the sum of the in-process clients'.
+clients were busy. Peak memory: the server's, and the sum of the in-process clients'. Prints a table,
+writes bench/results/throughput.md and plots bench/results/throughput.png.
 
     python bench/throughput.py [--models tiny,demo] [--clients 1,2,4,8,16,32] [--calls 4] [--max-tokens 16]
 """
@@ -21,12 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import DEMO_CACHE, hf_entry, start_server  # noqa: E402
+from plots import RESULTS, pyplot, save
+from serving import DEMO_CACHE, hf_entry, start_server
 
-RESULTS = HERE / "results"
+MODES = ("batched", "unbatched", "in-process")
 #: in-process copies of the demo model beyond this do not fit a 24 GiB machine next to everything else
 MAX_INPROC_DEMO = 8
 
@@ -117,6 +119,34 @@ def model_folder(kind: str, tmp: Path) -> tuple[str, dict[str, Any]]:
     }
 
 
+def plot(measured: list[dict[str, Any]]) -> None:
+    """Per model: calls/s against client processes for the three set-ups, and peak memory."""
+    plt = pyplot()
+    kinds = list(dict.fromkeys(m["model"] for m in measured))
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5.5 * len(kinds), 7), squeeze=False)
+    for column, kind in enumerate(kinds):
+        rows = [m for m in measured if m["model"] == kind]
+        clients = [m["clients"] for m in rows]
+        rate, memory = axes[0][column], axes[1][column]
+        for mode in MODES:
+            points = [(m["clients"], m[mode]) for m in rows if m[mode] == m[mode]]  # NaN: not measured
+            rate.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
+        rate.set_title(f"{kind} model: throughput")
+        rate.set_ylabel("calls per second")
+        memory.plot(clients, [m["server_mib"] for m in rows], marker="o", label="clemserve (one copy)")
+        points = [(m["clients"], m["inproc_mib"]) for m in rows if m["inproc_mib"] == m["inproc_mib"]]
+        memory.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="in-process (sum)")
+        memory.set_title(f"{kind} model: peak memory")
+        memory.set_ylabel("MiB")
+        for ax in (rate, memory):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(clients, [str(c) for c in clients])
+            ax.set_xlabel("client processes")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+    save(fig, "throughput.png")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,demo")
@@ -131,6 +161,7 @@ def main() -> int:
         "batched/in-process", "server peak MiB", "in-process peak MiB (sum)",
     )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    measured: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for kind in args.models.split(","):
@@ -155,10 +186,14 @@ def main() -> int:
                     inproc, inproc_mib = float("nan"), float("nan")
                     if kind == "tiny" or clients <= MAX_INPROC_DEMO:
                         inproc, inproc_mib = run_clients(inproc_client, (folder, args.calls, args.max_tokens), clients)
+                    rates["in-process"] = inproc
+                    server_mib = peak_rss_mib(servers["batched"].process.pid)
+                    measured.append({"model": kind, "clients": clients, **rates, "server_mib": server_mib,
+                                     "inproc_mib": inproc_mib})  # fmt: skip
                     row = (
                         f"| {kind} | {clients} | {rates['batched']:.2f} | {rates['unbatched']:.2f} | {inproc:.2f} | "
                         f"{rates['batched'] / rates['unbatched']:.2f}x | {rates['batched'] / inproc:.2f}x | "
-                        f"{peak_rss_mib(servers['batched'].process.pid):.0f} | {inproc_mib:.0f} |"
+                        f"{server_mib:.0f} | {inproc_mib:.0f} |"
                     )
                     lines.append(row)
                     print(row, flush=True)
@@ -168,7 +203,7 @@ def main() -> int:
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.md").write_text("\n".join(lines) + "\n")
-    print("matplotlib is not installed: no plot written; the table is in bench/results/throughput.md")
+    plot(measured)
     return 0
 
 
