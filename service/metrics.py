@@ -37,6 +37,8 @@ OTHER = "other"
 #: request latency: a 1 ms echo up to a 10-minute generation
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+#: selectors whose labels are kept (game processes send the same few on every turn)
+SELECTOR_CACHE_SIZE = 4096
 
 
 class NoMetrics:
@@ -84,6 +86,8 @@ class Metrics(NoMetrics):
         self.registry = CollectorRegistry()
         self._manager: ModelManager | None = None
         self._registry_names: frozenset[str] = frozenset()
+        self._selector_labels: dict[tuple[str, str], tuple[str, str]] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._server: WSGIServer | None = None
         reg = self.registry
         self._requests = Counter(
@@ -141,21 +145,30 @@ class Metrics(NoMetrics):
         """``code``: the call's grpc.StatusCode; the model and backend labels come from the request's
         selector, resolved the way the manager resolves it (its cache makes that a lookup)."""
         model, backend = self._labels(request)
-        self._requests.labels(method, model, backend, code.name).inc()
-        self._latency.labels(method, model, backend).observe(seconds)
+        self._child(self._requests, method, model, backend, code.name).inc()
+        self._child(self._latency, method, model, backend).observe(seconds)
 
     def queued(self, model: str, seconds: float) -> None:
-        self._queue.labels(model).observe(seconds)
+        self._child(self._queue, model).observe(seconds)
 
     def batch(self, model: str, rows: int) -> None:
-        self._batch.labels(model).observe(rows)
+        self._child(self._batch, model).observe(rows)
 
     def first_token(self, model: str, seconds: float) -> None:
-        self._first_token.labels(model).observe(seconds)
+        self._child(self._first_token, model).observe(seconds)
 
     def tokens(self, model: str, generation: Generation) -> None:
-        self._prompt_tokens.labels(model).inc(generation.prompt_tokens)
-        self._completion_tokens.labels(model).inc(generation.completion_tokens)
+        self._child(self._prompt_tokens, model).inc(generation.prompt_tokens)
+        self._child(self._completion_tokens, model).inc(generation.completion_tokens)
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: the label sets are bounded, and prometheus_client's own lookup
+        (validation, a lock) is most of a hook's cost."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def load(self, model: str, error: BaseException | None) -> None:
         import asyncio
@@ -167,12 +180,26 @@ class Metrics(NoMetrics):
 
     def _labels(self, request: object) -> tuple[str, str]:
         """(model, backend) of the model a request names: ("", "") when it names none, (other, "") when
-        it names one that does not resolve."""
+        it names one that does not resolve. Kept per selector text where they cannot change (the registry
+        does not change while serving; whether a model is loaded does)."""
         selector = getattr(request, "model", None)
         if self._manager is None or selector is None or not selector.WhichOneof("selector"):
             return "", ""
+        kind = selector.WhichOneof("selector")
+        key = (kind, selector.name if kind == "name" else selector.spec.json)
+        labels = self._selector_labels.get(key)
+        if labels is None:
+            labels = self._resolve_labels(selector)
+            if labels[1] == "" or labels[0] in self._registry_names:
+                if len(self._selector_labels) >= SELECTOR_CACHE_SIZE:
+                    self._selector_labels.pop(next(iter(self._selector_labels)))
+                self._selector_labels[key] = labels
+        return labels
+
+    def _resolve_labels(self, selector: Any) -> tuple[str, str]:
         from . import convert
 
+        assert self._manager is not None
         try:
             spec = self._manager.resolve(convert.selector_from_proto(selector))
         except Exception:
