@@ -121,11 +121,10 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
     if port == 0:
         log.error("cannot bind %s", config.address)
         return 2
+    if not _serve_metrics(config, manager):
+        return 2
     await server.start()
     log.info("listening on %s:%d (%s)", config.host, port, _protection(config))
-    if not _serve_metrics(config, manager):
-        await server.stop(0)
-        return 2
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

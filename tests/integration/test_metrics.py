@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,16 +160,17 @@ def test_scrape_time_gauges(after_calls: Any) -> None:
 def test_in_flight_is_read_at_scrape_time(metrics_server: tuple[ServerProcess, int]) -> None:
     server, port = metrics_server
     tiny = backends.get_model_for("tiny-llama", address=server.address, timeout=120)
-    tiny.set_gen_args(temperature=0.0, max_tokens=400)
-    done = threading.Event()
-    worker = threading.Thread(target=lambda: (generate(tiny, "Count to a hundred."), done.set()))
-    worker.start()
-    busy = 0.0
-    deadline = time.monotonic() + 30
-    while not done.is_set() and time.monotonic() < deadline and not busy:
-        busy = samples(scrape(port)).get(("clemserve_requests_in_flight", frozenset({("model", "tiny-llama")})), 0)
-    worker.join(timeout=120)
-    assert busy == 1
+    tiny.set_gen_args(temperature=0.0, max_tokens=300)
+    threads = [threading.Thread(target=generate, args=(tiny, f"Count to {i}00.")) for i in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    busiest = 0.0
+    key = ("clemserve_requests_in_flight", frozenset({("model", "tiny-llama")}))
+    while any(thread.is_alive() for thread in threads):
+        busiest = max(busiest, samples(scrape(port)).get(key, 0))
+    for thread in threads:
+        thread.join(timeout=120)
+    assert 1 <= busiest <= len(threads)
     assert value(samples(scrape(port)), "clemserve_requests_in_flight", model="tiny-llama") == 0
 
 
@@ -214,6 +215,17 @@ def test_metrics_public_passes_the_check(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "refusing" not in done.stderr
     assert f"{missing}: file not found" in done.stderr
+
+
+def test_a_metrics_port_in_use_stops_the_start(test_registry: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve_command("--metrics-port", str(port), "--registry", str(test_registry))
+    assert done.returncode == 2, done.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert "listening on" not in done.stderr  # the gRPC server never started
 
 
 def test_a_bad_metrics_port_is_a_usage_error() -> None:
