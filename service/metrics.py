@@ -15,7 +15,7 @@ names no model at all (ListModels) has an empty model label.
 
 from __future__ import annotations
 
-import logging
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
     from .domain import Generation
     from .models import ModelManager
-
-log = logging.getLogger(__name__)
 
 #: the label of a model name that is neither a registry entry nor loaded, and of an unknown backend
 OTHER = "other"
@@ -56,7 +54,8 @@ class NoMetrics:
         """One batched backend call of ``rows`` requests."""
 
     def first_token(self, model: str, seconds: float) -> None:
-        """The first token of a generation arrived ``seconds`` after the call began."""
+        """The first token of a generation arrived ``seconds`` after the call began. Called where a backend
+        reports its first token (streaming); a unary call cannot tell it from the last, so it records none."""
 
     def tokens(self, model: str, generation: Generation) -> None:
         """A generation's usage."""
@@ -171,8 +170,6 @@ class Metrics(NoMetrics):
         return child
 
     def load(self, model: str, error: BaseException | None) -> None:
-        import asyncio
-
         outcome = "ok" if error is None else "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
         self._loads.labels(model, outcome).inc()
 
