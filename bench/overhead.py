@@ -4,7 +4,7 @@ Both servers run in a process of their own, so every call crosses the same loopb
 boundary; what is left between the two is clemserve's own work (the client's conversions, validation,
 model lookup, scheduling, the echo backend and the answer's conversion back).
 
-    python bench/overhead.py [--calls N] [--payload BYTES]
+    python bench/overhead.py [--calls N] [--payload BYTES] [--server-args "--metrics-port 9464"]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import gc
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -87,13 +88,13 @@ def raw_server() -> Iterator[str]:
 
 
 @contextmanager
-def clemserve_server() -> Iterator[str]:
-    """``clemserve serve`` on a free loopback port with the packaged registry; stopped with SIGTERM.
+def clemserve_server(flags: list[str]) -> Iterator[str]:
+    """``clemserve serve`` on a free loopback port with the packaged registry and ``flags``; stopped with SIGTERM.
 
     It runs in a fresh temporary directory so that no ./model_registry.json or ./key.json is picked up.
     """
     with tempfile.TemporaryDirectory(prefix="clemserve-bench-") as tmp:
-        server = start_server(Path(tmp))
+        server = start_server(Path(tmp), *flags)
         try:
             yield server.address
         except BaseException:
@@ -228,11 +229,11 @@ def report(rows: list[Stats], setup: list[str]) -> None:
 # --- main -------------------------------------------------------------------------------------------
 
 
-def run(calls: int, payload_chars: int) -> None:
+def run(calls: int, payload_chars: int, flags: list[str]) -> None:
     import clemserve.client as backends
 
     messages = game_messages(payload_chars)
-    with clemserve_server() as address, raw_server() as raw_address:
+    with clemserve_server(flags) as address, raw_server() as raw_address:
         backends.connect(address)
         model = backends.get_model_for("echo")
         # the raw call carries exactly the bytes clemserve's client sends for this Generate
@@ -256,6 +257,7 @@ def run(calls: int, payload_chars: int) -> None:
         f"in {BLOCKS} alternating blocks of {len(raw_ns) // BLOCKS}",
         f"request: one user message of {len(messages[-1]['content'])} characters, {len(payload)} bytes on the wire",
         f"one call at a time, sync clients, each server in its own process, {os.cpu_count()} CPUs",
+        f"clemserve flags: {shlex.join(flags) or 'none'}",
     ]
     print("\n".join(setup))
     rows = [Stats("raw grpcio unary echo", raw_ns), Stats("clemserve Generate (echo model)", served_ns)]
@@ -266,6 +268,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per path (default 2000)")
     parser.add_argument("--payload", type=int, default=512, help="message size in bytes (ASCII text; default 512)")
+    parser.add_argument("--server-args", default="", help="extra clemserve serve flags, e.g. '--metrics-port 9464'")
     parser.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_raw:
@@ -273,7 +276,7 @@ def main() -> int:
         return 0
     if args.calls < BLOCKS or args.payload < 1:
         parser.error(f"--calls must be at least {BLOCKS} and --payload at least 1")
-    run(args.calls, args.payload)
+    run(args.calls, args.payload, shlex.split(args.server_args))
     return 0
 
 

@@ -15,6 +15,7 @@ from . import clemcore_setup
 from .commands import CLIENT_COMMANDS, add_commands, run
 from .config import add_server_options, config_from_args
 from .logs import configure_logging
+from .metrics import exposure_problem as metrics_exposure_problem
 from .security import exposure_problem
 
 log = logging.getLogger("clemserve")
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     configure_logging(config.log_level)
     exposed = exposure_problem(config.host, config.security) if args.command == "serve" else None
+    if args.command == "serve" and config.metrics_port:
+        exposed = exposed or metrics_exposure_problem(config.metrics_host, config.metrics_public)
     if exposed:
         print(f"clemserve: {exposed}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .scheduler import SchedulingPolicy
-from .security import Security, security_from_args
+from .security import Security, _switch, security_from_args
 from .validation import Limits
 
 
@@ -32,6 +32,11 @@ class ServerConfig:
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
+    #: the Prometheus endpoint's port; 0: no metrics at all
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    #: serve metrics on a non-loopback --metrics-host (they have no token or TLS)
+    metrics_public: bool = False
 
     @property
     def address(self) -> str:
@@ -187,6 +192,21 @@ _OPTIONS = (
         None,
         switch=True,
     ),
+    # metrics: see service/metrics.py and the README's "Metrics"
+    _Option(
+        "--metrics-port",
+        "CLEMSERVE_METRICS_PORT",
+        "serve Prometheus metrics over HTTP on this port (0: off, nothing is recorded)",
+        "0",
+    ),
+    _Option("--metrics-host", "CLEMSERVE_METRICS_HOST", "address the metrics endpoint binds", "127.0.0.1"),
+    _Option(
+        "--metrics-public",
+        "CLEMSERVE_METRICS_PUBLIC",
+        "allow a non-loopback --metrics-host: the endpoint has no token or TLS, anyone who connects reads it",
+        None,
+        switch=True,
+    ),
     _Option(
         "--preload",
         "CLEMSERVE_PRELOAD",
@@ -250,7 +270,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         limits=limits_from_args(args),
         security=security_from_args(args),
+        metrics_port=_metrics_port(int(number("metrics_port", args.metrics_port, int))),
+        metrics_host=args.metrics_host,
+        metrics_public=_switch(args.metrics_public),
     )
+
+
+def _metrics_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"clemserve: --metrics-port must be 0 (off) or a port number up to 65535, got {port}")
+    return port
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:

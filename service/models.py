@@ -18,6 +18,7 @@ from clemserve.registry.errors import ClemserveError, InvalidArgumentError, Reso
 
 from .backends import Backend, BackendContext, BackendDeadError, backend_class
 from .domain import GenArgs, Generation, Message, TokenCount
+from .metrics import NoMetrics
 from .safety import check_selector
 from .scheduler import Scheduler, SchedulingPolicy
 from .validation import validate_messages
@@ -68,6 +69,7 @@ class ModelManager:
         *,
         allow_client_specs: bool = False,
         policy: SchedulingPolicy | None = None,
+        metrics: NoMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.context = context
@@ -80,6 +82,8 @@ class ModelManager:
         self._resolved: OrderedDict[str, tuple[ModelSpec, str]] = OrderedDict()
         #: told (model name, serving?) when a model becomes ready, dies or is unloaded (the health service)
         self.on_health: Callable[[str, bool], Awaitable[None]] | None = None
+        self.metrics = metrics or NoMetrics()
+        self.metrics.watch(self)
 
     # -- resolution ---------------------------------------------------------------------------
 
@@ -145,6 +149,7 @@ class ModelManager:
             model.state = ModelState.FAILED
             model.reason = str(exc) if isinstance(exc, ClemserveError) else f"{type(exc).__name__}: {exc}"
             log.warning("loading %s failed: %s", name, model.reason)
+            self.metrics.load(name, exc)
             if backend is not None:
                 await _quietly_unload(backend)
             if isinstance(exc, MemoryError):
@@ -157,10 +162,12 @@ class ModelManager:
             concurrency=backend.concurrency,
             run_one=backend.generate,
             run_batch=backend.generate_rows if backend.batches else None,
+            metrics=self.metrics,
         )
         model.load_seconds = time.perf_counter() - started
         model.state, model.reason = ModelState.READY, ""
         log.info("loaded %s in %.2f s", name, model.load_seconds)
+        self.metrics.load(name, None)
         await self._health(name, True)
         return backend
 
@@ -237,6 +244,7 @@ class ModelManager:
             model.in_flight -= 1
             if model.in_flight == 0:
                 model.idle.set()
+        self.metrics.tokens(spec["model_name"], generation)
         generation.response["clem_player"] = {
             "call_start": str(call_start),
             "call_duration": str(duration),
@@ -262,6 +270,10 @@ class ModelManager:
             seen.add(key)
         listed.extend(model for key, model in self._models.items() if key not in seen)
         return listed
+
+    def loaded(self) -> list[LoadedModel]:
+        """The models in the cache: loading, ready or failed."""
+        return list(self._models.values())
 
     def status_of(self, spec: ModelSpec) -> LoadedModel:
         return self._models.get(cache_key(spec)) or LoadedModel(spec)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from clemserve.registry.errors import ResourceExhaustedError
 
 from .domain import GenArgs, Generation, Message
+from .metrics import NoMetrics
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ class Scheduler:
         concurrency: int,
         run_one: RunOne,
         run_batch: RunBatch | None = None,
+        metrics: NoMetrics | None = None,
     ) -> None:
         self.name = name
+        self.metrics = metrics or NoMetrics()
         self.policy = policy
         self.run_one = run_one
         self.run_batch = run_batch
@@ -120,6 +123,7 @@ class Scheduler:
         async with self._slots:
             self.running += 1
             started = time.monotonic()
+            self.metrics.queued(self.name, 0.0)  # the fast path: no queue, no batch
             try:
                 return await self.run_one(messages, args)
             finally:
@@ -200,6 +204,10 @@ class Scheduler:
             )
         self.running += len(batch)
         started = time.monotonic()
+        for ticket in batch:
+            self.metrics.queued(self.name, started - ticket.enqueued)
+        if self.run_batch is not None:
+            self.metrics.batch(self.name, len(batch))
         try:
             if self.run_batch is not None:
                 results = await self.run_batch([t.messages for t in batch], batch[0].args, [t.cancel for t in batch])

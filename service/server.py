@@ -19,6 +19,7 @@ from .auth import interceptors, server_credentials
 from .backends import BackendContext, RetryPolicy
 from .config import ServerConfig
 from .logs import redact_logs
+from .metrics import create as create_metrics
 from .models import ModelManager
 from .secrets import Redactor
 from .servicer import ModelServicer
@@ -44,7 +45,11 @@ def build_manager(config: ServerConfig) -> ModelManager:
     )
     context = BackendContext(keys=keys, cache_dir=config.cache_dir, retry=retry, redactor=redactor)
     return ModelManager(
-        registry, context, allow_client_specs=config.security.allow_client_specs, policy=config.scheduling
+        registry,
+        context,
+        allow_client_specs=config.security.allow_client_specs,
+        policy=config.scheduling,
+        metrics=create_metrics(config.metrics_port),
     )
 
 
@@ -64,6 +69,20 @@ def _protection(config: ServerConfig) -> str:
     admin = "admin token for state changes" if security.admin_token else "no admin token"
     specs = "client specs allowed" if security.allow_client_specs else "registry entries only"
     return f"{transport}, {token}, {admin}, {specs}"
+
+
+def _serve_metrics(config: ServerConfig, manager: ModelManager) -> bool:
+    """Start the Prometheus endpoint when --metrics-port is set; False when its address cannot be bound."""
+    if not manager.metrics.enabled:
+        log.info("metrics off (--metrics-port 0)")
+        return True
+    try:
+        port = manager.metrics.serve(config.metrics_host, config.metrics_port)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, config.metrics_port, exc.strerror or exc)
+        return False
+    log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
+    return True
 
 
 async def serve(config: ServerConfig, manager: ModelManager) -> int:
@@ -102,6 +121,8 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
     if port == 0:
         log.error("cannot bind %s", config.address)
         return 2
+    if not _serve_metrics(config, manager):
+        return 2
     await server.start()
     log.info("listening on %s:%d (%s)", config.host, port, _protection(config))
 
@@ -122,5 +143,6 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_period_s)
     await manager.shutdown()
+    manager.metrics.stop()
     log.info("stopped")
     return 0

@@ -42,21 +42,25 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
         token = request_id_var.set("-")
+        started, code = time.perf_counter(), grpc.StatusCode.CANCELLED  # stays CANCELLED if the caller leaves
         remaining = context.time_remaining()
         deadline_token = deadline_var.set(None if remaining is None else time.monotonic() + remaining)
         try:
             request_id_var.set(_request_id(request, context))
             validate_request_size(request.ByteSize(), self.limits)  # type: ignore[attr-defined]
             response = await handler(self, request, context)
+            code = grpc.StatusCode.OK
             log.debug("%s -> OK", handler.__name__)
             return response
         except Exception as exc:
             err = as_clemserve_error(exc, request_id_var.get())
             status = to_grpc_status(err, request_id_var.get(), self.manager.context.redactor)
             log.info("%s -> %s: %s", handler.__name__, err.code, status.details)
+            code = status.code
             await context.abort(status.code, status.details, status.trailing_metadata)
             raise AssertionError("unreachable: abort raises") from None
         finally:
+            self.manager.metrics.request(handler.__name__, request, code, time.perf_counter() - started)
             request_id_var.reset(token)
             deadline_var.reset(deadline_token)
 

@@ -26,6 +26,8 @@ _BACKENDS: dict[str, str] = {
 
 #: clembench backends that this server does not serve (yet); a clear error beats "unknown backend"
 _NOT_SERVED = {"llamacpp", "slurk"}
+#: every backend name clemserve knows, served or not: a bounded set (metric labels)
+KNOWN_BACKENDS = frozenset(_BACKENDS) | frozenset(_NOT_SERVED)
 
 
 def backend_class(name: str) -> type[Backend]:
