@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
+from ..streaming import text_sink
 from ..validation import reject_unsupported_args
-from .base import Backend, Progress
+from .base import Backend, Progress, stream_words
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class FaultBackend(Backend):
         await asyncio.sleep(self._number("sleep_s"))
         words = await self._stream() if "stream_tokens" in config else last_user.split()
         text = " ".join(words[: args.max_tokens])
+        if "stream_tokens" not in config:
+            stream_words(text)
         count = await self.count_tokens(messages)
         return Generation(
             prompt=[dict(m) for m in messages],
@@ -78,10 +81,13 @@ class FaultBackend(Backend):
     async def _stream(self) -> list[str]:
         total, delay = int(self._number("stream_tokens")), self._number("token_delay_s")
         words: list[str] = []
+        sink = text_sink.get()
         try:
             for i in range(total):
                 await asyncio.sleep(delay)
                 words.append(f"t{i}")
+                if sink is not None:
+                    sink(f"t{i}" if i == 0 else f" t{i}")
         except asyncio.CancelledError:
             log.info("fault backend %s: generation stopped after %d of %d tokens", self.model_name, len(words), total)
             raise
