@@ -343,6 +343,12 @@ class IncrementalDecoder:
         piece, self._sent = text[self._sent :], len(text)
         return piece
 
+    def flush(self) -> str:
+        """What is still held back once no token follows (an incomplete character, as the final decode has it)."""
+        text = self._decode(self._tokens)
+        piece, self._sent = text[self._sent :], len(text)
+        return piece
+
 
 class BatchStreamer:
     """transformers' streamer interface for a whole batch, called from the generation thread: the first
@@ -362,14 +368,20 @@ class BatchStreamer:
             sink, cancel, decoder = self._rows[row]
             if not self._open[row] or cancel.is_set():
                 continue
-            piece = decoder.push(int(token))
-            if piece and sink is not None:
-                sink(piece)
+            self._send(sink, decoder.push(int(token)))
             if token in self._eos:
                 self._open[row] = False
 
     def end(self) -> None:
-        """Nothing held: a character still incomplete at the end stays out, as it is in the decoded text."""
+        """The rows cut at max_tokens: what they held back, so the pieces add up to the decoded text."""
+        for row, (sink, cancel, decoder) in enumerate(self._rows):
+            if self._open[row] and not cancel.is_set():
+                self._send(sink, decoder.flush())
+
+    @staticmethod
+    def _send(sink: TextSink | None, piece: str) -> None:
+        if piece and sink is not None:
+            sink(piece)
 
 
 def _stop_on(cancels: Sequence[threading.Event]) -> Any:
