@@ -146,17 +146,17 @@ class ModelManager:
         model.loads += 1
         loop = asyncio.get_running_loop()
 
-        def report(line: str, fraction: float | None) -> None:
+        def tell(line: str, fraction: float) -> None:
+            for observer in model.load_observers:
+                observer.loading(fraction, line)
+
+        def progress(line: str, fraction: float | None = None) -> None:
+            """Backends report from their load thread or the event loop; observers are told on the loop."""
             model.reason = line
             if fraction is not None:
                 model.progress = max(model.progress, min(1.0, fraction))
-            for observer in model.load_observers:
-                observer.loading(model.progress, line)
-
-        def progress(line: str, fraction: float | None = None) -> None:
-            """Backends report from their load thread or the event loop; the report runs on the loop."""
             log.info("loading %s: %s", name, line)
-            loop.call_soon_threadsafe(report, line, fraction)
+            loop.call_soon_threadsafe(tell, line, model.progress)
 
         started = time.perf_counter()
         backend: Backend | None = None
