@@ -64,7 +64,7 @@ class FaultBackend(Backend):
         if config.get("oom_on") and str(config["oom_on"]) in last_user:
             raise MemoryError(f"fault backend: {config['oom_on']!r} in the message")
         await asyncio.sleep(self._number("sleep_s"))
-        words = await self._stream() if "stream_tokens" in config else last_user.split()
+        words = await self._stream(args.max_tokens) if "stream_tokens" in config else last_user.split()
         text = " ".join(words[: args.max_tokens])
         if "stream_tokens" not in config:
             stream_words(text)
@@ -78,7 +78,8 @@ class FaultBackend(Backend):
             finish_reason=FinishReason.LENGTH if len(words) > args.max_tokens else FinishReason.STOP,
         )
 
-    async def _stream(self) -> list[str]:
+    async def _stream(self, max_tokens: int) -> list[str]:
+        """The slow generation; the tokens within ``max_tokens`` (the reply's text) stream as they come."""
         total, delay = int(self._number("stream_tokens")), self._number("token_delay_s")
         words: list[str] = []
         sink = text_sink.get()
@@ -86,7 +87,7 @@ class FaultBackend(Backend):
             for i in range(total):
                 await asyncio.sleep(delay)
                 words.append(f"t{i}")
-                if sink is not None:
+                if sink is not None and i < max_tokens:
                     sink(f"t{i}" if i == 0 else f" t{i}")
         except asyncio.CancelledError:
             log.info("fault backend %s: generation stopped after %d of %d tokens", self.model_name, len(words), total)
