@@ -291,7 +291,8 @@ class HuggingfaceLocalBackend(Backend):
             raise
         sequences = output.sequences
         if cancels is not None and (gone := sum(cancels[i].is_set() for i in live)):
-            log.info("%s: stopped %d row(s) early: their callers went away", self.model_name, gone)
+            steps = int(sequences.shape[1]) - padded_length
+            log.info("%s: stopped %d row(s) early: their callers went away (%d steps)", self.model_name, gone, steps)
         eos_ids = _eos_ids(model, tokenizer)
         for row, i in enumerate(live):
             # merged requests drop the left padding their batch-mates caused; a clembench batch keeps it
