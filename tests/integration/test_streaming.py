@@ -32,6 +32,7 @@ def stream_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     slow = build_tiny_llama(folder / "slow-llama", max_positions=4096, hidden=256, layers=6)
     entries = [
         hf_entry("cold-llama", tiny_model_dir),
+        hf_entry("cold-llama-shared", tiny_model_dir),
         hf_entry("slow-llama", slow),
         {"model_name": "echo-small", "backend": "echo", "model_id": "echo", "context_size": "64", "model_config": {}},
         {
@@ -99,6 +100,25 @@ def test_a_cold_model_streams_loading_ready_text_and_the_unary_reply(stream_serv
     for timed in (response, reply.response):
         timed.pop("clem_player")
     assert (prompt, response, text) == (reply.prompt, reply.response, reply.response_text)
+
+
+def test_streams_that_join_a_running_load_see_its_progress_too(stream_server: ServerProcess) -> None:
+    results: list[list[Any]] = [[], [], []]
+
+    def stream(i: int) -> None:
+        results[i].extend(model(stream_server, "cold-llama-shared", max_tokens=4).generate_stream(HELLO))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for events in results:
+        loading = [e for e in events if isinstance(e, StreamState) and e.phase == "loading"]
+        assert loading and loading[-1].progress > 0, events
+        assert isinstance(events[-1], StreamReply)
+    assert len({e[-1].response_text for e in results}) == 1
+    assert stream_server.log().count("loaded cold-llama-shared in") == 1
 
 
 def test_a_waiting_request_is_queued_then_takes_the_slot_a_leaving_stream_frees(stream_server: ServerProcess) -> None:
