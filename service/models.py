@@ -132,7 +132,10 @@ class ModelManager:
             # shield: a caller that gives up must not cancel the load that others wait on
             await asyncio.shield(model.load_task)
             return model
-        observer.loading(model.progress, model.reason)  # a load already running: where it stands now
+        if model.state is ModelState.LOADING:  # a load already running: where it stands now
+            observer.loading(model.progress, model.reason)
+        else:  # the load just started (the model's reason may still be a failed load's)
+            observer.loading(0.0, "starting")
         model.load_observers.add(observer)
         try:
             await asyncio.shield(model.load_task)

@@ -9,6 +9,9 @@ one batched call, waiting at most ``max_wait_s`` for a batch to fill; other back
 
 A caller that cancels or passes its deadline leaves the queue at once; a running one is told through
 its ``cancel`` event, which a batching backend checks between tokens.
+
+A streamed request's ticket carries its observer: told how many requests are ahead when it queues, when
+it starts, and its text (a batching backend gets one text sink per row; others find it in ``text_sink``).
 """
 
 from __future__ import annotations
