@@ -41,6 +41,7 @@ from .model import (
     load_models,
     resolve,
 )
+from .streaming import StreamEvent, StreamReply, StreamState, TextDelta
 
 __all__ = [
     "AsyncModel",
@@ -60,6 +61,10 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "ServerError",
+    "StreamEvent",
+    "StreamReply",
+    "StreamState",
+    "TextDelta",
     "TokenCount",
     "UnauthenticatedError",
     "UnavailableError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from .convert import (
     triple_from_proto,
 )
 from .errors import error_from_row, error_from_rpc
+from .streaming import StreamEvent, TextDelta, event_from_proto
 
 PROGRAMMATIC_SPECS = ("mock", "programmatic")
 HUMAN_SPECS = ("human", "terminal")
@@ -121,6 +122,13 @@ class _ModelBase:
             args=gen_args_to_proto(self._gen_args),
         )
 
+    def _stream_request(self, messages: Sequence[Mapping[str, Any]]) -> pb.GenerateStreamRequest:
+        return pb.GenerateStreamRequest(
+            model=self._selector,
+            messages=messages_to_proto(messages),
+            args=gen_args_to_proto(self._gen_args),
+        )
+
     def _batch_request(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> pb.GenerateBatchRequest:
         conversations = [
             pb.Conversation(messages=messages_to_proto(messages, f"batch[{i}]"))
@@ -173,6 +181,22 @@ class Model(_ModelBase):
         reply = _call(self.address, self._stub().Generate, self._request(messages), self.timeout)
         return triple_from_proto(reply)
 
+    def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[StreamEvent]:
+        """The reply as it happens: StreamState events (loading, queued, ready), TextDelta pieces, and last a
+        StreamReply with generate_response's triple. Leaving the loop early cancels the call on the server."""
+        call = self._stub().GenerateStream(self._stream_request(messages), timeout=self.timeout)
+        try:
+            for message in call:
+                yield event_from_proto(message)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from exc
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    def stream_text(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[str]:
+        """Only the text pieces of :meth:`generate_stream`."""
+        return (event.text for event in self.generate_stream(messages) if isinstance(event, TextDelta))
+
     def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
         """One result per conversation, in order, from one GenerateBatch call (the server batches the rows).
         As in clembench, a failing row fails the call: its error is raised; see ``generate_batch``."""
@@ -209,6 +233,17 @@ class AsyncModel(_ModelBase):
     async def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         reply = await self._acall(self._stub().Generate, self._request(messages))
         return triple_from_proto(reply)
+
+    async def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> AsyncIterator[StreamEvent]:
+        """The asyncio twin of :meth:`Model.generate_stream`."""
+        call = self._stub().GenerateStream(self._stream_request(messages), timeout=self.timeout)
+        try:
+            async for message in call:
+                yield event_from_proto(message)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address) from exc
+        finally:
+            call.cancel()
 
     async def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
         return _raise_first(await self.generate_batch(batch_messages))

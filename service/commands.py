@@ -41,6 +41,9 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     generate.add_argument("-l", "--max-tokens", type=int, default=300)
     generate.add_argument("--system", default=None, help="a system message before the text")
     generate.add_argument("--json", action="store_true", help="print the whole (prompt, response, text) triple")
+    generate.add_argument(
+        "--stream", action="store_true", help="print the text as it is generated, the request's state to stderr"
+    )
     generate.add_argument("text", nargs="+", help="the user message")
     load = command("load", "load a model on the server now, showing its progress")
     load.add_argument("model")
@@ -126,12 +129,31 @@ def _generate(args: argparse.Namespace) -> int:
     if args.system is not None:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": " ".join(args.text)})
-    prompt, response, text = model.generate_response(messages)
+    prompt, response, text = _streamed(model, messages, args.json) if args.stream else model.generate_response(messages)
     if args.json:
         print(json.dumps({"prompt": prompt, "response": response, "response_text": text}, indent=2, ensure_ascii=False))
-    else:
+    elif not args.stream:
         print(text)
     return EXIT_OK
+
+
+def _streamed(model: Any, messages: list[dict[str, Any]], quiet: bool) -> Any:
+    """generate_stream's events as they come: states to stderr, the text to stdout (unless only the JSON
+    triple is wanted); the reply's triple."""
+    from clemserve.client import StreamReply, StreamState, TextDelta
+
+    for event in model.generate_stream(messages):
+        if isinstance(event, StreamState):
+            progress = f" {event.progress:.0%}" if event.phase == "loading" else ""
+            ahead = f" behind {event.requests_ahead}" if event.phase == "queued" else ""
+            print(f"[{event.phase}{progress}{ahead}] {event.detail}".rstrip(), file=sys.stderr, flush=True)
+        elif isinstance(event, TextDelta) and not quiet:
+            print(event.text, end="", flush=True)
+        elif isinstance(event, StreamReply):
+            if not quiet:
+                print()
+            return event.triple
+    raise RuntimeError("the stream ended without a reply")
 
 
 def _load(args: argparse.Namespace) -> int:

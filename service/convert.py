@@ -19,6 +19,7 @@ from .domain import (
     Message,
     TokenCount,
 )
+from .streaming import StreamEvent, TextDelta
 from .validation import (
     DEFAULT_LIMITS,
     Limits,
@@ -97,9 +98,10 @@ def gen_args_from_proto(args: pb.GenerationArgs, limits: Limits = DEFAULT_LIMITS
 
 
 def generate_request_from_proto(
-    request: pb.GenerateRequest, limits: Limits = DEFAULT_LIMITS
+    request: pb.GenerateRequest | pb.GenerateStreamRequest, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[Selector, list[Message], GenArgs]:
-    """A Generate request's selector, messages and arguments, each checked against ``limits``."""
+    """A Generate (or GenerateStream: same fields) request's selector, messages and arguments, each checked
+    against ``limits``."""
     return (
         selector_from_proto(request.model, limits=limits),
         messages_from_proto(request.messages, limits=limits),
@@ -120,6 +122,19 @@ def generation_to_proto(generation: Generation, spec: ModelSpec, request_id: str
         finish_reason=pb.FinishReason.Value(f"FINISH_REASON_{generation.finish_reason.name}"),
         model_spec=spec_to_proto(spec),
         request_id=request_id,
+    )
+
+
+def stream_event_to_proto(event: StreamEvent) -> pb.GenerateStreamResponse:
+    if isinstance(event, TextDelta):
+        return pb.GenerateStreamResponse(delta=pb.TextDelta(text=event.text))
+    return pb.GenerateStreamResponse(
+        state=pb.StreamState(
+            phase=pb.StreamPhase.Value(f"STREAM_PHASE_{event.phase.name}"),
+            progress=event.progress,
+            detail=event.detail,
+            requests_ahead=event.requests_ahead,
+        )
     )
 
 

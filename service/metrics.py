@@ -54,8 +54,8 @@ class NoMetrics:
         """One batched backend call of ``rows`` requests."""
 
     def first_token(self, model: str, seconds: float) -> None:
-        """The first token of a generation arrived ``seconds`` after the call began. Called where a backend
-        reports its first token (streaming); a unary call cannot tell it from the last, so it records none."""
+        """A streamed request's first text arrived ``seconds`` after the request did (a load and the queue
+        included); a unary call cannot tell its first token from its last, so it records none."""
 
     def tokens(self, model: str, generation: Generation) -> None:
         """A generation's usage."""

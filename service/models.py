@@ -21,6 +21,7 @@ from .domain import GenArgs, Generation, Message, TokenCount
 from .metrics import NoMetrics
 from .safety import check_selector
 from .scheduler import Scheduler, SchedulingPolicy
+from .streaming import StreamObserver, text_sink
 from .validation import validate_messages
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class LoadedModel:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: orders and batches the model's requests once it is ready
     scheduler: Scheduler | None = None
+    #: how far the current or last load got, 0 to 1 (as far as the backend can tell; 1 once ready)
+    progress: float = 0.0
+    #: streamed requests waiting for this load, told of its progress
+    load_observers: set[StreamObserver] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -119,7 +124,7 @@ class ModelManager:
     async def load(self, selector: str | Mapping[str, Any]) -> LoadedModel:
         return await self._ready(*self._servable(selector))
 
-    async def _ready(self, spec: ModelSpec, key: str) -> LoadedModel:
+    async def _ready(self, spec: ModelSpec, key: str, observer: StreamObserver | None = None) -> LoadedModel:
         model = self._models.get(key)
         if model is None:
             model = self._models[key] = LoadedModel(spec)
@@ -127,18 +132,38 @@ class ModelManager:
             return model
         if model.load_task is None or model.load_task.done():
             model.load_task = asyncio.create_task(self._load(model), name=f"load {spec['model_name']}")
-        # shield: a caller that gives up must not cancel the load that others wait on
-        await asyncio.shield(model.load_task)
+        if observer is None:
+            # shield: a caller that gives up must not cancel the load that others wait on
+            await asyncio.shield(model.load_task)
+            return model
+        if model.state is ModelState.LOADING:  # a load already running: where it stands now
+            observer.loading(model.progress, model.reason)
+        else:  # the load just started (the model's reason may still be a failed load's)
+            observer.loading(0.0, "starting")
+        model.load_observers.add(observer)
+        try:
+            await asyncio.shield(model.load_task)
+        finally:
+            model.load_observers.discard(observer)
         return model
 
     async def _load(self, model: LoadedModel) -> Backend:
         name = model.spec["model_name"]
-        model.state, model.reason = ModelState.LOADING, "starting"
+        model.state, model.reason, model.progress = ModelState.LOADING, "starting", 0.0
         model.loads += 1
+        loop = asyncio.get_running_loop()
 
-        def progress(line: str) -> None:
+        def tell(line: str, fraction: float) -> None:
+            for observer in model.load_observers:
+                observer.loading(fraction, line)
+
+        def progress(line: str, fraction: float | None = None) -> None:
+            """Backends report from their load thread or the event loop; observers are told on the loop."""
             model.reason = line
+            if fraction is not None:
+                model.progress = max(model.progress, min(1.0, fraction))
             log.info("loading %s: %s", name, line)
+            loop.call_soon_threadsafe(tell, line, model.progress)
 
         started = time.perf_counter()
         backend: Backend | None = None
@@ -165,7 +190,7 @@ class ModelManager:
             metrics=self.metrics,
         )
         model.load_seconds = time.perf_counter() - started
-        model.state, model.reason = ModelState.READY, ""
+        model.state, model.reason, model.progress = ModelState.READY, "", 1.0
         log.info("loaded %s in %.2f s", name, model.load_seconds)
         self.metrics.load(name, None)
         await self._health(name, True)
@@ -218,13 +243,19 @@ class ModelManager:
     # -- serving ------------------------------------------------------------------------------
 
     async def generate(
-        self, selector: str | Mapping[str, Any], messages: Sequence[Message], args: GenArgs, caller: str = ""
+        self,
+        selector: str | Mapping[str, Any],
+        messages: Sequence[Message],
+        args: GenArgs,
+        caller: str = "",
+        observer: StreamObserver | None = None,
     ) -> tuple[ModelSpec, Generation]:
-        """One reply; ``caller`` (a game process) gets its fair turn among the model's waiting callers."""
+        """One reply; ``caller`` (a game process) gets its fair turn among the model's waiting callers.
+        ``observer`` (a streamed request) is told of the load, the queue and the text as they happen."""
         spec, key = self._servable(selector)
         validate_messages(messages)
         merged = ensure_alternating_roles(list(messages))
-        model = await self._ready(spec, key)
+        model = await self._ready(spec, key, observer)
         assert model.backend is not None
         model.in_flight += 1
         model.idle.clear()
@@ -232,7 +263,10 @@ class ModelManager:
             call_start = datetime.now()
             started = time.perf_counter()
             assert model.scheduler is not None
-            generation = await model.scheduler.submit(merged, args, caller)
+            if observer is None:
+                generation = await model.scheduler.submit(merged, args, caller)
+            else:
+                generation = await self._observed(model.scheduler, merged, args, caller, observer)
             duration = timedelta(seconds=time.perf_counter() - started)
         except BackendDeadError as exc:
             await self._dead(key, model, exc)
@@ -252,6 +286,21 @@ class ModelManager:
             "model_name": spec["model_name"],
         }
         return spec, generation
+
+    async def _observed(
+        self, scheduler: Scheduler, messages: Sequence[Message], args: GenArgs, caller: str, observer: StreamObserver
+    ) -> Generation:
+        """A streamed request's submit: its backend finds the observer's text sink; a backend that streams
+        nothing (remote APIs) has its whole text sent as one piece when the reply arrives."""
+        token = text_sink.set(observer.text)
+        try:
+            generation = await scheduler.submit(messages, args, caller, observer)
+        finally:
+            text_sink.reset(token)
+        if not observer.texted:
+            observer.text(generation.text)
+        self.metrics.first_token(scheduler.name, observer.first_text_at - observer.created)
+        return generation
 
     async def count_tokens(self, selector: str | Mapping[str, Any], messages: Sequence[Message]) -> TokenCount:
         spec, key = self._servable(selector)

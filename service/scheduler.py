@@ -9,6 +9,9 @@ one batched call, waiting at most ``max_wait_s`` for a batch to fill; other back
 
 A caller that cancels or passes its deadline leaves the queue at once; a running one is told through
 its ``cancel`` event, which a batching backend checks between tokens.
+
+A streamed request's ticket carries its observer: told how many requests are ahead when it queues, when
+it starts, and its text (a batching backend gets one text sink per row; others find it in ``text_sink``).
 """
 
 from __future__ import annotations
@@ -21,17 +24,32 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from clemserve.registry.errors import ResourceExhaustedError
 
 from .domain import GenArgs, Generation, Message
 from .metrics import NoMetrics
+from .streaming import StreamObserver, TextSink, text_sink
 
 log = logging.getLogger(__name__)
 
 Outcome = Generation | BaseException
-#: runs one batch: rows, their shared arguments, one cancel event per row -> a result or an error per row
-RunBatch = Callable[[list[Sequence[Message]], GenArgs, list[threading.Event]], Awaitable[list[Outcome]]]
+
+
+class RunBatch(Protocol):
+    """Runs one batch: rows, their shared arguments, one cancel event per row and, only when some row
+    streams, one text sink per row -> a result or an error per row."""
+
+    def __call__(
+        self,
+        rows: list[Sequence[Message]],
+        args: GenArgs,
+        cancels: list[threading.Event],
+        sinks: list[TextSink | None] | None = None,
+    ) -> Awaitable[list[Outcome]]: ...
+
+
 RunOne = Callable[[Sequence[Message], GenArgs], Awaitable[Generation]]
 
 
@@ -55,6 +73,8 @@ class Ticket:
     enqueued: float = field(default_factory=time.monotonic)
     #: the task running this ticket alone (backends without batching), cancelled with its caller
     task: asyncio.Task[None] | None = None
+    #: told when the request starts and what text it produces (streamed requests)
+    observer: StreamObserver | None = None
 
     @property
     def batch_key(self) -> str:
@@ -93,7 +113,9 @@ class Scheduler:
     def queued(self) -> int:
         return sum(len(q) for q in self._callers.values())
 
-    async def submit(self, messages: Sequence[Message], args: GenArgs, caller: str) -> Generation:
+    async def submit(
+        self, messages: Sequence[Message], args: GenArgs, caller: str, observer: StreamObserver | None = None
+    ) -> Generation:
         if self.queued >= self.policy.max_queue:
             raise ResourceExhaustedError(
                 f"{self.name} has {self.queued} requests waiting, its queue's limit; try again shortly",
@@ -101,8 +123,12 @@ class Scheduler:
             )
         self._last_seen[caller] = time.monotonic()
         if self.run_batch is None and not self._callers and not self._slots.locked():
+            if observer is not None:
+                observer.ready()
             return await self._run_now(messages, args)  # nobody waits and a slot is free: no queue trip
-        ticket = Ticket(messages, args, caller, asyncio.get_running_loop().create_future())
+        ticket = Ticket(messages, args, caller, asyncio.get_running_loop().create_future(), observer=observer)
+        if observer is not None and (ahead := self.queued + (self.running if self._slots.locked() else 0)):
+            observer.queued(ahead)
         if caller not in self._callers:
             self._callers[caller] = deque()
             self._turns.append(caller)
@@ -208,10 +234,23 @@ class Scheduler:
             self.metrics.queued(self.name, started - ticket.enqueued)
         if self.run_batch is not None:
             self.metrics.batch(self.name, len(batch))
+        observers = [t.observer for t in batch]
+        for observer in observers:
+            if observer is not None:
+                observer.ready()
+        sinks: list[TextSink | None] | None = None
+        if any(observers):
+            sinks = [o.text if o is not None else None for o in observers]
         try:
             if self.run_batch is not None:
-                results = await self.run_batch([t.messages for t in batch], batch[0].args, [t.cancel for t in batch])
+                rows, cancels = [t.messages for t in batch], [t.cancel for t in batch]
+                if sinks is None:
+                    results = await self.run_batch(rows, batch[0].args, cancels)
+                else:
+                    results = await self.run_batch(rows, batch[0].args, cancels, sinks)
             else:
+                if sinks is not None:
+                    text_sink.set(sinks[0])  # this task's own context: the backend finds it there
                 results = [await _outcome(self.run_one(batch[0].messages, batch[0].args))]
             for ticket, result in zip(batch, results, strict=True):
                 if ticket.future.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -20,6 +21,7 @@ from . import convert
 from .logs import deadline_var, request_id_var
 from .models import LoadedModel, ModelManager
 from .status import as_clemserve_error, to_grpc_status, to_row_error
+from .streaming import StreamObserver
 from .validation import Limits, validate_messages, validate_request_id, validate_request_size
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+StreamHandler = Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]
 
 
 def _request_id(request: object, context: grpc.aio.ServicerContext) -> str:
@@ -36,33 +39,53 @@ def _request_id(request: object, context: grpc.aio.ServicerContext) -> str:
     return validate_request_id(str(explicit)) if explicit else uuid.uuid4().hex
 
 
+@contextlib.asynccontextmanager
+async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """What every RPC shares: the request id in every log line, the deadline, the size check, and every
+    failure (before or while a stream runs) turned into one well-formed status."""
+    token = request_id_var.set("-")
+    started, code = time.perf_counter(), grpc.StatusCode.CANCELLED  # stays CANCELLED if the caller leaves
+    remaining = context.time_remaining()
+    deadline_token = deadline_var.set(None if remaining is None else time.monotonic() + remaining)
+    try:
+        request_id_var.set(_request_id(request, context))
+        validate_request_size(request.ByteSize(), servicer.limits)
+        yield
+        code = grpc.StatusCode.OK
+        log.debug("%s -> OK", name)
+    except Exception as exc:
+        err = as_clemserve_error(exc, request_id_var.get())
+        status = to_grpc_status(err, request_id_var.get(), servicer.manager.context.redactor)
+        log.info("%s -> %s: %s", name, err.code, status.details)
+        code = status.code
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        raise AssertionError("unreachable: abort raises") from None
+    finally:
+        servicer.manager.metrics.request(name, request, code, time.perf_counter() - started)
+        request_id_var.reset(token)
+        deadline_var.reset(deadline_token)
+
+
 def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Request id in every log line; every failure becomes one well-formed status."""
+    """A unary RPC served with :func:`_serving`."""
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
-        token = request_id_var.set("-")
-        started, code = time.perf_counter(), grpc.StatusCode.CANCELLED  # stays CANCELLED if the caller leaves
-        remaining = context.time_remaining()
-        deadline_token = deadline_var.set(None if remaining is None else time.monotonic() + remaining)
-        try:
-            request_id_var.set(_request_id(request, context))
-            validate_request_size(request.ByteSize(), self.limits)  # type: ignore[attr-defined]
-            response = await handler(self, request, context)
-            code = grpc.StatusCode.OK
-            log.debug("%s -> OK", handler.__name__)
-            return response
-        except Exception as exc:
-            err = as_clemserve_error(exc, request_id_var.get())
-            status = to_grpc_status(err, request_id_var.get(), self.manager.context.redactor)
-            log.info("%s -> %s: %s", handler.__name__, err.code, status.details)
-            code = status.code
-            await context.abort(status.code, status.details, status.trailing_metadata)
-            raise AssertionError("unreachable: abort raises") from None
-        finally:
-            self.manager.metrics.request(handler.__name__, request, code, time.perf_counter() - started)
-            request_id_var.reset(token)
-            deadline_var.reset(deadline_token)
+        async with _serving(self, handler.__name__, request, context):
+            return await handler(self, request, context)
+        raise AssertionError("unreachable: _serving returns or raises")
+
+    return wrapper
+
+
+def stream_rpc(handler: StreamHandler[Request, Response]) -> StreamHandler[Request, Response]:
+    """A server-streaming RPC served with :func:`_serving`: an error mid-stream ends it with its status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+        async with _serving(self, handler.__name__, request, context):
+            async for response in handler(self, request, context):
+                yield response
 
     return wrapper
 
@@ -156,11 +179,22 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         count = await self.manager.count_tokens(selector, messages)
         return convert.token_count_to_proto(count)
 
+    @stream_rpc
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GenerateStream is not served yet")
-        yield pb.GenerateStreamResponse()
+        """Generate, with the request's state and text sent as they happen; the reply is the last message.
+        The generation runs in a task of its own; the caller leaving cancels it (and frees its slot)."""
+        selector, messages, args = convert.generate_request_from_proto(request, self.limits)
+        observer = StreamObserver()
+        task = asyncio.create_task(self.manager.generate(selector, messages, args, _caller(context), observer))
+        try:
+            async for event in observer.events_until(task):
+                yield convert.stream_event_to_proto(event)
+            spec, generation = task.result()
+        finally:
+            task.cancel()
+        yield pb.GenerateStreamResponse(reply=convert.generation_to_proto(generation, spec, request_id_var.get()))
 
     async def LeaseModel(
         self, request: pb.LeaseModelRequest, context: grpc.aio.ServicerContext

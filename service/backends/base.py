@@ -10,20 +10,26 @@ from __future__ import annotations
 import abc
 import asyncio
 import random
+import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, UnavailableError
 
 from ..domain import GenArgs, Generation, Message, TokenCount
 from ..secrets import Redactor
+from ..streaming import TextSink, text_sink
 
-#: called with a short human-readable line while a load makes progress
-Progress = Callable[[str], None]
+
+class Progress(Protocol):
+    """Called with a short human-readable line while a load makes progress, and the fraction done (0 to 1)
+    where the backend can tell (streamed requests and ListModels show it)."""
+
+    def __call__(self, line: str, fraction: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,14 @@ class Backend(abc.ABC):
         return list(await asyncio.gather(*(self.generate(row, args) for row in rows)))
 
     async def generate_rows(
-        self, rows: Sequence[Sequence[Message]], args: GenArgs, cancels: Sequence[threading.Event]
+        self,
+        rows: Sequence[Sequence[Message]],
+        args: GenArgs,
+        cancels: Sequence[threading.Event],
+        sinks: Sequence[TextSink | None] | None = None,
     ) -> list[Generation | BaseException]:
-        """Independent requests in one call (backends with ``batches``); each row's error is its own."""
+        """Independent requests in one call (backends with ``batches``); each row's error is its own, and a
+        row with a text sink is told its text as it is generated."""
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -100,6 +111,15 @@ class Backend(abc.ABC):
 
     async def unload(self) -> None:  # noqa: B027 - optional hook
         """Free what ``load`` took."""
+
+
+def stream_words(text: str) -> None:
+    """Send ``text`` word by word (keeping its spaces) to a streamed request's sink, if there is one: the
+    diagnostic backends stream this way so that streaming can be tested without a model."""
+    sink = text_sink.get()
+    if sink is not None:
+        for piece in re.findall(r"\s*\S+|\s+$", text):
+            sink(piece)
 
 
 class BackendDeadError(UnavailableError):

@@ -14,7 +14,7 @@ from clemserve.registry.errors import ContextExceededError
 
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TokenCount
 from ..validation import reject_unsupported_args
-from .base import Backend, Progress
+from .base import Backend, Progress, stream_words
 from .context import parse_context_size
 
 DEFAULT_CONTEXT = 131072
@@ -53,6 +53,7 @@ class EchoBackend(Backend):
         words = last_user.split()
         truncated = len(words) > args.max_tokens
         text = " ".join(words[: args.max_tokens]) if truncated else last_user
+        stream_words(text)
         return Generation(
             prompt=[_loggable(m) for m in messages],
             response={"response": text},

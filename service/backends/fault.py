@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
+from ..streaming import text_sink
 from ..validation import reject_unsupported_args
-from .base import Backend, Progress
+from .base import Backend, Progress, stream_words
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ class FaultBackend(Backend):
         if config.get("oom_on") and str(config["oom_on"]) in last_user:
             raise MemoryError(f"fault backend: {config['oom_on']!r} in the message")
         await asyncio.sleep(self._number("sleep_s"))
-        words = await self._stream() if "stream_tokens" in config else last_user.split()
+        words = await self._stream(args.max_tokens) if "stream_tokens" in config else last_user.split()
         text = " ".join(words[: args.max_tokens])
+        if "stream_tokens" not in config:
+            stream_words(text)
         count = await self.count_tokens(messages)
         return Generation(
             prompt=[dict(m) for m in messages],
@@ -75,13 +78,17 @@ class FaultBackend(Backend):
             finish_reason=FinishReason.LENGTH if len(words) > args.max_tokens else FinishReason.STOP,
         )
 
-    async def _stream(self) -> list[str]:
+    async def _stream(self, max_tokens: int) -> list[str]:
+        """The slow generation; the tokens within ``max_tokens`` (the reply's text) stream as they come."""
         total, delay = int(self._number("stream_tokens")), self._number("token_delay_s")
         words: list[str] = []
+        sink = text_sink.get()
         try:
             for i in range(total):
                 await asyncio.sleep(delay)
                 words.append(f"t{i}")
+                if sink is not None and i < max_tokens:
+                    sink(f"t{i}" if i == 0 else f" t{i}")
         except asyncio.CancelledError:
             log.info("fault backend %s: generation stopped after %d of %d tokens", self.model_name, len(words), total)
             raise

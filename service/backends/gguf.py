@@ -58,7 +58,7 @@ def prepared_folder(source: dict[str, Any], cache_dir: Path, progress: Progress)
     target = cache_dir / "gguf" / f"{gguf_path.stem}-{digest}"
     if (target / _DONE).exists():
         return target
-    progress(f"preparing {gguf_path.name} once into {target} (later loads reuse it)")
+    progress(f"preparing {gguf_path.name} once into {target} (later loads reuse it)", 0.05)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     try:
@@ -68,16 +68,16 @@ def prepared_folder(source: dict[str, Any], cache_dir: Path, progress: Progress)
         work.rename(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    progress("prepared")
+    progress("prepared", 0.3)
     return target
 
 
 def _convert(gguf_path: Path, out: Path, progress: Progress) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress("step 1/3: reading the tokenizer from GGUF")
+    progress("step 1/3: reading the tokenizer from GGUF", 0.1)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    progress("step 2/3: de-quantizing the GGUF weights")
+    progress("step 2/3: de-quantizing the GGUF weights", 0.15)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -86,6 +86,6 @@ def _convert(gguf_path: Path, out: Path, progress: Progress) -> None:
     plain = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     plain.load_state_dict(quantized.state_dict())
     del quantized
-    progress("step 3/3: writing the transformers folder")
+    progress("step 3/3: writing the transformers folder", 0.25)
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)

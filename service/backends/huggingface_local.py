@@ -12,7 +12,7 @@ import asyncio
 import importlib.util
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from clemserve.registry.errors import ContextExceededError, InvalidArgumentError, ResourceExhaustedError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
+from ..streaming import TextSink
 from ..validation import reject_unsupported_args
 from . import gguf
 from .base import Backend, Progress, missing_dependency
@@ -96,7 +97,7 @@ class HuggingfaceLocalBackend(Backend):
             token_kwargs["token"] = self.context.keys.get_key_for("huggingface")["api_key"]
         _check_memory(source, self.model_name)
 
-        progress(f"loading tokenizer and config from {source}")
+        progress(f"loading tokenizer and config from {source}", 0.35)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **token_kwargs)
             hf_config = AutoConfig.from_pretrained(source, **token_kwargs)
@@ -117,7 +118,7 @@ class HuggingfaceLocalBackend(Backend):
         if config.get("attn_implementation"):
             model_kwargs["attn_implementation"] = config["attn_implementation"]
 
-        progress("loading weights")
+        progress("loading weights", 0.4)
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
         except OSError as exc:
@@ -139,7 +140,7 @@ class HuggingfaceLocalBackend(Backend):
         self.model = model
         self.device = next(model.parameters()).device
         self.context_size = context_size(hf_config, tokenizer, self.spec)
-        progress(f"ready: context size {self.context_size}, device {self.device}")
+        progress(f"ready: context size {self.context_size}, device {self.device}", 1.0)
 
     def _padding_side(self, config: dict[str, Any], hf_config: Any) -> str:
         side = config.get("padding_side")
@@ -176,9 +177,14 @@ class HuggingfaceLocalBackend(Backend):
         return (await self.generate_batch([messages], args))[0]
 
     async def generate_rows(
-        self, rows: Sequence[Sequence[Message]], args: GenArgs, cancels: Sequence[threading.Event]
+        self,
+        rows: Sequence[Sequence[Message]],
+        args: GenArgs,
+        cancels: Sequence[threading.Event],
+        sinks: Sequence[TextSink | None] | None = None,
     ) -> list[Generation | BaseException]:
-        """Independent requests merged into one batched call by the scheduler; a row's error is its own."""
+        """Independent requests merged into one batched call by the scheduler; a row's error is its own.
+        A row with a sink (a streamed request) gets its text token by token as it is generated."""
         reject_unsupported_args(args.extra, self.supported_args, self.name)
         results: list[Generation | BaseException | None] = [None] * len(rows)
         live = []
@@ -190,8 +196,14 @@ class HuggingfaceLocalBackend(Backend):
                 results[i] = exc
         if live:
             loop = asyncio.get_running_loop()
+            streamed = None if sinks is None else [_on_loop(loop, sinks[i]) for i in live]
             done = await loop.run_in_executor(
-                self._executor, self._generate_blocking, [rows[i] for i in live], args, [cancels[i] for i in live]
+                self._executor,
+                self._generate_blocking,
+                [rows[i] for i in live],
+                args,
+                [cancels[i] for i in live],
+                streamed,
             )
             for i, result in zip(live, done, strict=True):
                 results[i] = result
@@ -218,8 +230,9 @@ class HuggingfaceLocalBackend(Backend):
         rows: Sequence[Sequence[Message]],
         args: GenArgs,
         cancels: Sequence[threading.Event] | None = None,
+        sinks: Sequence[TextSink | None] | None = None,
     ) -> list[Generation | BaseException]:
-        """One ``model.generate`` call for all rows.
+        """One ``model.generate`` call for all rows (``sinks``: each merged request's text, as it comes).
 
         Without ``cancels`` the rows are one clembench batch: every row is checked at the padded length,
         one row over the limit fails them all, and the prompt and response texts keep the padding, as
@@ -261,6 +274,9 @@ class HuggingfaceLocalBackend(Backend):
             sampling = {"do_sample": True, "temperature": args.temperature, "top_p": model.generation_config.top_p}
         if cancels is not None:
             sampling["stopping_criteria"] = _stop_on([cancels[i] for i in live])
+            if sinks is not None:
+                rows_live = [(sinks[i], cancels[i]) for i in live]
+                sampling["streamer"] = BatchStreamer(tokenizer, rows_live, _eos_ids(model, tokenizer))
         try:
             output = model.generate(
                 input_ids,
@@ -275,7 +291,8 @@ class HuggingfaceLocalBackend(Backend):
             raise
         sequences = output.sequences
         if cancels is not None and (gone := sum(cancels[i].is_set() for i in live)):
-            log.info("%s: stopped %d row(s) early: their callers went away", self.model_name, gone)
+            steps = int(sequences.shape[1]) - padded_length
+            log.info("%s: stopped %d row(s) early: their callers went away (%d steps)", self.model_name, gone, steps)
         eos_ids = _eos_ids(model, tokenizer)
         for row, i in enumerate(live):
             # merged requests drop the left padding their batch-mates caused; a clembench batch keeps it
@@ -297,6 +314,75 @@ class HuggingfaceLocalBackend(Backend):
                 finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
             )
         return [r for r in results if r is not None]
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, sink: TextSink | None) -> TextSink | None:
+    """``sink``, callable from the generation thread: each piece is handed to the event loop."""
+    if sink is None:
+        return None
+
+    def hand_over(piece: str) -> None:
+        loop.call_soon_threadsafe(sink, piece)
+
+    return hand_over
+
+
+class IncrementalDecoder:
+    """One row's text as its tokens arrive: each new token yields the text it adds. A token that ends in
+    the middle of a multi-byte character (decoded as U+FFFD) is held back until the character is whole."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._tokens: list[int] = []
+        self._sent = 0
+
+    def push(self, token: int) -> str:
+        self._tokens.append(token)
+        text = self._decode(self._tokens)  # the whole row each time: exactly the final decode's text
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self._sent = text[self._sent :], len(text)
+        return piece
+
+    def flush(self) -> str:
+        """What is still held back once no token follows (an incomplete character, as the final decode has it)."""
+        text = self._decode(self._tokens)
+        piece, self._sent = text[self._sent :], len(text)
+        return piece
+
+
+class BatchStreamer:
+    """transformers' streamer interface for a whole batch, called from the generation thread: the first
+    ``put`` is the prompts, then one new token per row per step. A row's text goes to its sink until its
+    end-of-sequence token (included, as the reply's raw text keeps special tokens) or its caller leaves;
+    padding after that and rows without a sink emit nothing."""
+
+    def __init__(self, tokenizer: Any, rows: Sequence[tuple[TextSink | None, threading.Event]], eos: set[int]) -> None:
+        self._rows = [(sink, cancel, IncrementalDecoder(tokenizer.decode)) for sink, cancel in rows]
+        self._eos = eos
+        self._open = [sink is not None for sink, _ in rows]
+
+    def put(self, value: Any) -> None:
+        if value.dim() > 1:
+            return  # the prompts
+        for row, token in enumerate(value.tolist()):
+            sink, cancel, decoder = self._rows[row]
+            if not self._open[row] or cancel.is_set():
+                continue
+            self._send(sink, decoder.push(int(token)))
+            if token in self._eos:
+                self._open[row] = False
+
+    def end(self) -> None:
+        """The rows cut at max_tokens: what they held back, so the pieces add up to the decoded text."""
+        for row, (sink, cancel, decoder) in enumerate(self._rows):
+            if self._open[row] and not cancel.is_set():
+                self._send(sink, decoder.flush())
+
+    @staticmethod
+    def _send(sink: TextSink | None, piece: str) -> None:
+        if piece and sink is not None:
+            sink(piece)
 
 
 def _stop_on(cancels: Sequence[threading.Event]) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 from clemserve.registry.errors import InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
+from ..streaming import text_sink
 from .base import Backend, BackendDeadError, Progress, missing_dependency
 from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, refuse_images, weights_missing
 
@@ -55,20 +56,20 @@ class VLLMBackend(Backend):
             except (OSError, ValueError) as exc:
                 raise weights_missing(self.model_name, source, exc) from None
 
-        progress(f"reading tokenizer and config from {source}")
+        progress(f"reading tokenizer and config from {source}", 0.1)
         tokenizer, hf_config = await asyncio.to_thread(read_tokenizer)
         self.chat = ChatTokenizer(tokenizer, config, self.model_name)
         self.context_size = context_size(hf_config, tokenizer, self.spec)
 
         engine_args = self._engine_args(AsyncEngineArgs, source, token)
-        progress(f"starting the vLLM engine ({', '.join(f'{k}={v}' for k, v in sorted(engine_args.items()))})")
+        progress(f"starting the vLLM engine ({', '.join(f'{k}={v}' for k, v in sorted(engine_args.items()))})", 0.3)
         try:
             # building the engine profiles memory and warms up: seconds to minutes, so not on the event loop
             self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**engine_args))
         except (OSError, ValueError) as exc:
             raise weights_missing(self.model_name, source, exc) from None
         self.context_size = min(self.context_size, int(engine_args.get("max_model_len") or self.context_size))
-        progress(f"ready: context size {self.context_size}")
+        progress(f"ready: context size {self.context_size}", 1.0)
 
     def _engine_args(self, engine_args_class: Any, source: str, token: str | None) -> dict[str, Any]:
         """clembench's defaults (tensor_parallel_size from number_gpus, the model's context), then vllm_args."""
@@ -137,9 +138,13 @@ class VLLMBackend(Backend):
 
         request_id = f"clemserve-{os.getpid()}-{next(_request_numbers)}"
         final = None
+        sink, sent = text_sink.get(), 0
         try:
             async for output in self.engine.generate(TokensPrompt(prompt_token_ids=ids), sampling, request_id):
                 final = output
+                if sink is not None:  # outputs are cumulative (the default output kind): send what is new
+                    sink(output.outputs[0].text[sent:])
+                    sent = len(output.outputs[0].text)
         except asyncio.CancelledError:
             # the caller went away or its deadline passed: free the engine's slot at once
             await self.engine.abort(request_id)

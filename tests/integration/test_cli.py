@@ -62,3 +62,19 @@ def test_unreachable_server_exit_code(tmp_path: Path) -> None:
         run = subprocess.run([*CLEMSERVE, *command, "--address", address], capture_output=True, text=True, timeout=60)
         assert run.returncode == 4, run.stderr
         assert address in run.stderr
+
+
+def test_generate_streams_the_text_and_reports_the_state_on_stderr(server: ServerProcess, tmp_path: Path) -> None:
+    run = shell(
+        """
+        clemserve generate -m echo --stream hello streamed world; echo "exit=$?"
+        clemserve generate -m echo --stream --json -l 1 one two > triple.json; echo "exit=$?"
+        clemserve generate -m echo -t 9 --stream hi; echo "exit=$?"
+        """,
+        server.address,
+        tmp_path,
+    )
+    assert run.stdout.splitlines() == ["hello streamed world", "exit=0", "exit=0", "exit=3"], run.stderr
+    assert "[ready]" in run.stderr.splitlines()
+    assert json.loads((tmp_path / "triple.json").read_text())["response_text"] == "one"
+    assert "args.temperature" in run.stderr

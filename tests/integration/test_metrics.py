@@ -279,3 +279,24 @@ def test_no_secret_reaches_a_scrape(tmp_path: Path) -> None:
     assert_no_key_leaks(text)
     for i in range(len(token) - 4):
         assert token[i : i + 5] not in text and token[::-1][i : i + 5] not in text
+
+
+def test_streamed_requests_record_time_to_first_token(
+    metrics_server: tuple[ServerProcess, int], after_calls: Any
+) -> None:
+    server, port = metrics_server
+    echo = backends.get_model_for("echo", address=server.address, timeout=60)
+    for i in range(2):
+        pieces = [e.text for e in echo.generate_stream([{"role": "user", "content": f"one two three {i}"}])
+                  if isinstance(e, backends.TextDelta)]  # fmt: skip
+        assert "".join(pieces).split() == ["one", "two", "three", str(i)]
+    found = samples(scrape(port))
+    assert value(found, "clemserve_time_to_first_token_seconds_count", model="echo") == 2
+    first = value(found, "clemserve_time_to_first_token_seconds_sum", model="echo")
+    whole = value(
+        found, "clemserve_request_duration_seconds_sum", method="GenerateStream", model="echo", backend="echo"
+    )
+    assert 0 < first <= whole
+    assert (
+        value(found, "clemserve_requests_total", method="GenerateStream", model="echo", backend="echo", code="OK") == 2
+    )

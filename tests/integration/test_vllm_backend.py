@@ -188,3 +188,28 @@ def test_a_dead_engine_is_reported_and_reloaded(vllm_server: ServerProcess) -> N
             health_pb2.HealthCheckResponse.SERVING
         )
     assert m.generate_response(MESSAGES)[2] == expected  # loaded again, same answer
+
+
+def test_a_stream_forwards_the_engine_text_and_ends_with_the_unary_reply(vllm_server: ServerProcess) -> None:
+    from clemserve.client import StreamReply, StreamState, TextDelta
+
+    m = model(vllm_server, "tiny-vllm", max_tokens=24)
+    events = list(m.generate_stream(MESSAGES))
+    assert [e.phase for e in events if isinstance(e, StreamState)][-1] == "ready"
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    reply = events[-1]
+    assert isinstance(reply, StreamReply) and len(deltas) > 1
+    assert "".join(deltas) == reply.response["response"]  # the engine's text, before cleaning
+    prompt, response, text = m.generate_response(MESSAGES)
+    for timed in (response, reply.response):
+        timed.pop("clem_player")
+    assert (prompt, response, text) == reply.triple
+
+    aborted_before = vllm_server.log().count("aborted vLLM request")
+    stream = model(vllm_server, "tiny-vllm", max_tokens=400).generate_stream(MESSAGES)
+    assert any(isinstance(e, TextDelta) for e in stream)
+    stream.close()  # leaving mid-stream aborts the engine's request
+    deadline = time.monotonic() + 30
+    while vllm_server.log().count("aborted vLLM request") == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vllm_server.log().count("aborted vLLM request") > aborted_before

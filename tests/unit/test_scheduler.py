@@ -11,6 +11,7 @@ import pytest
 from clemserve.registry.errors import ResourceExhaustedError
 from clemserve.service.domain import GenArgs, Generation, Message
 from clemserve.service.scheduler import Outcome, Scheduler, SchedulingPolicy
+from clemserve.service.streaming import Phase, StreamObserver, StreamState, TextDelta, TextSink
 
 
 def msg(text: str) -> list[Message]:
@@ -136,3 +137,50 @@ def test_a_cancelled_caller_leaves_the_queue_and_its_running_row_is_told() -> No
     batches, told = asyncio.run(run())
     assert told  # the backend sees the running row's cancel event between tokens
     assert ["queued"] not in batches and batches[-1] == ["after"]
+
+
+class Streamer(Recorder):
+    """A batching backend stand-in that streams each row's text to its sink (when the batch has sinks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sinks: list[list[object]] = []
+
+    async def run_batch(  # type: ignore[override]
+        self,
+        rows: list[Sequence[Message]],
+        args: GenArgs,
+        cancels: list[threading.Event],
+        sinks: list[TextSink | None] | None = None,
+    ) -> list[Outcome]:
+        self.sinks.append(list(sinks) if sinks is not None else [])
+        for row, sink in zip(rows, sinks or [None] * len(rows), strict=True):
+            if sink is not None:
+                sink(row[-1]["content"])
+        return await super().run_batch(rows, args, cancels)
+
+
+def test_a_streamed_request_is_told_its_place_its_start_and_its_text() -> None:
+    async def run() -> tuple[list[object], Streamer]:
+        rec = Streamer()
+        rec.gate.clear()
+        s = scheduler(rec, max_batch=1, max_wait_s=0)
+        first = asyncio.ensure_future(s.submit(msg("first"), GenArgs(), "a"))
+        second = asyncio.ensure_future(s.submit(msg("second"), GenArgs(), "b"))
+        await asyncio.sleep(0.01)  # "first" runs and holds the only slot; "second" waits
+        observer = StreamObserver()
+        third = asyncio.ensure_future(s.submit(msg("third"), GenArgs(), "c", observer))
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        await asyncio.gather(first, second, third)
+        await s.close()
+        return [event async for event in observer.events_until(third)], rec
+
+    events, rec = asyncio.run(run())
+    assert events == [
+        StreamState(Phase.QUEUED, requests_ahead=2),  # one running, one queued ahead
+        StreamState(Phase.READY, 1.0),
+        TextDelta("third"),
+    ]
+    assert rec.sinks[:2] == [[], []]  # the unary requests got no sinks: their batches ran as before
+    assert len(rec.sinks[2]) == 1 and rec.sinks[2][0] is not None
