@@ -36,7 +36,8 @@ _MODEL_SERVICE = "/clemserve.v1.ModelService/"
 #: what the ordinary token allows. Every other RPC, those added later included, needs the admin token:
 #: a new state-changing RPC is gated until someone decides otherwise (a unit test makes them decide).
 USER_METHODS = frozenset(
-    _MODEL_SERVICE + name for name in ("Generate", "GenerateBatch", "ResolveModel", "ListModels", "CountTokens")
+    _MODEL_SERVICE + name
+    for name in ("Generate", "GenerateBatch", "ResolveModel", "ListModels", "CountTokens", "LeaseModel")
 )
 #: the RPCs that change what the server holds
 ADMIN_METHODS = frozenset(_MODEL_SERVICE + name for name in ("LoadModel", "UnloadModel"))

@@ -44,7 +44,11 @@ def build_manager(config: ServerConfig) -> ModelManager:
     )
     context = BackendContext(keys=keys, cache_dir=config.cache_dir, retry=retry, redactor=redactor)
     return ModelManager(
-        registry, context, allow_client_specs=config.security.allow_client_specs, policy=config.scheduling
+        registry,
+        context,
+        allow_client_specs=config.security.allow_client_specs,
+        policy=config.scheduling,
+        residency=config.residency,
     )
 
 

@@ -18,7 +18,7 @@ from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
 from . import convert
 from .logs import deadline_var, request_id_var
-from .models import LoadedModel, ModelManager
+from .models import LoadedModel, ModelManager, ModelState
 from .status import as_clemserve_error, to_grpc_status, to_row_error
 from .validation import Limits, validate_messages, validate_request_id, validate_request_size
 
@@ -51,16 +51,21 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
             log.debug("%s -> OK", handler.__name__)
             return response
         except Exception as exc:
-            err = as_clemserve_error(exc, request_id_var.get())
-            status = to_grpc_status(err, request_id_var.get(), self.manager.context.redactor)
-            log.info("%s -> %s: %s", handler.__name__, err.code, status.details)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await _abort(self, context, handler.__name__, exc)
             raise AssertionError("unreachable: abort raises") from None
         finally:
             request_id_var.reset(token)
             deadline_var.reset(deadline_token)
 
     return wrapper
+
+
+async def _abort(servicer: Any, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    """End the call with ``exc`` as one well-formed status (abort raises)."""
+    err = as_clemserve_error(exc, request_id_var.get())
+    status = to_grpc_status(err, request_id_var.get(), servicer.manager.context.redactor)
+    log.info("%s -> %s: %s", method, err.code, status.details)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _caller(context: grpc.aio.ServicerContext) -> str:
@@ -70,13 +75,22 @@ def _caller(context: grpc.aio.ServicerContext) -> str:
     return str(metadata.get("x-clemserve-caller") or context.peer() or "")
 
 
-def model_status(model: LoadedModel) -> pb.ModelStatus:
+def model_status(model: LoadedModel, leases: int = 0) -> pb.ModelStatus:
+    queued = model.scheduler.queued if model.scheduler is not None else 0
+    ready = model.state is ModelState.READY
     return pb.ModelStatus(
         model_spec=convert.spec_to_proto(model.spec),
         state=pb.ModelState.Value(f"MODEL_STATE_{model.state.name}"),
         state_reason=model.reason,
         load_seconds=model.load_seconds,
-        requests_in_flight=model.in_flight,
+        # the manager counts a request from its submission; the scheduler knows which still wait
+        requests_in_flight=max(0, model.in_flight - queued),
+        requests_queued=queued,
+        leases=leases,
+        estimated_memory_bytes=model.estimated_bytes,
+        measured_memory_bytes=model.measured_bytes if ready else 0,
+        load_progress=getattr(model, "progress", 0.0),
+        idle_seconds=time.monotonic() - model.last_used if ready and not model.in_flight else 0.0,
     )
 
 
@@ -129,12 +143,19 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_status(m) for m in self.manager.statuses()])
+        manager = self.manager
+        budget = manager.budget
+        return pb.ListModelsResponse(
+            models=[model_status(m, manager.leases_on(m.spec)) for m in manager.statuses()],
+            memory_budget_bytes=budget.total,
+            memory_used_bytes=manager.memory_used(),
+            memory_kind=budget.kind,
+        )
 
     @rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
         model = await self.manager.load(convert.selector_from_proto(request.model, limits=self.limits))
-        return pb.LoadModelResponse(status=model_status(model))
+        return pb.LoadModelResponse(status=model_status(model, self.manager.leases_on(model.spec)))
 
     @rpc
     async def UnloadModel(
@@ -161,5 +182,39 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def LeaseModel(
         self, request: pb.LeaseModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LeaseModelResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LeaseModel is not served yet")
-        yield pb.LeaseModelResponse()
+        """Keep a model resident while the stream is open: the lease ends when the caller cancels, its
+        channel goes away (the call is cancelled here) or the lease times out (a last message says so)."""
+        request_id_var.set(_request_id(request, context))
+        caller = _caller(context)
+        try:
+            selector = convert.selector_from_proto(request.model, limits=self.limits)
+            ttl = self._lease_ttl(request.ttl_seconds)
+            lease_id, key = self.manager.lease(selector, caller)
+        except Exception as exc:
+            await _abort(self, context, "LeaseModel", exc)
+            return
+        expires = time.monotonic() + ttl
+        log.info("lease %s on %s granted to %s for %.0f s", lease_id, key, caller, ttl)
+        try:
+            spec = self.manager.resolve(selector)
+            model = await self.manager.load(selector) if request.load else self.manager.status_of(spec)
+            leases = self.manager.leases_on(model.spec)
+            yield pb.LeaseModelResponse(
+                lease_id=lease_id, status=model_status(model, leases), expires_in_seconds=expires - time.monotonic()
+            )
+            await asyncio.sleep(max(0.0, expires - time.monotonic()))
+            log.info("lease %s of %s expired after %.0f s", lease_id, caller, ttl)
+            model = self.manager.status_of(spec)
+            yield pb.LeaseModelResponse(lease_id=lease_id, status=model_status(model, leases), expired=True)
+        except Exception as exc:
+            await _abort(self, context, "LeaseModel", exc)
+        finally:
+            self.manager.release(key, lease_id)
+            log.info("lease %s released by %s", lease_id, caller)
+
+    def _lease_ttl(self, requested: float) -> float:
+        """The server's lease timeout, shortened by the request's ttl_seconds (0: the timeout itself)."""
+        if requested < 0 or requested != requested:
+            raise InvalidArgumentError("ttl_seconds", f"must be 0 or a positive number of seconds, got {requested}")
+        limit = self.manager.residency.lease_timeout_s
+        return min(requested, limit) if requested > 0 else limit
