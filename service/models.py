@@ -106,6 +106,7 @@ class ModelManager:
         self.on_health: Callable[[str, bool], Awaitable[None]] | None = None
         self.residency = residency or ResidencyPolicy()
         self._budget: Budget | None = None
+        self._estimates: dict[str, int] = {}
         #: active leases by cache key: lease id -> caller; kept apart from the cache entry, which a reload replaces
         self._leases: dict[str, dict[str, str]] = {}
         self._load_slots = asyncio.Semaphore(max(1, self.residency.max_concurrent_loads))
@@ -173,6 +174,18 @@ class ModelManager:
             log.info("memory budget: %.2f GiB of %s", self._budget.total / 2**30, self._budget.kind)
         return self._budget
 
+    def estimate(self, key: str, spec: ModelSpec) -> int:
+        """The model's expected bytes, found once per cache key (reading file headers; run it off the loop)."""
+        found = self._estimates.get(key)
+        if found is None:
+            found = self._estimates[key] = estimate(spec, self.context.cache_dir, max_batch=self.policy.max_batch).total
+        return found
+
+    def estimate_registry(self) -> None:
+        """Estimate every registry entry not estimated yet (file headers: run it off the event loop)."""
+        for entry in self.registry:
+            self.estimate(cache_key(entry), entry)
+
     def memory_used(self) -> int:
         """What loaded and loading models hold in the budget, failed loads still unloading included."""
         return sum(m.charged_bytes for m in self._models.values()) + self._draining
@@ -183,10 +196,7 @@ class ModelManager:
         self._start_reaper()
         async with self._load_slots:
             try:
-                found = await asyncio.to_thread(
-                    estimate, model.spec, self.context.cache_dir, max_batch=self.policy.max_batch
-                )
-                model.estimated_bytes = found.total
+                model.estimated_bytes = await asyncio.to_thread(self.estimate, key, model.spec)
                 await self._admit(key, model)
             except BaseException as exc:
                 model.state, model.reason = ModelState.FAILED, _reason(exc)
@@ -458,12 +468,13 @@ class ModelManager:
         return await model.backend.count_tokens(ensure_alternating_roles(list(messages)))
 
     def statuses(self) -> list[LoadedModel]:
-        """Every registry entry (with its cache state when loaded), then loaded models no entry names."""
+        """Every registry entry (with its cache state when loaded, its estimate always), then loaded models
+        no entry names. Reads file headers for entries not estimated yet (``estimate_registry`` first avoids it)."""
         listed: list[LoadedModel] = []
         seen: set[str] = set()
         for entry in self.registry:
             key = cache_key(entry)
-            listed.append(self._models.get(key) or LoadedModel(entry))
+            listed.append(self._models.get(key) or LoadedModel(entry, estimated_bytes=self.estimate(key, entry)))
             seen.add(key)
         listed.extend(model for key, model in self._models.items() if key not in seen)
         return listed

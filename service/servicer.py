@@ -144,6 +144,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         manager = self.manager
+        await asyncio.to_thread(manager.estimate_registry)
         budget = manager.budget
         return pb.ListModelsResponse(
             models=[model_status(m, manager.leases_on(m.spec)) for m in manager.statuses()],
