@@ -162,7 +162,7 @@ def estimate(spec: ModelSpec, cache_dir: Path, *, max_batch: int = 1) -> Estimat
         if backend == "vllm":
             return _vllm_estimate(spec, config, cache_dir)
     except (OSError, ValueError, KeyError, TypeError, struct.error, ClemserveError) as exc:
-        log.warning("cannot estimate the memory of %s: %s", spec.get("model_name"), exc)
+        log.info("cannot estimate the memory of %s: %s", spec.get("model_name"), exc)
     return Estimate()
 
 
