@@ -190,14 +190,14 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         try:
             selector = convert.selector_from_proto(request.model, limits=self.limits)
             ttl = self._lease_ttl(request.ttl_seconds)
+            spec = self.manager.resolve(selector)
             lease_id, key = self.manager.lease(selector, caller)
         except Exception as exc:
             await _abort(self, context, "LeaseModel", exc)
             return
         expires = time.monotonic() + ttl
-        log.info("lease %s on %s granted to %s for %.0f s", lease_id, key, caller, ttl)
+        log.info("lease %s on %s granted to %s for %.0f s", lease_id, spec["model_name"], caller, ttl)
         try:
-            spec = self.manager.resolve(selector)
             model = await self.manager.load(selector) if request.load else self.manager.status_of(spec)
             leases = self.manager.leases_on(model.spec)
             yield pb.LeaseModelResponse(
