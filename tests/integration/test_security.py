@@ -74,7 +74,9 @@ ALL_RPCS = sorted(method.name for method in SERVICE.methods)
 def call(address: str, rpc: str, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
     request = RPCS.get(rpc) or getattr(pb, SERVICE.methods_by_name[rpc].input_type.name)()
     with grpc.insecure_channel(address) as channel:
-        return getattr(pb_grpc.ModelServiceStub(channel), rpc)(request, metadata=metadata, timeout=30)
+        reply = getattr(pb_grpc.ModelServiceStub(channel), rpc)(request, metadata=metadata, timeout=30)
+        # a server-streaming call fails only once it is read
+        return list(reply) if SERVICE.methods_by_name[rpc].server_streaming else reply
 
 
 def code_of(address: str, rpc: str, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.StatusCode:
