@@ -245,3 +245,17 @@ def test_harmless_selector_keys_reuse_the_loaded_copy(tmp_path: Path) -> None:
         assert proc.log().count("loaded shared") == 1
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_an_async_model_holds_and_releases_a_lease(budget_server: ServerProcess) -> None:
+    import asyncio
+
+    address = budget_server.address
+
+    async def game() -> None:
+        async with await backends.get_async_model_for("fault-b", address=address) as model:
+            await model.generate_response(USER)
+            assert _status(address, "fault-b").leases == 1
+        _eventually(lambda: _status(address, "fault-b").leases == 0)
+
+    asyncio.run(game())

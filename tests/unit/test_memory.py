@@ -129,3 +129,31 @@ def test_cache_key_ignores_what_does_not_change_the_loaded_model() -> None:
     assert cache_key(ModelSpec.from_dict({**entry, "huggingface_id": "org/other"})) != key
     assert cache_key(ModelSpec.from_dict({**entry, "model_config": {"a": 2}})) != key
     assert json.loads(key)["model_config"] == {"a": 1}
+
+
+def test_residency_flags_and_their_environment_twins() -> None:
+    from clemserve.service.config import parse_server_config
+
+    assert parse_server_config([], {}).residency == ResidencyPolicy()
+    config = parse_server_config(
+        ["--memory-budget", "8GiB", "--keep-alive", "0", "--load-timeout", "5"],
+        {"CLEMSERVE_MAX_CONCURRENT_LOADS": "2", "CLEMSERVE_LEASE_TIMEOUT": "60"},
+    )
+    assert config.residency == ResidencyPolicy(
+        memory_budget="8GiB", keep_alive_s=0, max_concurrent_loads=2, load_timeout_s=5, lease_timeout_s=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--memory-budget", "lots"], "--memory-budget"),
+        (["--lease-timeout", "0"], "--lease-timeout"),
+        (["--keep-alive", "soon"], "--keep-alive"),
+    ],
+)
+def test_bad_residency_flags_stop_the_start(flags: list[str], message: str) -> None:
+    from clemserve.service.config import parse_server_config
+
+    with pytest.raises(SystemExit, match=message):
+        parse_server_config(flags, {})
