@@ -259,3 +259,26 @@ def test_an_async_model_holds_and_releases_a_lease(budget_server: ServerProcess)
         _eventually(lambda: _status(address, "fault-b").leases == 0)
 
     asyncio.run(game())
+
+
+def test_list_models_counts_queued_requests(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The tiny Llama runs one call at a time (--max-batch 1): of four long calls, the others wait."""
+    proc = _server(tmp_path, [hf_entry("tiny", tiny_model_dir)], "--max-batch", "1")
+    try:
+        model = backends.get_model_for("tiny", address=proc.address)
+        model.set_gen_args(temperature=0.0, max_tokens=400)
+        model.generate_response(USER)
+        calls = [threading.Thread(target=model.generate_response, args=(USER,)) for _ in range(4)]
+        for call in calls:
+            call.start()
+        seen: list[tuple[int, int]] = []
+        while any(call.is_alive() for call in calls):
+            status = _status(proc.address, "tiny")
+            seen.append((status.requests_in_flight, status.requests_queued))
+        for call in calls:
+            call.join()
+        assert (1, 3) in seen or (1, 2) in seen, seen
+        assert max(queued for _, queued in seen) <= 3 and max(running for running, _ in seen) <= 1
+        model.close()
+    finally:
+        assert proc.stop() == 0, proc.log()
