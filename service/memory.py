@@ -15,7 +15,8 @@ The estimate reads only metadata, never weights:
 
 Measured memory is the change across a load: ``torch.cuda.memory_allocated`` on a GPU, the process's
 resident set (``/proc/self/statm``) otherwise. RSS deltas are approximate: the allocator keeps freed
-pages, and loads running at the same time share one process.
+pages, memory-mapped weights count only once touched, the first load also imports torch, and loads
+running at the same time share one process.
 """
 
 from __future__ import annotations
