@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -148,6 +149,13 @@ class _ModelBase:
         if call is not None:
             call.cancel()
 
+    def __del__(self) -> None:
+        """A model dropped without ``close()`` releases its lease; an asyncio call whose loop has closed is
+        gone already."""
+        if getattr(self, "_lease_call", None) is not None:
+            with contextlib.suppress(RuntimeError):
+                self._drop_lease()
+
     def _request(self, messages: Sequence[Mapping[str, Any]]) -> pb.GenerateRequest:
         return pb.GenerateRequest(
             model=self._selector,
@@ -221,10 +229,6 @@ class Model(_ModelBase):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if getattr(self, "_lease_call", None) is not None:
-            self._drop_lease()
-
     def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         """``(prompt, response_object, response_text)``, exactly as in-process clembench returns them."""
         if self.lease and time.monotonic() >= self._lease_until:
@@ -289,10 +293,6 @@ class AsyncModel(_ModelBase):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def __del__(self) -> None:
-        if getattr(self, "_lease_call", None) is not None:
-            self._drop_lease()
 
     async def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         if self.lease and time.monotonic() >= self._lease_until:
