@@ -9,8 +9,9 @@ The estimate reads only metadata, never weights:
   worst case of a full batch at full context.
 - GGUF entries (``model_config.gguf``): the tensor shapes in the GGUF file's header, counted as float32,
   which is what the backend's one-time conversion writes; the converted folder is not needed.
-- ``vllm``: the weights as above plus the engine's KV-cache space (``VLLM_CPU_KVCACHE_SPACE`` GiB on CPU,
-  ``gpu_memory_utilization`` of the GPU otherwise).
+- ``vllm``: the weights as above plus the engine's KV-cache space (``vllm_args.kv_cache_memory_bytes``,
+  else ``VLLM_CPU_KVCACHE_SPACE`` GiB on CPU, else the GPU's ``gpu_memory_utilization`` share minus the
+  weights: vLLM takes that share whole).
 - remote, ``echo``, ``fault``: 0, unless ``model_config.memory_bytes`` says otherwise.
 
 Measured memory is the change across a load: ``torch.cuda.memory_allocated`` on a GPU, the process's
@@ -190,10 +191,12 @@ def _vllm_estimate(spec: ModelSpec, config: dict[str, Any], cache_dir: Path) -> 
         hf_config = json.loads((folder / "config.json").read_text())
         weights = parameter_count(hf_config) * DTYPE_BYTES.get(str(hf_config.get("torch_dtype", "float32")), 4)
     args = config.get("vllm_args", {}) if isinstance(config.get("vllm_args"), dict) else {}
+    if args.get("kv_cache_memory_bytes"):
+        return Estimate(weights, int(args["kv_cache_memory_bytes"]), "vllm_args.kv_cache_memory_bytes")
     if _has_gpu():
         share = float(args.get("gpu_memory_utilization", 0.9))
         return Estimate(weights, max(0, int(_gpu_total() * share) - weights), "vllm gpu_memory_utilization")
-    space = float(args.get("kv_cache_space", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")))
+    space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))  # vLLM's CPU default is 4 GiB
     return Estimate(weights, int(space * 2**30), "vllm VLLM_CPU_KVCACHE_SPACE")
 
 

@@ -157,3 +157,36 @@ def test_bad_residency_flags_stop_the_start(flags: list[str], message: str) -> N
 
     with pytest.raises(SystemExit, match=message):
         parse_server_config(flags, {})
+
+
+def test_vllm_on_cpu_counts_its_kv_cache_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clemserve.service.memory as memory
+
+    folder = build_tiny_llama(tmp_path / "model")
+    monkeypatch.setattr(memory, "_has_gpu", lambda: False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    spec = ModelSpec(model_name="v", backend="vllm", huggingface_id=str(folder), model_config={})
+    weights = memory.safetensors_bytes(folder)
+    assert weights > 0 and estimate(spec, tmp_path).total == weights + 2 * 2**30
+    engine_args = {"vllm_args": {"kv_cache_memory_bytes": 12345}}
+    declared = ModelSpec(model_name="v", backend="vllm", huggingface_id=str(folder), model_config=engine_args)
+    assert estimate(declared, tmp_path).total == weights + 12345
+
+
+def test_the_demo_gguf_estimate_matches_its_converted_weights() -> None:
+    """Read from the GGUF header alone; compared with the converted folder where a cache holds one."""
+    import os
+
+    from clemserve.registry import ModelRegistry
+
+    cache = Path(os.environ.get("CLEMSERVE_CACHE_DIR", Path.home() / ".cache" / "clemserve"))
+    converted = sorted(cache.glob("gguf/SmolLM2-135M-Instruct*/model.safetensors"))
+    if not converted:
+        pytest.skip("the demo model has not been converted in this cache")
+    from clemserve.service.memory import safetensors_bytes
+
+    spec = ModelRegistry.from_files(()).resolve("smollm2-135m-instruct")
+    found = estimate(spec, Path("unused"), max_batch=1)
+    assert found.source == "gguf header"
+    assert found.weights == safetensors_bytes(converted[0].parent)
+    assert found.kv_cache > 0
