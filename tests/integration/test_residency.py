@@ -282,3 +282,27 @@ def test_list_models_counts_queued_requests(tmp_path: Path, tiny_model_dir: Path
         model.close()
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_concurrent_loads_do_not_share_the_same_free_memory(tmp_path: Path) -> None:
+    entries = [fault(name, memory_bytes=1000, load_delay_s=1) for name in ("slow-a", "slow-b")]
+    proc = _server(tmp_path, entries, "--memory-budget", "1500", "--max-concurrent-loads", "2")
+    outcomes: dict[str, object] = {}
+
+    def load(name: str) -> None:
+        try:
+            outcomes[name] = backends.preload(name, address=proc.address).state
+        except ResourceExhaustedError as exc:
+            outcomes[name] = exc
+
+    try:
+        loads = [threading.Thread(target=load, args=(name,)) for name in ("slow-a", "slow-b")]
+        for thread in loads:
+            thread.start()
+        for thread in loads:
+            thread.join()
+        refused = [o for o in outcomes.values() if isinstance(o, ResourceExhaustedError)]
+        assert sorted(map(str, outcomes.values())).count("ready") == 1 and len(refused) == 1, outcomes
+        assert "loading" in refused[0].metadata["held_by"]
+    finally:
+        assert proc.stop() == 0, proc.log()
