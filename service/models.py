@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -474,7 +474,11 @@ class ModelManager:
         seen: set[str] = set()
         for entry in self.registry:
             key = cache_key(entry)
-            listed.append(self._models.get(key) or LoadedModel(entry, estimated_bytes=self.estimate(key, entry)))
+            loaded = self._models.get(key)
+            # a copy that several selectors share (ENGINE_FIELDS) is listed as the entry itself
+            listed.append(
+                replace(loaded, spec=entry) if loaded else LoadedModel(entry, estimated_bytes=self.estimate(key, entry))
+            )
             seen.add(key)
         listed.extend(model for key, model in self._models.items() if key not in seen)
         return listed

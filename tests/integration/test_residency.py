@@ -238,10 +238,11 @@ def test_list_models_reports_memory_and_activity(tmp_path: Path, tiny_model_dir:
 def test_harmless_selector_keys_reuse_the_loaded_copy(tmp_path: Path) -> None:
     proc = _server(tmp_path, [fault("shared")])
     try:
-        backends.preload("shared", address=proc.address)
         backends.preload({"model_name": "shared", "temperature": 0.5}, address=proc.address)
-        names = [s.name for s in backends.list_models(address=proc.address)]
-        assert names.count("shared") == 1
+        backends.preload("shared", address=proc.address)
+        listed = [s for s in backends.list_models(address=proc.address) if s.name == "shared"]
+        assert len(listed) == 1 and listed[0].state == "ready"
+        assert "temperature" not in listed[0].model_spec  # the registry entry, not the selector that loaded it
         assert proc.log().count("loaded shared") == 1
     finally:
         assert proc.stop() == 0, proc.log()
