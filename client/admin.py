@@ -28,6 +28,13 @@ class ModelStatus:
     state_reason: str
     load_seconds: float
     requests_in_flight: int
+    requests_queued: int = 0
+    #: active leases holding it loaded
+    leases: int = 0
+    estimated_memory_bytes: int = 0
+    measured_memory_bytes: int = 0
+    load_progress: float = 0.0
+    idle_seconds: float = 0.0
 
     @property
     def name(self) -> str:
@@ -41,6 +48,12 @@ def _status(status: pb.ModelStatus) -> ModelStatus:
         state_reason=status.state_reason,
         load_seconds=status.load_seconds,
         requests_in_flight=status.requests_in_flight,
+        requests_queued=status.requests_queued,
+        leases=status.leases,
+        estimated_memory_bytes=status.estimated_memory_bytes,
+        measured_memory_bytes=status.measured_memory_bytes,
+        load_progress=status.load_progress,
+        idle_seconds=status.idle_seconds,
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +34,10 @@ HUMAN_SPECS = ("human", "terminal")
 DEFAULT_GEN_ARGS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 300}
 
 T = TypeVar("T")
+#: after a lease could not be taken, generation goes on without one and tries again this much later
+LEASE_RETRY_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class _ModelBase:
         gen_args: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         token: str | None = None,
+        lease: bool = True,
     ) -> None:
         assert "model_name" in model_spec, "The passed ModelSpec must have a `model_name` attribute"
         self.model_spec = model_spec
@@ -60,6 +68,11 @@ class _ModelBase:
         #: seconds per call (None: no deadline); generations on a cold model include its load
         self.timeout = timeout
         self._gen_args: dict[str, Any] = dict(DEFAULT_GEN_ARGS if gen_args is None else gen_args)
+        #: hold a lease (LeaseModel) from the first generation on, so the server keeps the model loaded
+        self.lease = lease
+        #: when the lease runs out (time.monotonic); until then a call checks nothing else
+        self._lease_until = 0.0
+        self._lease_call: Any = None
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -114,6 +127,35 @@ class _ModelBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} address={self.address!r}>"
+
+    def _lease_request(self) -> pb.LeaseModelRequest:
+        return pb.LeaseModelRequest(model=self._selector)
+
+    def _lease_taken(self, call: Any, first: pb.LeaseModelResponse) -> None:
+        self._lease_call = call
+        self._lease_until = time.monotonic() + first.expires_in_seconds
+        log.debug("lease %s on %s for %.0f s", first.lease_id, self.name, first.expires_in_seconds)
+
+    def _lease_refused(self, exc: grpc.RpcError) -> None:
+        """Generation goes on without a lease: a server without LeaseModel never gets asked again, others
+        after ``LEASE_RETRY_S``."""
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            self.lease = False
+        log.warning("%s: no lease (%s); generating without one", self.name, exc.details())
+        self._lease_call, self._lease_until = None, time.monotonic() + LEASE_RETRY_S
+
+    def _drop_lease(self) -> None:
+        """Cancel the lease's call: the server releases the lease at once."""
+        call, self._lease_call, self._lease_until = self._lease_call, None, 0.0
+        if call is not None:
+            call.cancel()
+
+    def __del__(self) -> None:
+        """A model dropped without ``close()`` releases its lease; an asyncio call whose loop has closed is
+        gone already."""
+        if getattr(self, "_lease_call", None) is not None:
+            with contextlib.suppress(RuntimeError):
+                self._drop_lease()
 
     def _request(self, messages: Sequence[Mapping[str, Any]]) -> pb.GenerateRequest:
         return pb.GenerateRequest(
@@ -176,14 +218,40 @@ class Model(_ModelBase):
             self._sync_stub = pb_grpc.ModelServiceStub(channel_for(self.address, self._token))
         return self._sync_stub
 
+    def _keep_lease(self) -> None:
+        """Before a generation: take the lease, or renew it once it expired; otherwise only a clock check."""
+        if self.lease and time.monotonic() >= self._lease_until:
+            self._hold_lease()
+
+    def _hold_lease(self) -> None:
+        """Take (or renew an expired) lease; the sync call is kept open without a thread."""
+        self._drop_lease()
+        call = self._stub().LeaseModel(self._lease_request())
+        try:
+            self._lease_taken(call, next(call))
+        except grpc.RpcError as exc:
+            self._lease_refused(exc)
+
+    def close(self) -> None:
+        """Release the lease (the server may then unload the model when it needs the memory or it idles)."""
+        self._drop_lease()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         """``(prompt, response_object, response_text)``, exactly as in-process clembench returns them."""
+        self._keep_lease()
         reply = _call(self.address, self._stub().Generate, self._request(messages), self.timeout)
         return triple_from_proto(reply)
 
     def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[StreamEvent]:
         """The reply as it happens: StreamState events (loading, queued, ready), TextDelta pieces, and last a
         StreamReply with generate_response's triple. Leaving the loop early cancels the call on the server."""
+        self._keep_lease()
         call = self._stub().GenerateStream(self._stream_request(messages), timeout=self.timeout)
         try:
             for message in call:
@@ -204,6 +272,7 @@ class Model(_ModelBase):
 
     def generate_batch(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple | ClemserveError]:
         """One outcome per conversation: its triple, or the error that row alone got."""
+        self._keep_lease()
         reply = _call(self.address, self._stub().GenerateBatch, self._batch_request(batch_messages), self.timeout)
         return _outcomes(reply)
 
@@ -214,7 +283,12 @@ class Model(_ModelBase):
     def as_async(self) -> AsyncModel:
         """The asyncio twin of this model, with the same spec and a copy of the gen args."""
         return AsyncModel(
-            self.model_spec, address=self.address, gen_args=self._gen_args, timeout=self.timeout, token=self._token
+            self.model_spec,
+            address=self.address,
+            gen_args=self._gen_args,
+            timeout=self.timeout,
+            token=self._token,
+            lease=self.lease,
         )
 
 
@@ -230,12 +304,37 @@ class AsyncModel(_ModelBase):
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.address) from exc
 
+    async def _keep_lease(self) -> None:
+        """The asyncio twin of :meth:`Model._keep_lease`."""
+        if self.lease and time.monotonic() >= self._lease_until:
+            await self._hold_lease()
+
+    async def _hold_lease(self) -> None:
+        self._drop_lease()
+        call = self._stub().LeaseModel(self._lease_request())
+        try:
+            self._lease_taken(call, await call.read())
+        except grpc.RpcError as exc:
+            self._lease_refused(exc)
+
+    async def aclose(self) -> None:
+        """Release the lease."""
+        self._drop_lease()
+
+    async def __aenter__(self) -> AsyncModel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
+        await self._keep_lease()
         reply = await self._acall(self._stub().Generate, self._request(messages))
         return triple_from_proto(reply)
 
     async def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> AsyncIterator[StreamEvent]:
         """The asyncio twin of :meth:`Model.generate_stream`."""
+        await self._keep_lease()
         call = self._stub().GenerateStream(self._stream_request(messages), timeout=self.timeout)
         try:
             async for message in call:
@@ -251,6 +350,7 @@ class AsyncModel(_ModelBase):
     async def generate_batch(
         self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]
     ) -> list[Triple | ClemserveError]:
+        await self._keep_lease()
         return _outcomes(await self._acall(self._stub().GenerateBatch, self._batch_request(batch_messages)))
 
     async def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
@@ -293,9 +393,11 @@ def _local_model(spec: ModelSpec, address: str | None) -> Model | None:
     """clembench resolves human and programmatic names without any registry; so does the client."""
     name = spec.get("model_name")
     if name in PROGRAMMATIC_SPECS:
-        return CustomResponseModel(ModelSpec(model_name=name, backend="_player_programmed"), address=address)
+        return CustomResponseModel(
+            ModelSpec(model_name=name, backend="_player_programmed"), address=address, lease=False
+        )
     if name in HUMAN_SPECS:
-        return HumanModel(ModelSpec(model_name=name, backend="_player_human"), address=address)
+        return HumanModel(ModelSpec(model_name=name, backend="_player_human"), address=address, lease=False)
     return None
 
 
@@ -310,22 +412,35 @@ def resolve(
 
 
 def get_model_for(
-    model_spec: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
+    model_spec: Selector,
+    *,
+    address: str | None = None,
+    timeout: float | None = None,
+    token: str | None = None,
+    lease: bool = True,
 ) -> Model:
     """clembench's ``backends.get_model_for(name | dict | ModelSpec)``, served by clemserve.
 
     The selector is resolved on the server now, so an unknown model fails here, as in clembench.
     ``token`` authenticates the calls (default: ``connect()``'s token for the address, else ``CLEMSERVE_TOKEN``).
+    ``lease``: from its first generation on, the model holds a lease that keeps it loaded on the server until
+    ``close()`` (or ``with get_model_for(...) as model:``), the model's garbage collection, the end of this
+    process or the server's lease timeout (renewed at the next call).
     """
     local = _local_model(_as_spec(model_spec), address)
     if local is not None:
         return local
     spec = resolve(model_spec, address=address, timeout=timeout, token=token)
-    return Model(spec, address=address, timeout=timeout, token=token)
+    return Model(spec, address=address, timeout=timeout, token=token, lease=lease)
 
 
 async def get_async_model_for(
-    model_spec: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
+    model_spec: Selector,
+    *,
+    address: str | None = None,
+    timeout: float | None = None,
+    token: str | None = None,
+    lease: bool = True,
 ) -> AsyncModel:
     """The asyncio twin of :func:`get_model_for`."""
     address = address or default_address()
@@ -335,7 +450,7 @@ async def get_async_model_for(
         reply = await stub.ResolveModel(request, timeout=timeout)
     except grpc.RpcError as exc:
         raise error_from_rpc(exc, address) from exc
-    return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout, token=token)
+    return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout, token=token, lease=lease)
 
 
 def load_model(model_spec: Selector, gen_args: Mapping[str, Any] | None = None, *, address: str | None = None) -> Model:

@@ -37,7 +37,15 @@ _MODEL_SERVICE = "/clemserve.v1.ModelService/"
 #: a new state-changing RPC is gated until someone decides otherwise (a unit test makes them decide).
 USER_METHODS = frozenset(
     _MODEL_SERVICE + name
-    for name in ("Generate", "GenerateBatch", "GenerateStream", "ResolveModel", "ListModels", "CountTokens")
+    for name in (
+        "Generate",
+        "GenerateBatch",
+        "GenerateStream",
+        "ResolveModel",
+        "ListModels",
+        "CountTokens",
+        "LeaseModel",
+    )
 )
 #: the RPCs that change what the server holds
 ADMIN_METHODS = frozenset(_MODEL_SERVICE + name for name in ("LoadModel", "UnloadModel"))

@@ -84,7 +84,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def _models(args: argparse.Namespace) -> int:
     import clemserve.client as backends
 
-    rows = [["NAME", "BACKEND", "STATE", "LOAD S", "IN FLIGHT", "SOURCE"]]
+    rows = [["NAME", "BACKEND", "STATE", "LOAD S", "IN FLIGHT", "QUEUED", "LEASES", "MEMORY MIB", "SOURCE"]]
     for status in backends.list_models(address=args.address, timeout=args.timeout):
         spec = status.model_spec
         state = status.state if not status.state_reason else f"{status.state}: {status.state_reason[:60]}"
@@ -95,11 +95,21 @@ def _models(args: argparse.Namespace) -> int:
                 state,
                 f"{status.load_seconds:.1f}" if status.load_seconds else "-",
                 str(status.requests_in_flight),
+                str(status.requests_queued),
+                str(status.leases),
+                _mib(status),
                 str(spec.get("lookup_source", "")),
             ]
         )
     print(_table(rows))
     return EXIT_OK
+
+
+def _mib(status: Any) -> str:
+    """Measured once loaded, else the estimate (marked ~); - when unknown."""
+    if status.measured_memory_bytes:
+        return f"{status.measured_memory_bytes / 2**20:.0f}"
+    return f"~{status.estimated_memory_bytes / 2**20:.0f}" if status.estimated_memory_bytes else "-"
 
 
 def _health(args: argparse.Namespace) -> int:

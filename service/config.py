@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .memory import ResidencyPolicy, parse_bytes
 from .scheduler import SchedulingPolicy
 from .security import Security, _switch, security_from_args
 from .validation import Limits
@@ -30,6 +31,7 @@ class ServerConfig:
     remote_max_delay_s: float = 30.0
     remote_timeout_s: float = 300.0
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
+    residency: ResidencyPolicy = field(default_factory=ResidencyPolicy)
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
     #: the Prometheus endpoint's port; 0: no metrics at all
@@ -132,6 +134,32 @@ _OPTIONS = (
         "CLEMSERVE_MAX_WAIT_MS",
         "how long a request waits for others to join its batch, in milliseconds",
         "5",
+    ),
+    # residency: which models stay loaded (service/memory.py, the README's "Residency")
+    _Option(
+        "--memory-budget",
+        "CLEMSERVE_MEMORY_BUDGET",
+        "memory for loaded models: auto (90%% of the GPU's memory, else 80%% of RAM) or a size such as 8GiB",
+        "auto",
+    ),
+    _Option(
+        "--keep-alive",
+        "CLEMSERVE_KEEP_ALIVE",
+        "seconds an idle, unleased model stays loaded (0 or less: until evicted or unloaded)",
+        "1800",
+    ),
+    _Option("--max-concurrent-loads", "CLEMSERVE_MAX_CONCURRENT_LOADS", "model loads running at once", "1"),
+    _Option(
+        "--load-timeout",
+        "CLEMSERVE_LOAD_TIMEOUT",
+        "seconds a load may take before it fails with UNAVAILABLE (LOAD_TIMEOUT) (0 or less: no limit)",
+        "1800",
+    ),
+    _Option(
+        "--lease-timeout",
+        "CLEMSERVE_LEASE_TIMEOUT",
+        "longest lease (LeaseModel) in seconds; a lease's ttl_seconds may shorten it",
+        "1800",
     ),
     # input limits: a request over one is INVALID_ARGUMENT naming the field
     _Option(
@@ -273,6 +301,26 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=_metrics_port(int(number("metrics_port", args.metrics_port, int))),
         metrics_host=args.metrics_host,
         metrics_public=_switch(args.metrics_public),
+        residency=residency_from_args(args, number),
+    )
+
+
+def residency_from_args(args: argparse.Namespace, number: Callable[[str, str, type[float]], float]) -> ResidencyPolicy:
+    budget = str(args.memory_budget).strip()
+    if budget.lower() != "auto":
+        try:
+            parse_bytes(budget)
+        except ValueError as exc:
+            raise SystemExit(f"clemserve: --memory-budget: {exc}") from None
+    lease_timeout = number("lease_timeout", args.lease_timeout, float)
+    if lease_timeout <= 0:
+        raise SystemExit(f"clemserve: --lease-timeout must be a positive number, got {args.lease_timeout!r}")
+    return ResidencyPolicy(
+        memory_budget=budget,
+        keep_alive_s=number("keep_alive", args.keep_alive, float),
+        max_concurrent_loads=max(1, int(number("max_concurrent_loads", args.max_concurrent_loads, float))),
+        load_timeout_s=number("load_timeout", args.load_timeout, float),
+        lease_timeout_s=lease_timeout,
     )
 
 

@@ -294,8 +294,8 @@ class _ManagerCollector:
             values["load"][(name,)] = max(values["load"][(name,)], model.load_seconds)
             values["queue"][(name,)] += model.scheduler.queued if model.scheduler is not None else 0
             # residency fields, where the model carries them
-            values["memory"][name, "estimated"] += getattr(model, "estimated_memory_bytes", 0) or 0
-            values["memory"][name, "measured"] += getattr(model, "measured_memory_bytes", 0) or 0
+            values["memory"][name, "estimated"] += model.estimated_bytes
+            values["memory"][name, "measured"] += model.measured_bytes
         for key, family in gauges.items():
             for labels, value in values[key].items():
                 family.add_metric(list(labels), value)

@@ -50,6 +50,7 @@ def build_manager(config: ServerConfig) -> ModelManager:
         allow_client_specs=config.security.allow_client_specs,
         policy=config.scheduling,
         metrics=create_metrics(config.metrics_port),
+        residency=config.residency,
     )
 
 

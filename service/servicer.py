@@ -19,7 +19,7 @@ from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
 from . import convert
 from .logs import deadline_var, request_id_var
-from .models import LoadedModel, ModelManager
+from .models import LoadedModel, ModelManager, ModelState
 from .status import as_clemserve_error, to_grpc_status, to_row_error
 from .streaming import StreamObserver
 from .validation import Limits, validate_messages, validate_request_id, validate_request_size
@@ -97,13 +97,22 @@ def _caller(context: grpc.aio.ServicerContext) -> str:
     return str(metadata.get("x-clemserve-caller") or context.peer() or "")
 
 
-def model_status(model: LoadedModel) -> pb.ModelStatus:
+def model_status(model: LoadedModel, leases: int = 0) -> pb.ModelStatus:
+    queued = model.scheduler.queued if model.scheduler is not None else 0
+    ready = model.state is ModelState.READY
     return pb.ModelStatus(
         model_spec=convert.spec_to_proto(model.spec),
         state=pb.ModelState.Value(f"MODEL_STATE_{model.state.name}"),
         state_reason=model.reason,
         load_seconds=model.load_seconds,
-        requests_in_flight=model.in_flight,
+        # the manager counts a request from its submission; the scheduler knows which still wait
+        requests_in_flight=max(0, model.in_flight - queued),
+        requests_queued=queued,
+        leases=leases,
+        estimated_memory_bytes=model.estimated_bytes,
+        measured_memory_bytes=model.measured_bytes if ready else 0,
+        load_progress=getattr(model, "progress", 0.0),
+        idle_seconds=time.monotonic() - model.last_used if ready and not model.in_flight else 0.0,
     )
 
 
@@ -156,12 +165,20 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_status(m) for m in self.manager.statuses()])
+        manager = self.manager
+        await asyncio.to_thread(manager.estimate_registry)
+        budget = manager.budget
+        return pb.ListModelsResponse(
+            models=[model_status(m, manager.leases_on(m.spec)) for m in manager.statuses()],
+            memory_budget_bytes=budget.total,
+            memory_used_bytes=manager.memory_used(),
+            memory_kind=budget.kind,
+        )
 
     @rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
         model = await self.manager.load(convert.selector_from_proto(request.model, limits=self.limits))
-        return pb.LoadModelResponse(status=model_status(model))
+        return pb.LoadModelResponse(status=model_status(model, self.manager.leases_on(model.spec)))
 
     @rpc
     async def UnloadModel(
@@ -196,8 +213,36 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             task.cancel()
         yield pb.GenerateStreamResponse(reply=convert.generation_to_proto(generation, spec, request_id_var.get()))
 
+    @stream_rpc
     async def LeaseModel(
         self, request: pb.LeaseModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LeaseModelResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LeaseModel is not served yet")
-        yield pb.LeaseModelResponse()
+        """Keep a model resident while the stream is open: the lease ends when the caller cancels, its
+        channel goes away (the call is cancelled here) or the lease times out (a last message says so)."""
+        caller = _caller(context)
+        selector = convert.selector_from_proto(request.model, limits=self.limits)
+        ttl = self._lease_ttl(request.ttl_seconds)
+        spec = self.manager.resolve(selector)
+        lease_id, key = self.manager.lease(selector, caller)
+        expires = time.monotonic() + ttl
+        log.info("lease %s on %s granted to %s for %.0f s", lease_id, spec["model_name"], caller, ttl)
+        try:
+            model = await self.manager.load(selector) if request.load else self.manager.status_of(spec)
+            leases = self.manager.leases_on(model.spec)
+            yield pb.LeaseModelResponse(
+                lease_id=lease_id, status=model_status(model, leases), expires_in_seconds=expires - time.monotonic()
+            )
+            await asyncio.sleep(max(0.0, expires - time.monotonic()))
+            log.info("lease %s of %s expired after %.0f s", lease_id, caller, ttl)
+            model = self.manager.status_of(spec)
+            yield pb.LeaseModelResponse(lease_id=lease_id, status=model_status(model, leases), expired=True)
+        finally:
+            self.manager.release(key, lease_id)
+            log.info("lease %s released by %s", lease_id, caller)
+
+    def _lease_ttl(self, requested: float) -> float:
+        """The server's lease timeout, shortened by the request's ttl_seconds (0: the timeout itself)."""
+        if requested < 0 or requested != requested:
+            raise InvalidArgumentError("ttl_seconds", f"must be 0 or a positive number of seconds, got {requested}")
+        limit = self.manager.residency.lease_timeout_s
+        return min(requested, limit) if requested > 0 else limit

@@ -23,7 +23,15 @@ _CORPUS = [
 
 
 def build_tiny_llama(
-    folder: Path, *, seed: int = 0, max_positions: int = 512, hidden: int = 64, layers: int = 2
+    folder: Path,
+    *,
+    seed: int = 0,
+    max_positions: int = 512,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 2,
+    tied: bool = False,
 ) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -46,12 +54,12 @@ def build_tiny_llama(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)

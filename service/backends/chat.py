@@ -27,6 +27,7 @@ CHAT_CONFIG = frozenset(
         "premade_chat_template", "eos_to_cull", "custom_chat_template", "requires_api_key", "output_split_prefix",
         "chat_template_kwargs", "chat_template_language", "cot_output", "cot_start_tag", "cot_end_tag",
         "cot_bypass", "cot_effort", "trust_remote_code",
+        "memory_bytes",  # read by service/memory.py: the footprint the memory budget counts
     }
 )  # fmt: skip
 _FALLBACK_CONTEXT = 256

@@ -10,6 +10,9 @@ Configured only by a registry entry's ``model_config`` (no registry that ships w
 - ``sleep_s`` (float): every call sleeps this long before answering (without blocking the event loop)
 - ``stream_tokens`` (int) with ``token_delay_s`` (float): a slow generation of that many tokens, one per
   delay; a caller that goes away stops it, and the log says after how many tokens
+- ``load_delay_s`` (float): every load takes this long (a slow load, for load bounds and timeouts)
+- ``memory_bytes`` (int): the footprint the server's memory budget counts for it (read by
+  ``service/memory.py``, as for any backend); nothing is allocated
 
 Otherwise it answers like ``echo``: the last user message, cut to ``max_tokens`` words.
 """
@@ -45,6 +48,7 @@ class FaultBackend(Backend):
         failing = self.model_config.get("oom_on_load", 0)
         failing = 1 if failing is True else failing if isinstance(failing, int) else 0
         progress(f"fault backend load {loads}")
+        await asyncio.sleep(self._number("load_delay_s"))
         if loads <= failing:
             raise MemoryError(f"fault backend: load {loads} of {self.model_name} fails as configured")
 

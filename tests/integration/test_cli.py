@@ -44,7 +44,8 @@ def test_a_shell_session(server: ServerProcess, tmp_path: Path) -> None:
     )
     out = run.stdout.splitlines()
     assert out[0] == f"{server.address}: SERVING" and out[1] == "exit=0"
-    assert out[2].split() == ["NAME", "BACKEND", "STATE", "LOAD", "S", "IN", "FLIGHT", "SOURCE"]
+    header = ["NAME", "BACKEND", "STATE", "LOAD", "S", "IN", "FLIGHT", "QUEUED", "LEASES", "MEMORY", "MIB", "SOURCE"]
+    assert out[2].split() == header
     assert out[4:6] == ["hello from the shell", "exit=0"]
     assert out[6] == "exit=0"
     triple = json.loads((tmp_path / "triple.json").read_text())
