@@ -116,6 +116,8 @@ class ModelManager:
         self._estimates: dict[str, int] = {}
         #: active leases by cache key: lease id -> caller; kept apart from the cache entry, which a reload replaces
         self._leases: dict[str, dict[str, str]] = {}
+        #: set when the server stops: leases end then, so that they do not hold the drain for its grace period
+        self.closing = asyncio.Event()
         self._load_slots = asyncio.Semaphore(max(1, self.residency.max_concurrent_loads))
         #: one admission (evict, then reserve) at a time, so two loads never count the same free bytes
         self._admission = asyncio.Lock()
@@ -234,7 +236,7 @@ class ModelManager:
             backend = backend_class(model.spec["backend"])(model.spec, self.context)
             await asyncio.wait_for(backend.load(progress), timeout if timeout > 0 else None)
         except BaseException as exc:
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, asyncio.TimeoutError):  # Python 3.10: not yet the builtin
                 exc = LoadTimeoutError(
                     f"loading {name} took longer than --load-timeout ({timeout:g} s); it is unloaded, the next "
                     "request tries again"

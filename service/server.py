@@ -142,6 +142,7 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
     await stop.wait()
     log.info("stopping: refusing new calls, %.0f s for calls in flight", config.grace_period_s)
     await health_servicer.enter_graceful_shutdown()
+    manager.closing.set()  # leases are no work in flight: they end at once
     await server.stop(config.grace_period_s)
     await manager.shutdown()
     manager.metrics.stop()

@@ -44,7 +44,8 @@ async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.Ser
     """What every RPC shares: the request id in every log line, the deadline, the size check, and every
     failure (before or while a stream runs) turned into one well-formed status."""
     token = request_id_var.set("-")
-    started, code = time.perf_counter(), grpc.StatusCode.CANCELLED  # stays CANCELLED if the caller leaves
+    started = time.perf_counter()
+    code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED  # stays CANCELLED if the caller leaves
     remaining = context.time_remaining()
     deadline_token = deadline_var.set(None if remaining is None else time.monotonic() + remaining)
     try:
@@ -58,10 +59,14 @@ async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.Ser
         status = to_grpc_status(err, request_id_var.get(), servicer.manager.context.redactor)
         log.info("%s -> %s: %s", name, err.code, status.details)
         code = status.code
+        # counted before the status goes out: a caller that reads the metrics next must find this call
+        servicer.manager.metrics.request(name, request, code, time.perf_counter() - started)
+        code = None
         await context.abort(status.code, status.details, status.trailing_metadata)
         raise AssertionError("unreachable: abort raises") from None
     finally:
-        servicer.manager.metrics.request(name, request, code, time.perf_counter() - started)
+        if code is not None:
+            servicer.manager.metrics.request(name, request, code, time.perf_counter() - started)
         request_id_var.reset(token)
         deadline_var.reset(deadline_token)
 
@@ -232,8 +237,12 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             yield pb.LeaseModelResponse(
                 lease_id=lease_id, status=model_status(model, leases), expires_in_seconds=expires - time.monotonic()
             )
-            await asyncio.sleep(max(0.0, expires - time.monotonic()))
-            log.info("lease %s of %s expired after %.0f s", lease_id, caller, ttl)
+            try:
+                await asyncio.wait_for(self.manager.closing.wait(), max(0.0, expires - time.monotonic()))
+                log.info("lease %s of %s ended: the server is stopping", lease_id, caller)
+                return
+            except asyncio.TimeoutError:  # Python 3.10: not yet the builtin
+                log.info("lease %s of %s expired after %.0f s", lease_id, caller, ttl)
             model = self.manager.status_of(spec)
             yield pb.LeaseModelResponse(lease_id=lease_id, status=model_status(model, leases), expired=True)
         finally:

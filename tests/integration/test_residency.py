@@ -100,6 +100,18 @@ def test_a_lease_protects_a_until_the_model_is_closed(only_a: str) -> None:
     assert backends.preload("fault-b", address=only_a).state == "ready"
 
 
+def test_a_held_lease_does_not_hold_up_a_stop(tmp_path: Path) -> None:
+    proc = _server(tmp_path, [fault("kept")], "--grace-period", "30")
+    model = backends.get_model_for("kept", address=proc.address)
+    model.generate_response(USER)
+    assert _status(proc.address, "kept").leases == 1
+    started = time.monotonic()
+    assert proc.stop() == 0
+    assert time.monotonic() - started < 10, "the open lease held the drain for its grace period"
+    assert "ended: the server is stopping" in proc.log()
+    model.close()
+
+
 _HOLDER = """
 import sys, time
 import clemserve.client as backends
