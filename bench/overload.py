@@ -80,6 +80,7 @@ def client(address: str, index: int, callers: int, max_tokens: int, start_at: fl
         model = await backends.get_async_model_for(MODEL, address=address, timeout=CALL_TIMEOUT_S)
         model.set_gen_args(temperature=0.0, max_tokens=max_tokens)
         rows = [[{"role": "user", "content": f"caller {index}.{i}: count to ten"}] for i in range(callers)]
+        await model.generate_response(rows[0])  # a game already playing: connected, its lease taken
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         if retry:
             nested = await asyncio.gather(*(until_answered(model, row) for row in rows))

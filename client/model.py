@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -304,10 +305,15 @@ class AsyncModel(_ModelBase):
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.address) from exc
 
+    #: the lease being taken, which concurrent first calls share instead of each taking one
+    _leasing: asyncio.Future[None] | None = None
+
     async def _keep_lease(self) -> None:
         """The asyncio twin of :meth:`Model._keep_lease`."""
         if self.lease and time.monotonic() >= self._lease_until:
-            await self._hold_lease()
+            if self._leasing is None or self._leasing.done():
+                self._leasing = asyncio.ensure_future(self._hold_lease())
+            await asyncio.shield(self._leasing)
 
     async def _hold_lease(self) -> None:
         self._drop_lease()
