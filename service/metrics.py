@@ -292,8 +292,7 @@ class _ManagerCollector:
             loaded += 1
             values["flight"][(name,)] += model.in_flight
             values["load"][(name,)] = max(values["load"][(name,)], model.load_seconds)
-            values["queue"][(name,)] += model.scheduler.queued if model.scheduler is not None else 0
-            # residency fields, where the model carries them
+            values["queue"][(name,)] += model.queued
             values["memory"][name, "estimated"] += model.estimated_bytes
             values["memory"][name, "measured"] += model.measured_bytes
         for key, family in gauges.items():

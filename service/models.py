@@ -73,6 +73,11 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.idle.set()
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the model's queue (none before it is ready)."""
+        return self.scheduler.queued if self.scheduler is not None else 0
+
 
 class LoadTimeoutError(UnavailableError):
     """A load ran past --load-timeout. UNAVAILABLE: the caller's own deadline did not pass, and a later

@@ -103,7 +103,7 @@ def _caller(context: grpc.aio.ServicerContext) -> str:
 
 
 def model_status(model: LoadedModel, leases: int = 0) -> pb.ModelStatus:
-    queued = model.scheduler.queued if model.scheduler is not None else 0
+    queued = model.queued
     ready = model.state is ModelState.READY
     return pb.ModelStatus(
         model_spec=convert.spec_to_proto(model.spec),
@@ -116,7 +116,7 @@ def model_status(model: LoadedModel, leases: int = 0) -> pb.ModelStatus:
         leases=leases,
         estimated_memory_bytes=model.estimated_bytes,
         measured_memory_bytes=model.measured_bytes if ready else 0,
-        load_progress=getattr(model, "progress", 0.0),
+        load_progress=model.progress,
         idle_seconds=time.monotonic() - model.last_used if ready and not model.in_flight else 0.0,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from serving import ServerProcess
 
@@ -29,6 +30,18 @@ def assert_no_key_leaks(text: str) -> None:
     for name, key in FAKE_KEYS.items():
         for i in range(len(key) - 4):
             assert key[i : i + 5] not in text, f"part of the {name} key leaked: {key[i : i + 5]!r}"
+
+
+def openai_reply(content: str) -> dict[str, Any]:
+    """A minimal OpenAI chat completion answering ``content`` (3 prompt tokens, 1 completion token)."""
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
 
 
 def all_text(path: Path) -> str:

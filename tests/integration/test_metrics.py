@@ -21,7 +21,7 @@ import pytest
 
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
-from providers import FAKE_KEYS, assert_no_key_leaks
+from providers import FAKE_KEYS, assert_no_key_leaks, openai_reply
 from serving import ServerProcess, free_port, start_server
 from standin import Reply, StandIn
 
@@ -236,14 +236,7 @@ def test_a_bad_metrics_port_is_a_usage_error() -> None:
 
 # -- no secret in a scrape ---------------------------------------------------------------------------
 
-OPENAI_REPLY = {
-    "id": "c1",
-    "object": "chat.completion",
-    "created": 1,
-    "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
+OPENAI_REPLY = openai_reply("fine")
 
 
 def test_no_secret_reaches_a_scrape(tmp_path: Path) -> None:

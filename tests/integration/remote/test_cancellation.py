@@ -7,17 +7,10 @@ from typing import Any
 
 import pytest
 
-from providers import ServeRemote
+from providers import ServeRemote, openai_reply
 from standin import Reply, StandIn
 
-OPENAI = {
-    "id": "c1",
-    "object": "chat.completion",
-    "created": 1,
-    "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "late"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
+OPENAI = openai_reply("late")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks, openai_reply
 from standin import Reply, StandIn
 
 ENTRIES = [
@@ -24,14 +24,7 @@ ENTRIES = [
     {"model_name": "leak-google", "backend": "google", "model_id": "gemini-x", "model_config": {}},
 ]
 
-OPENAI = {
-    "id": "c1",
-    "object": "chat.completion",
-    "created": 1,
-    "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": " fine "}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
+OPENAI = openai_reply(" fine ")
 ANTHROPIC = {
     "id": "msg_1",
     "type": "message",
