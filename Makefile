@@ -136,7 +136,7 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/startup.py
 	$(PY) bench/remote_concurrency.py
-	$(PY) bench/throughput.py --clients 1,8 --calls 4
+	$(PY) bench/throughput.py --clients 1,8
 	$(PY) bench/overload.py
 
 # 32 client processes against one server on the tiny model and echo: no failures, no leaks (CI: 60 s;

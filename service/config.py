@@ -36,6 +36,8 @@ class ServerConfig:
     security: Security = field(default_factory=Security)
     #: the Prometheus endpoint's port; 0: no metrics at all
     metrics_port: int = 0
+    #: nice increment of local models' generation threads (0: the server's own priority)
+    compute_nice: int = 10
     metrics_host: str = "127.0.0.1"
     #: serve metrics on a non-loopback --metrics-host (they have no token or TLS)
     metrics_public: bool = False
@@ -134,6 +136,13 @@ _OPTIONS = (
         "CLEMSERVE_MAX_WAIT_MS",
         "how long a request waits for others to join its batch, in milliseconds",
         "5",
+    ),
+    _Option(
+        "--compute-nice",
+        "CLEMSERVE_COMPUTE_NICE",
+        "lower the CPU priority of local models' generation threads by this many nice steps (0 to 19), so "
+        "new requests, refusals and health checks are not held up behind generation on a busy CPU; 0: off",
+        "10",
     ),
     # residency: which models stay loaded (service/memory.py, the README's "Residency")
     _Option(
@@ -296,6 +305,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_batch=max(1, int(number("max_batch", args.max_batch, int))),
             max_wait_s=max(0.0, number("max_wait_ms", args.max_wait_ms, float) / 1000),
         ),
+        compute_nice=_compute_nice(int(number("compute_nice", args.compute_nice, int))),
         limits=limits_from_args(args),
         security=security_from_args(args),
         metrics_port=_metrics_port(int(number("metrics_port", args.metrics_port, int))),
@@ -322,6 +332,12 @@ def residency_from_args(args: argparse.Namespace, number: Callable[[str, str, ty
         load_timeout_s=number("load_timeout", args.load_timeout, float),
         lease_timeout_s=lease_timeout,
     )
+
+
+def _compute_nice(increment: int) -> int:
+    if not 0 <= increment <= 19:
+        raise SystemExit(f"clemserve: --compute-nice must be 0 (off) to 19, got {increment}")
+    return increment
 
 
 def _metrics_port(port: int) -> int:

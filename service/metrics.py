@@ -266,7 +266,9 @@ class _ManagerCollector:
                 "clemserve_queue_depth", "requests waiting in a model's queue", labels=["model"]
             ),
             "flight": GaugeMetricFamily(
-                "clemserve_requests_in_flight", "generations queued or running on a model", labels=["model"]
+                "clemserve_requests_in_flight",
+                "generations running on a model (those waiting are clemserve_queue_depth)",
+                labels=["model"],
             ),
             "state": GaugeMetricFamily(
                 "clemserve_model_state",
@@ -290,9 +292,10 @@ class _ManagerCollector:
             if model.state is not ModelState.READY:
                 continue
             loaded += 1
-            values["flight"][(name,)] += model.in_flight
+            queued = model.queued  # the manager counts a request from its submission, queued ones too
+            values["flight"][(name,)] += max(0, model.in_flight - queued)
             values["load"][(name,)] = max(values["load"][(name,)], model.load_seconds)
-            values["queue"][(name,)] += model.queued
+            values["queue"][(name,)] += queued
             values["memory"][name, "estimated"] += model.estimated_bytes
             values["memory"][name, "measured"] += model.measured_bytes
         for key, family in gauges.items():

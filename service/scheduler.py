@@ -4,8 +4,11 @@ Requests wait in one queue per caller; the dispatcher takes them round-robin acr
 process with 100 queued requests cannot starve one with a single request. A full queue refuses at once
 (RESOURCE_EXHAUSTED with a retry delay) instead of letting callers pile up. For a backend that batches
 (``huggingface_local``), the dispatcher merges waiting requests with the same generation arguments into
-one batched call, waiting at most ``max_wait_s`` for a batch to fill; other backends get up to
-``concurrency`` calls at a time and batch (vLLM) or fan out (remote APIs) themselves.
+one batched call. Before a batch starts, the dispatcher waits (at most ``max_wait_s``) for the callers in
+play to come back: a caller that submitted or got a reply in the last second and is not running now.
+Games call in turn, so when a batch ends its callers all send their next request within milliseconds;
+starting at the first one would split them into two half-size batches for the rest of the run. Other
+backends get up to ``concurrency`` calls at a time and batch (vLLM) or fan out (remote APIs) themselves.
 
 A caller that cancels or passes its deadline leaves the queue at once; a running one is told through
 its ``cancel`` event, which a batching backend checks between tokens.
@@ -21,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,6 +38,9 @@ from .streaming import StreamObserver, TextSink, text_sink
 log = logging.getLogger(__name__)
 
 Outcome = Generation | BaseException
+
+#: how long after its last submission or reply a caller counts as still playing
+IN_PLAY_S = 1.0
 
 
 class RunBatch(Protocol):
@@ -105,8 +111,10 @@ class Scheduler:
         self._dispatcher = asyncio.create_task(self._dispatch(), name=f"schedule {name}")
         #: seconds the last finished requests took, for the retry delay a full queue suggests
         self._recent_s: deque[float] = deque(maxlen=32)
-        #: when each caller last submitted: waiting for a batch to fill only pays with company
+        #: when each caller last submitted or got a reply: the callers a batch waits for
         self._last_seen: dict[str, float] = {}
+        #: callers with requests running now (they cannot join the next batch yet)
+        self._running_callers: Counter[str] = Counter()
         self.running = 0
 
     @property
@@ -156,14 +164,26 @@ class Scheduler:
                 self.running -= 1
                 self._recent_s.append(time.monotonic() - started)
 
-    def _others_active(self) -> bool:
-        """More than one caller in the last second: a short wait will likely fill a batch."""
-        if self.policy.max_wait_s <= 0:
-            return False
-        horizon = time.monotonic() - 1.0
+    def _in_play(self) -> int:
+        """Callers seen in the last second (a submission or a reply) with nothing running now."""
+        horizon = time.monotonic() - IN_PLAY_S
         for caller in [c for c, seen in self._last_seen.items() if seen < horizon]:
             del self._last_seen[caller]
-        return len(self._last_seen) > 1
+        return sum(1 for caller in self._last_seen if not self._running_callers[caller])
+
+    async def _fill(self, limit: int) -> None:
+        """Wait up to ``max_wait_s`` until every caller in play has a request waiting (or the batch is full);
+        a caller alone, or one that left, costs no wait or at most ``max_wait_s``."""
+        deadline = time.monotonic() + self.policy.max_wait_s
+        while self.queued < limit and len(self._callers) < self._in_play():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
 
     def _retry_after(self) -> float:
         per_request = sum(self._recent_s) / len(self._recent_s) if self._recent_s else 1.0
@@ -211,8 +231,8 @@ class Scheduler:
             while self.queued:
                 await self._slots.acquire()
                 limit = self.policy.max_batch if self.run_batch is not None else 1
-                if self.run_batch is not None and self.queued < limit and self._others_active():
-                    await asyncio.sleep(self.policy.max_wait_s)  # let a batch fill
+                if self.run_batch is not None and self.policy.max_wait_s > 0:
+                    await self._fill(limit)
                 batch = self._take(limit)
                 if not batch:
                     self._slots.release()
@@ -229,6 +249,7 @@ class Scheduler:
                 "%s: a batch of %d requests from %d caller(s)", self.name, len(batch), len({t.caller for t in batch})
             )
         self.running += len(batch)
+        self._running_callers.update(t.caller for t in batch)
         started = time.monotonic()
         for ticket in batch:
             self.metrics.queued(self.name, started - ticket.enqueued)
@@ -271,7 +292,13 @@ class Scheduler:
                 raise
         finally:
             self.running -= len(batch)
-            self._recent_s.append((time.monotonic() - started) / len(batch))
+            self._running_callers.subtract(t.caller for t in batch)
+            ended = time.monotonic()
+            for ticket in batch:
+                self._last_seen[ticket.caller] = ended  # in play: its next request likely comes soon
+                if not self._running_callers[ticket.caller]:
+                    del self._running_callers[ticket.caller]
+            self._recent_s.append((ended - started) / len(batch))
             self._slots.release()
 
     async def close(self) -> None:

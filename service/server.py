@@ -43,7 +43,9 @@ def build_manager(config: ServerConfig) -> ModelManager:
         max_delay_s=config.remote_max_delay_s,
         request_timeout_s=config.remote_timeout_s,
     )
-    context = BackendContext(keys=keys, cache_dir=config.cache_dir, retry=retry, redactor=redactor)
+    context = BackendContext(
+        keys=keys, cache_dir=config.cache_dir, retry=retry, redactor=redactor, compute_nice=config.compute_nice
+    )
     return ModelManager(
         registry,
         context,

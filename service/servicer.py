@@ -53,11 +53,12 @@ async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.Ser
         validate_request_size(request.ByteSize(), servicer.limits)
         yield
         code = grpc.StatusCode.OK
-        log.debug("%s -> OK", name)
+        log.debug("%s -> OK in %.2f ms", name, (time.perf_counter() - started) * 1000)
     except Exception as exc:
         err = as_clemserve_error(exc, request_id_var.get())
         status = to_grpc_status(err, request_id_var.get(), servicer.manager.context.redactor)
-        log.info("%s -> %s: %s", name, err.code, status.details)
+        took_ms = (time.perf_counter() - started) * 1000  # in the server: from the handler's start
+        log.info("%s -> %s in %.2f ms: %s", name, err.code, took_ms, status.details)
         code = status.code
         # counted before the status goes out: a caller that reads the metrics next must find this call
         servicer.manager.metrics.request(name, request, code, time.perf_counter() - started)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
+import os
 import random
 import re
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +26,8 @@ from clemserve.registry.errors import FailedPreconditionError, UnavailableError
 from ..domain import GenArgs, Generation, Message, TokenCount
 from ..secrets import Redactor
 from ..streaming import TextSink, text_sink
+
+log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
@@ -57,6 +62,20 @@ class BackendContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: scrubs the keys above out of any text that leaves the server
     redactor: Redactor = field(default_factory=Redactor)
+    #: how much lower the CPU priority of local generation threads is than the server's (a nice increment)
+    compute_nice: int = 0
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Lower the calling thread's CPU priority by ``increment`` nice steps (Linux, where nice is per
+    thread; threads it starts later, such as torch's, inherit it). Elsewhere, or when refused, nothing."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + increment))
+    except OSError as exc:
+        log.debug("could not lower the generation thread's priority: %s", exc)
 
 
 class Backend(abc.ABC):

@@ -23,7 +23,7 @@ from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
 from ..streaming import TextSink
 from ..validation import reject_unsupported_args
 from . import gguf
-from .base import Backend, Progress, missing_dependency
+from .base import Backend, Progress, lower_thread_priority, missing_dependency
 from .chat import (
     CHAT_CONFIG,
     ChatTokenizer,
@@ -51,7 +51,14 @@ class HuggingfaceLocalBackend(Backend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf-{self.model_name}")
+        # the worker (and torch's threads, started from it) yields the CPU to the request path: on a busy
+        # CPU machine, refusals and new requests are then not held up behind generation
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"hf-{self.model_name}",
+            initializer=lower_thread_priority,
+            initargs=(self.context.compute_nice,),
+        )
 
     # -- loading ------------------------------------------------------------------------------
 

@@ -192,3 +192,23 @@ def test_a_full_queue_refuses_at_once_and_every_accepted_call_completes(tmp_path
         assert all(r.retry_after_s > 0 and "queue" in str(r) for _, r in refused)
     finally:
         assert proc.stop() == 0
+
+
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """Each thread's nice value, from /proc (field 19 of a task's stat; the name may hold spaces)."""
+    values = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        values[int(task.name)] = int(fields[16])
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads thread priorities from /proc (Linux)")
+def test_generation_runs_below_the_request_path(batching_server: ServerProcess) -> None:
+    """--compute-nice (default 10): the generation worker and the torch threads it starts yield the CPU
+    to the threads that take requests, so a refusal is not held up behind a running batch."""
+    model(batching_server).generate_response(CONVERSATIONS[0])
+    pid = batching_server.process.pid
+    nice = thread_nice_values(pid)
+    assert nice[pid] == 0  # the event loop's thread keeps the server's priority
+    assert 10 in nice.values(), nice

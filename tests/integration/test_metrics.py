@@ -164,13 +164,16 @@ def test_in_flight_is_read_at_scrape_time(metrics_server: tuple[ServerProcess, i
     threads = [threading.Thread(target=generate, args=(tiny, f"Count to {i}00.")) for i in range(1, 5)]
     for thread in threads:
         thread.start()
-    busiest = 0.0
+    busiest, most = 0.0, 0.0
     key = ("clemserve_requests_in_flight", frozenset({("model", "tiny-llama")}))
+    queue = ("clemserve_queue_depth", frozenset({("model", "tiny-llama")}))
     while any(thread.is_alive() for thread in threads):
-        busiest = max(busiest, samples(scrape(port)).get(key, 0))
+        found = samples(scrape(port))
+        busiest = max(busiest, found.get(key, 0))
+        most = max(most, found.get(key, 0) + found.get(queue, 0))  # a waiting request is not also running
     for thread in threads:
         thread.join(timeout=120)
-    assert 1 <= busiest <= len(threads)
+    assert 1 <= busiest <= len(threads) and most <= len(threads)
     assert value(samples(scrape(port)), "clemserve_requests_in_flight", model="tiny-llama") == 0
 
 

@@ -14,6 +14,7 @@ def test_defaults() -> None:
     config = parse_server_config([], {})
     assert (config.host, config.port, config.registries, config.log_level) == ("127.0.0.1", 50051, (), "INFO")
     assert config.address == "127.0.0.1:50051"
+    assert config.compute_nice == 10 and config.scheduling.max_wait_s == 0.005
 
 
 def test_environment_twins_and_flags_win() -> None:
@@ -38,7 +39,16 @@ def test_environment_twins_and_flags_win() -> None:
     assert flagged.port == 7000 and flagged.registries == (Path("c.json"),)
 
 
-@pytest.mark.parametrize("argv", [["--port", "x"], ["--log-level", "LOUD"], ["--grace-period", "soon"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "x"],
+        ["--log-level", "LOUD"],
+        ["--grace-period", "soon"],
+        ["--compute-nice", "20"],
+        ["--compute-nice", "-1"],
+    ],
+)
 def test_bad_values_stop_with_a_message(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         parse_server_config(argv, {})

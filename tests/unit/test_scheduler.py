@@ -62,6 +62,51 @@ def test_waiting_requests_are_merged_into_batches() -> None:
     assert [len(b) for b in batches] == [4, 2]
 
 
+def test_callers_coming_back_from_a_batch_are_waited_for_but_not_for_the_whole_wait() -> None:
+    """Games call in turn: when a batch ends, its callers' next requests arrive a few milliseconds apart.
+    The next batch waits for all of them (not only the first), and starts as soon as the last is in."""
+
+    async def run() -> tuple[list[list[str]], float]:
+        rec = Recorder()
+        s = scheduler(rec, max_batch=8, max_wait_s=2.0)
+        await asyncio.gather(*(s.submit(msg(f"{c}1"), GenArgs(), c) for c in "abc"))
+
+        async def late(caller: str, delay: float) -> Generation:
+            await asyncio.sleep(delay)
+            return await s.submit(msg(f"{caller}2"), GenArgs(), caller)
+
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(late("a", 0.0), late("b", 0.05), late("c", 0.1))
+        took = asyncio.get_running_loop().time() - started
+        await s.close()
+        return rec.batches, took
+
+    batches, took = asyncio.run(run())
+    assert [sorted(b) for b in batches] == [["a1", "b1", "c1"], ["a2", "b2", "c2"]]
+    assert took < 1.0  # the last caller ended the wait, not the 2 s limit
+
+
+def test_a_caller_alone_does_not_wait_and_one_that_left_is_waited_for_at_most_max_wait() -> None:
+    async def run() -> tuple[float, float, list[list[str]]]:
+        rec = Recorder()
+        s = scheduler(rec, max_batch=8, max_wait_s=0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(5):
+            await s.submit(msg(f"alone{i}"), GenArgs(), "a")
+        alone = loop.time() - started
+        await asyncio.gather(s.submit(msg("a"), GenArgs(), "a"), s.submit(msg("b"), GenArgs(), "b"))
+        started = loop.time()
+        await s.submit(msg("a again"), GenArgs(), "a")  # b has left: a waits for it once, then goes
+        left = loop.time() - started
+        await s.close()
+        return alone, left, rec.batches
+
+    alone, left, batches = asyncio.run(run())
+    assert alone < 0.25  # five calls without the 0.3 s wait each
+    assert 0.25 < left < 1.0 and batches[-1] == ["a again"]
+
+
 def test_one_busy_caller_cannot_starve_another() -> None:
     async def run() -> list[list[str]]:
         rec = Recorder()
