@@ -44,15 +44,17 @@ IN_PLAY_S = 1.0
 
 
 class RunBatch(Protocol):
-    """Runs one batch: rows, their shared arguments, one cancel event per row and, only when some row
-    streams, one text sink per row -> a result or an error per row."""
+    """Runs one batch: rows, their shared arguments, one cancel event per row, one text sink per row (only
+    when some row streams) and ``done``, which it may tell a row's outcome as soon as that row has ended
+    -> a result or an error per row."""
 
     def __call__(
         self,
         rows: list[Sequence[Message]],
         args: GenArgs,
         cancels: list[threading.Event],
-        sinks: list[TextSink | None] | None = None,
+        sinks: list[TextSink | None] | None,
+        done: Callable[[int, Outcome], None],
     ) -> Awaitable[list[Outcome]]: ...
 
 
@@ -265,21 +267,17 @@ class Scheduler:
         try:
             if self.run_batch is not None:
                 rows, cancels = [t.messages for t in batch], [t.cancel for t in batch]
-                if sinks is None:
-                    results = await self.run_batch(rows, batch[0].args, cancels)
-                else:
-                    results = await self.run_batch(rows, batch[0].args, cancels, sinks)
+
+                def done(row: int, outcome: Outcome) -> None:  # a row that ended before its batch
+                    _settle(batch[row], outcome)
+
+                results = await self.run_batch(rows, batch[0].args, cancels, sinks, done)
             else:
                 if sinks is not None:
                     text_sink.set(sinks[0])  # this task's own context: the backend finds it there
                 results = [await _outcome(self.run_one(batch[0].messages, batch[0].args))]
             for ticket, result in zip(batch, results, strict=True):
-                if ticket.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    ticket.future.set_exception(result)
-                else:
-                    ticket.future.set_result(result)
+                _settle(ticket, result)
         except BaseException as exc:  # the whole call failed: every row gets the error
             for ticket in batch:
                 if ticket.future.done():
@@ -309,6 +307,16 @@ class Scheduler:
                     ticket.future.cancel()
         self._turns.clear()
         await asyncio.gather(self._dispatcher, *self._tasks, return_exceptions=True)
+
+
+def _settle(ticket: Ticket, outcome: Outcome) -> None:
+    """Give the caller its outcome, unless it has one already (a row that ended early) or has gone."""
+    if ticket.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        ticket.future.set_exception(outcome)
+    else:
+        ticket.future.set_result(outcome)
 
 
 def _consume(future: asyncio.Future[Generation]) -> None:

@@ -45,29 +45,33 @@ async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.Ser
     failure (before or while a stream runs) turned into one well-formed status."""
     token = request_id_var.set("-")
     started = time.perf_counter()
-    code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED  # stays CANCELLED if the caller leaves
     remaining = context.time_remaining()
     deadline_token = deadline_var.set(None if remaining is None else time.monotonic() + remaining)
+
+    def count(code: grpc.StatusCode) -> float:
+        """Record the call in the metrics; returns its time in the server, from the handler's start."""
+        seconds = time.perf_counter() - started
+        servicer.manager.metrics.request(name, request, code, seconds)
+        return seconds
+
     try:
         request_id_var.set(_request_id(request, context))
         validate_request_size(request.ByteSize(), servicer.limits)
         yield
-        code = grpc.StatusCode.OK
-        log.debug("%s -> OK in %.2f ms", name, (time.perf_counter() - started) * 1000)
     except Exception as exc:
         err = as_clemserve_error(exc, request_id_var.get())
         status = to_grpc_status(err, request_id_var.get(), servicer.manager.context.redactor)
-        took_ms = (time.perf_counter() - started) * 1000  # in the server: from the handler's start
-        log.info("%s -> %s in %.2f ms: %s", name, err.code, took_ms, status.details)
-        code = status.code
         # counted before the status goes out: a caller that reads the metrics next must find this call
-        servicer.manager.metrics.request(name, request, code, time.perf_counter() - started)
-        code = None
+        seconds = count(status.code)
+        log.info("%s -> %s in %.2f ms: %s", name, err.code, seconds * 1000, status.details)
         await context.abort(status.code, status.details, status.trailing_metadata)
         raise AssertionError("unreachable: abort raises") from None
+    except BaseException:
+        count(grpc.StatusCode.CANCELLED)  # the caller left, or the server is stopping
+        raise
+    else:
+        log.debug("%s -> OK in %.2f ms", name, count(grpc.StatusCode.OK) * 1000)
     finally:
-        if code is not None:
-            servicer.manager.metrics.request(name, request, code, time.perf_counter() - started)
         request_id_var.reset(token)
         deadline_var.reset(deadline_token)
 

@@ -15,7 +15,7 @@ import random
 import re
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -28,6 +28,10 @@ from ..secrets import Redactor
 from ..streaming import TextSink, text_sink
 
 log = logging.getLogger(__name__)
+
+
+#: told, on the event loop, a merged row's outcome (by its index) as soon as it is known, before its batch ends
+RowDone = Callable[[int, Generation | BaseException], None]
 
 
 class Progress(Protocol):
@@ -120,9 +124,11 @@ class Backend(abc.ABC):
         args: GenArgs,
         cancels: Sequence[threading.Event],
         sinks: Sequence[TextSink | None] | None = None,
+        done: RowDone | None = None,
     ) -> list[Generation | BaseException]:
-        """Independent requests in one call (backends with ``batches``); each row's error is its own, and a
-        row with a text sink is told its text as it is generated."""
+        """Independent requests in one call (backends with ``batches``); each row's error is its own, a row
+        with a text sink is told its text as it is generated, and ``done`` may be told a row's outcome before
+        the call returns (the returned list still holds every row)."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -23,7 +23,7 @@ from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
 from ..streaming import TextSink
 from ..validation import reject_unsupported_args
 from . import gguf
-from .base import Backend, Progress, lower_thread_priority, missing_dependency
+from .base import Backend, Progress, RowDone, lower_thread_priority, missing_dependency
 from .chat import (
     CHAT_CONFIG,
     ChatTokenizer,
@@ -189,9 +189,12 @@ class HuggingfaceLocalBackend(Backend):
         args: GenArgs,
         cancels: Sequence[threading.Event],
         sinks: Sequence[TextSink | None] | None = None,
+        done: RowDone | None = None,
     ) -> list[Generation | BaseException]:
         """Independent requests merged into one batched call by the scheduler; a row's error is its own.
-        A row with a sink (a streamed request) gets its text token by token as it is generated."""
+        A row with a sink (a streamed request) gets its text token by token as it is generated. A row that
+        ends (its end-of-sequence token) before the batch does is handed to ``done`` at once, on the event
+        loop, so that its caller has its answer without waiting for the batch's longest row."""
         reject_unsupported_args(args.extra, self.supported_args, self.name)
         results: list[Generation | BaseException | None] = [None] * len(rows)
         live = []
@@ -204,15 +207,22 @@ class HuggingfaceLocalBackend(Backend):
         if live:
             loop = asyncio.get_running_loop()
             streamed = None if sinks is None else [_on_loop(loop, sinks[i]) for i in live]
-            done = await loop.run_in_executor(
+            ended = None
+            if done is not None:
+
+                def ended(row: int, generation: Generation) -> None:  # called in the generation thread
+                    loop.call_soon_threadsafe(done, live[row], generation)
+
+            outcomes = await loop.run_in_executor(
                 self._executor,
                 self._generate_blocking,
                 [rows[i] for i in live],
                 args,
                 [cancels[i] for i in live],
                 streamed,
+                ended,
             )
-            for i, result in zip(live, done, strict=True):
+            for i, result in zip(live, outcomes, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
 
@@ -238,8 +248,10 @@ class HuggingfaceLocalBackend(Backend):
         args: GenArgs,
         cancels: Sequence[threading.Event] | None = None,
         sinks: Sequence[TextSink | None] | None = None,
+        ended: Callable[[int, Generation], None] | None = None,
     ) -> list[Generation | BaseException]:
-        """One ``model.generate`` call for all rows (``sinks``: each merged request's text, as it comes).
+        """One ``model.generate`` call for all rows (``sinks``: each merged request's text, as it comes;
+        ``ended``: told each merged row's result as soon as that row has ended, in this thread).
 
         Without ``cancels`` the rows are one clembench batch: every row is checked at the padded length,
         one row over the limit fails them all, and the prompt and response texts keep the padding, as
@@ -279,11 +291,45 @@ class HuggingfaceLocalBackend(Backend):
         sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None}
         if args.temperature > 0.0:
             sampling = {"do_sample": True, "temperature": args.temperature, "top_p": model.generation_config.top_p}
+        eos_ids = _eos_ids(model, tokenizer)
+
+        def generation(row: int, sequence: Any) -> Generation:
+            """Row ``row`` of the batch from its tokens (the prompt's, padded, and what was generated)."""
+            new_tokens = sequence[padded_length:].tolist()
+            stop = next((n for n, t in enumerate(new_tokens) if t in eos_ids), None)
+            if cancels is None:  # a clembench batch keeps its padding on both sides, as clembench's does
+                start, end = 0, len(sequence)
+            else:  # a merged request gets exactly its own tokens, as if it had run alone
+                start = int((attention[row] == 0).sum())
+                end = len(sequence) if stop is None else padded_length + stop + 1
+            raw = str(tokenizer.decode(sequence[start:end]))
+            prompt_text = str(tokenizer.decode(input_ids[row, start:]))
+            text, cot = self.chat.clean(raw, prompt_text, args.max_tokens)
+            response: dict[str, Any] = {"response": raw}
+            if cot is not None:
+                response["cot_content"] = cot
+            return Generation(
+                prompt={"inputs": prompt_text, "max_new_tokens": args.max_tokens, "temperature": args.temperature},
+                response=response,
+                text=text,
+                prompt_tokens=int(attention[row].sum()),
+                completion_tokens=len(new_tokens) if stop is None else stop + 1,
+                finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
+            )
+
+        early: dict[int, Generation] = {}
+
+        def row_ended(row: int, sequence: Any) -> None:
+            early[row] = generation(row, sequence)
+            if ended is not None:
+                ended(live[row], early[row])
+
         if cancels is not None:
-            sampling["stopping_criteria"] = _stop_on([cancels[i] for i in live])
+            watch = row_ended if ended is not None else None
+            sampling["stopping_criteria"] = _stop_on([cancels[i] for i in live], eos_ids, watch)
             if sinks is not None:
                 rows_live = [(sinks[i], cancels[i]) for i in live]
-                sampling["streamer"] = BatchStreamer(tokenizer, rows_live, _eos_ids(model, tokenizer))
+                sampling["streamer"] = BatchStreamer(tokenizer, rows_live, eos_ids)
         try:
             output = model.generate(
                 input_ids,
@@ -300,26 +346,8 @@ class HuggingfaceLocalBackend(Backend):
         if cancels is not None and (gone := sum(cancels[i].is_set() for i in live)):
             steps = int(sequences.shape[1]) - padded_length
             log.info("%s: stopped %d row(s) early: their callers went away (%d steps)", self.model_name, gone, steps)
-        eos_ids = _eos_ids(model, tokenizer)
         for row, i in enumerate(live):
-            # merged requests drop the left padding their batch-mates caused; a clembench batch keeps it
-            start = 0 if cancels is None else int((attention[row] == 0).sum())
-            raw = str(tokenizer.decode(sequences[row, start:]))
-            prompt_text = str(tokenizer.decode(input_ids[row, start:]))
-            text, cot = self.chat.clean(raw, prompt_text, args.max_tokens)
-            response: dict[str, Any] = {"response": raw}
-            if cot is not None:
-                response["cot_content"] = cot
-            new_tokens = sequences[row, padded_length:].tolist()
-            stop = next((n for n, t in enumerate(new_tokens) if t in eos_ids), None)
-            results[i] = Generation(
-                prompt={"inputs": prompt_text, "max_new_tokens": args.max_tokens, "temperature": args.temperature},
-                response=response,
-                text=text,
-                prompt_tokens=int(attention[row].sum()),
-                completion_tokens=len(new_tokens) if stop is None else stop + 1,
-                finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
-            )
+            results[i] = early.get(row) or generation(row, sequences[row])
         return [r for r in results if r is not None]
 
 
@@ -392,14 +420,23 @@ class BatchStreamer:
             sink(piece)
 
 
-def _stop_on(cancels: Sequence[threading.Event]) -> Any:
-    """A stopping criterion, checked between tokens: a row stops once its caller has gone."""
+def _stop_on(cancels: Sequence[threading.Event], eos: set[int], ended: Callable[[int, Any], None] | None = None) -> Any:
+    """A stopping criterion, checked after each token: a row stops once its caller has gone. With
+    ``ended``, a row that has just produced its end-of-sequence token is handed over with its tokens."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    finished: set[int] = set()
+
     class CallerGone(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.tensor([event.is_set() for event in cancels], device=input_ids.device)
+            gone = [event.is_set() for event in cancels]
+            if ended is not None:
+                for row, token in enumerate(input_ids[:, -1].tolist()):
+                    if token in eos and row not in finished and not gone[row]:
+                        finished.add(row)  # later tokens of a finished row are padding
+                        ended(row, input_ids[row])
+            return torch.tensor(gone, device=input_ids.device)
 
     return StoppingCriteriaList([CallerGone()])
 

@@ -16,9 +16,15 @@ pytestmark = pytest.mark.demo
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # the prepared model is cached across runs (the first one converts it, about a minute)
-    proc = start_server(tmp_path_factory.mktemp("demo"), cache_dir=DEMO_CACHE)
+    proc = start_server(tmp_path_factory.mktemp("demo"), "--log-level", "DEBUG", cache_dir=DEMO_CACHE)
     yield proc
     assert proc.stop() == 0, proc.log()
+
+
+def exact(triple: Any) -> tuple[Any, str, str]:
+    """What must not depend on batching: the prompt, the raw response, the text (not the call's timing)."""
+    prompt, response, text = triple
+    return prompt, response["response"], text
 
 
 def test_demo_model_names_paris(demo_server: ServerProcess) -> None:
@@ -71,15 +77,52 @@ def test_demo_model_batched_answers_equal_one_by_one(demo_server: ServerProcess)
         "Name a planet.",
     ]
     rows = [[{"role": "user", "content": q}] for q in questions]
-    one_by_one = [model.generate_response(r)[2] for r in rows]
-    batched: list[str] = [""] * len(rows)
+    one_by_one = [model.generate_response(r) for r in rows]
+    batched: list[Any] = [None] * len(rows)
 
     def call(i: int) -> None:
-        batched[i] = model.generate_response(rows[i])[2]
+        batched[i] = model.generate_response(rows[i])
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(rows))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=600)
-    assert batched == one_by_one
+    # the whole triple: the raw response of a row that ended before its batch-mates has no padding after it
+    assert [b[2] for b in batched] == [o[2] for o in one_by_one]
+    assert [exact(b) for b in batched] == [exact(o) for o in one_by_one]
+
+
+def test_demo_short_answer_does_not_wait_for_the_longest_row(demo_server: ServerProcess) -> None:
+    """Two requests merged into one batch: the one that ends after a few tokens is answered then, not when
+    the other, a long story, reaches max_tokens; and it is the answer it gets alone."""
+    import threading
+    import time
+
+    import clemserve.client as backends
+
+    model = backends.get_model_for("smollm2-135m-instruct", address=demo_server.address, timeout=600)
+    model.set_gen_args(temperature=0.0, max_tokens=60)
+    short = [{"role": "user", "content": "What is the capital of France? One word."}]
+    story = [{"role": "user", "content": "Write a long story about a dragon who learns to fly."}]
+    alone = model.generate_response(short)
+    took: dict[str, float] = {}
+    answers: dict[str, Any] = {}
+
+    def call(name: str, row: list[dict[str, Any]]) -> None:
+        started = time.monotonic()
+        answers[name] = model.generate_response(row)
+        took[name] = time.monotonic() - started
+
+    blocker = threading.Thread(target=call, args=("blocker", story))
+    blocker.start()
+    time.sleep(0.5)  # the blocker runs; the next two wait for it and are then taken as one batch
+    threads = [threading.Thread(target=call, args=args) for args in (("short", short), ("story", story))]
+    for thread in threads:
+        thread.start()
+    for thread in [blocker, *threads]:
+        thread.join(timeout=600)
+    assert answers["story"][1]["response"] != answers["short"][1]["response"]
+    assert exact(answers["short"]) == exact(alone)
+    assert "smollm2-135m-instruct: a batch of 2 requests" in demo_server.log()  # the two ran together
+    assert took["story"] - took["short"] > 1.0, took  # the short row did not wait ~50 steps for the story

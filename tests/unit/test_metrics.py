@@ -132,7 +132,9 @@ def test_scheduler_records_batch_sizes_and_queue_waits() -> None:
     metrics = Metrics(process=False)
     gate: asyncio.Event
 
-    async def run_batch(rows: list[Sequence[Message]], args: GenArgs, cancels: list[threading.Event]) -> list[Outcome]:
+    async def run_batch(
+        rows: list[Sequence[Message]], args: GenArgs, cancels: list[threading.Event], *_: object
+    ) -> list[Outcome]:
         await gate.wait()
         return [Generation(prompt={}, response={}, text="") for _ in rows]
 

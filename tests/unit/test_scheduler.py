@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -28,12 +28,21 @@ class Recorder:
         self.cancels: list[threading.Event] = []
 
     async def run_batch(
-        self, rows: list[Sequence[Message]], args: GenArgs, cancels: list[threading.Event]
+        self,
+        rows: list[Sequence[Message]],
+        args: GenArgs,
+        cancels: list[threading.Event],
+        sinks: list[TextSink | None] | None = None,
+        done: Callable[[int, Outcome], None] | None = None,
     ) -> list[Outcome]:
         self.batches.append([row[-1]["content"] for row in rows])
         self.cancels.extend(cancels)
+        answers = [Generation(prompt={}, response={}, text=row[-1]["content"]) for row in rows]
+        for i, answer in enumerate(answers):
+            if answer.text.startswith("short") and done is not None:
+                done(i, answer)  # a row that ends before its batch: told at once
         await self.gate.wait()
-        return [Generation(prompt={}, response={}, text=row[-1]["content"]) for row in rows]
+        return list(answers)
 
     async def run_one(self, messages: Sequence[Message], args: GenArgs) -> Generation:
         return (await self.run_batch([messages], args, [threading.Event()]))[0]  # type: ignore[return-value]
@@ -105,6 +114,24 @@ def test_a_caller_alone_does_not_wait_and_one_that_left_is_waited_for_at_most_ma
     alone, left, batches = asyncio.run(run())
     assert alone < 0.25  # five calls without the 0.3 s wait each
     assert 0.25 < left < 1.0 and batches[-1] == ["a again"]
+
+
+def test_a_row_that_ends_early_is_answered_before_its_batch_ends() -> None:
+    async def run() -> tuple[bool, bool, list[str]]:
+        rec = Recorder()
+        rec.gate.clear()  # the batch's longest row is still running
+        s = scheduler(rec, max_batch=4, max_wait_s=0.05)
+        short = asyncio.ensure_future(s.submit(msg("short answer"), GenArgs(), "a"))
+        long = asyncio.ensure_future(s.submit(msg("a long answer"), GenArgs(), "b"))
+        await asyncio.sleep(0.2)
+        early = short.done() and not long.done()
+        rec.gate.set()
+        answers = await asyncio.gather(short, long)
+        await s.close()
+        return early, len(rec.batches) == 1, [a.text for a in answers]
+
+    early, one_batch, texts = asyncio.run(run())
+    assert one_batch and early and texts == ["short answer", "a long answer"]
 
 
 def test_one_busy_caller_cannot_starve_another() -> None:
@@ -197,12 +224,13 @@ class Streamer(Recorder):
         args: GenArgs,
         cancels: list[threading.Event],
         sinks: list[TextSink | None] | None = None,
+        done: Callable[[int, Outcome], None] | None = None,
     ) -> list[Outcome]:
         self.sinks.append(list(sinks) if sinks is not None else [])
         for row, sink in zip(rows, sinks or [None] * len(rows), strict=True):
             if sink is not None:
                 sink(row[-1]["content"])
-        return await super().run_batch(rows, args, cancels)
+        return await super().run_batch(rows, args, cancels, sinks, done)
 
 
 def test_a_streamed_request_is_told_its_place_its_start_and_its_text() -> None:
