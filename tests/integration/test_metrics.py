@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +297,19 @@ def test_streamed_requests_record_time_to_first_token(
     assert (
         value(found, "clemserve_requests_total", method="GenerateStream", model="echo", backend="echo", code="OK") == 2
     )
+
+
+def test_a_call_whose_caller_left_is_counted_cancelled(metrics_server: tuple[ServerProcess, int]) -> None:
+    server, port = metrics_server
+    tiny = backends.get_model_for("tiny-llama", address=server.address, timeout=120)
+    tiny.set_gen_args(temperature=0.0, max_tokens=2000)
+    key = ("clemserve_requests_total", frozenset({("method", "Generate"), ("model", "tiny-llama"),
+                                                   ("backend", "huggingface_local"), ("code", "CANCELLED")}))  # fmt: skip
+    before = samples(scrape(port)).get(key, 0)
+    with pytest.raises(grpc.RpcError) as caught:
+        tiny._stub().Generate(tiny._request([{"role": "user", "content": "Count to a thousand."}]), timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while samples(scrape(port)).get(key, 0) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert samples(scrape(port)).get(key, 0) == before + 1
