@@ -133,18 +133,18 @@ proto-check: install
 	@echo "generated code is current"
 
 bench: install
-	$(PY) bench/overhead.py
-	$(PY) bench/startup.py
-	$(PY) bench/remote_concurrency.py
-	$(PY) bench/throughput.py --clients 1,8
-	$(PY) bench/overload.py
+	$(PY) -m bench.overhead
+	$(PY) -m bench.startup
+	$(PY) -m bench.remote_concurrency
+	$(PY) -m bench.throughput --clients 1,8
+	$(PY) -m bench.overload
 
 # 32 client processes against one server on the tiny model and echo: no failures, no leaks (CI: 60 s;
 # the recorded run: SOAK_SECONDS=600)
 SOAK_SECONDS ?= 60
 .PHONY: soak
 soak: install
-	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(CLEMCORE_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,7 @@ The examples are clembench's own, with one change: ``import backends`` became
 server can serve, then with the example's original names, showing the error each one gets where its
 weights or provider are not available.
 
-    python bench/demo.py --address HOST:PORT      (make serve, then make demo)
+    python -m bench.demo --address HOST:PORT      (make serve, then make demo)
 """
 
 # The examples keep clembench's `prompt, response, response_text = ...` line as it is, unused names included.

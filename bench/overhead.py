@@ -4,7 +4,7 @@ Both servers run in a process of their own, so every call crosses the same loopb
 boundary; what is left between the two is clemserve's own work (the client's conversions, validation,
 model lookup, scheduling, the echo backend and the answer's conversion back).
 
-    python bench/overhead.py [--calls N] [--payload BYTES] [--server-args "--metrics-port 9464"]
+    python -m bench.overhead [--calls N] [--payload BYTES] [--server-args "--metrics-port 9464"]
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from serving import start_server
+from tests.serving import REPO, start_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_P50_RATIO = 1.5
@@ -72,8 +70,8 @@ async def _serve_raw() -> None:
 @contextmanager
 def raw_server() -> Iterator[str]:
     """The bare echo server in a child process; yields its address."""
-    command = [sys.executable, __file__, "--serve-raw"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "bench.overhead", "--serve-raw"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         line = process.stdout.readline() if process.stdout else ""
         if not line.strip().isdigit():

@@ -12,7 +12,7 @@ time is measured by its caller; the table also shows its time inside the server 
 so that the server's share can be told from the clients' and the machine's. Prints a table, writes
 bench/results/overload.md and the plot bench/results/overload.png.
 
-    python bench/overload.py [--queue 16] [--bursts 5] [--processes 4] [--max-tokens 32]
+    python -m bench.overload [--queue 16] [--bursts 5] [--processes 4] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from plots import RESULTS, pyplot, save
-from serving import hf_entry, start_server
+from bench.plots import RESULTS, pyplot, save
+from tests.serving import hf_entry, start_server
 
 MODEL = "overload-tiny"
 REFUSAL_LIMIT_S = 0.050
@@ -214,7 +211,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        from tiny_model import build_tiny_llama
+        from tests.tiny_model import build_tiny_llama
 
         registry = tmp / "registry.json"
         registry.write_text(json.dumps([hf_entry(MODEL, build_tiny_llama(tmp / "tiny"))]))

@@ -4,7 +4,7 @@
 A stand-in OpenAI API on loopback answers every chat completion after a fixed delay; clemserve forwards
 to it through its ``openai`` backend. The baseline is one call's latency, measured in the same run.
 
-    python bench/remote_concurrency.py [--calls 64] [--delay-ms 200]
+    python -m bench.remote_concurrency [--calls 64] [--delay-ms 200]
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from serving import start_server  # noqa: E402
-from standin import Reply, StandIn  # noqa: E402
+from tests.serving import start_server
+from tests.standin import Reply, StandIn
 
 TARGET_RATIO = 2.0
-RESULTS = HERE / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def completion(_: object) -> Reply:

@@ -8,7 +8,7 @@ stable, and the server exits 0 on SIGTERM. p50/p99 latency per window (a minute;
 5 minutes) is printed, written to bench/results/soak.md and plotted to bench/results/soak.png. Exits 1 when a
 criterion fails.
 
-    python bench/soak.py [--seconds 60] [--clients 32] [--max-tokens 8]
+    python -m bench.soak [--seconds 60] [--clients 32] [--max-tokens 8]
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from plots import RESULTS, pyplot, save
-from serving import ServerProcess, hf_entry, start_server
+from bench.plots import RESULTS, pyplot, save
+from tests.serving import ServerProcess, hf_entry, start_server
 
 MODELS = ("soak-tiny", "echo")
 TURNS_PER_GAME = 5
@@ -125,7 +122,7 @@ class Run:
 
 
 def registry(tmp: Path) -> Path:
-    from tiny_model import build_tiny_llama
+    from tests.tiny_model import build_tiny_llama
 
     folder = build_tiny_llama(tmp / "tiny-llama")
     path = tmp / "soak_registry.json"

@@ -4,7 +4,7 @@ Measured against the target of 2 s and against ``python -c "import grpc"`` in th
 any grpcio server pays. The server must not import torch to get there (heavy imports wait until a backend
 loads), so the script also reads the server's memory map for libtorch.
 
-    python bench/startup.py [--runs N]
+    python -m bench.startup [--runs N]
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import free_port
+from tests.serving import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 2.0

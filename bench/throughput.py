@@ -8,7 +8,7 @@ Every client makes the same number of greedy calls; throughput is calls per seco
 clients were busy. Peak memory: the server's, and the sum of the in-process clients'. Prints a table,
 writes bench/results/throughput.md and plots bench/results/throughput.png.
 
-    python bench/throughput.py [--models tiny,demo] [--clients 1,2,4,8,16,32] [--calls 12] [--max-tokens 16]
+    python -m bench.throughput [--models tiny,demo] [--clients 1,2,4,8,16,32] [--calls 12] [--max-tokens 16]
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from plots import RESULTS, pyplot, save
-from serving import DEMO_CACHE, hf_entry, start_server
+from bench.plots import RESULTS, pyplot, save
+from tests.serving import DEMO_CACHE, hf_entry, start_server
 
 MODES = ("batched", "unbatched", "in-process")
 #: in-process copies of the demo model beyond this do not fit a 24 GiB machine next to everything else
@@ -104,7 +101,7 @@ def run_clients(target: Any, args: tuple[Any, ...], clients: int) -> tuple[float
 
 def model_folder(kind: str, tmp: Path) -> tuple[str, dict[str, Any]]:
     if kind == "tiny":
-        from tiny_model import build_tiny_llama
+        from tests.tiny_model import build_tiny_llama
 
         folder = build_tiny_llama(tmp / "tiny")
         return str(folder), hf_entry("bench-tiny", folder)

@@ -1,4 +1,9 @@
-"""The ``clemserve`` command: ``serve`` runs the server, ``prepare`` loads models once and exits."""
+"""``clemserve serve`` runs the server, ``clemserve prepare`` loads models once and exits.
+
+The ``clemserve`` command (``clemserve.client.cli``) hands these two here with their arguments; its other
+commands are clients and never import this package. ``python -m clemserve.service.cli serve ...`` runs the
+server without that hop.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,16 @@ from collections.abc import Sequence
 
 from clemserve.registry.errors import ClemserveError
 
-from . import clemcore_setup
-from .commands import CLIENT_COMMANDS, add_commands, run
 from .config import add_server_options, config_from_args
 from .logs import configure_logging
-from .metrics import exposure_problem as metrics_exposure_problem
-from .security import exposure_problem
+from .security.settings import exposure_problem, metrics_exposure_problem
 
 log = logging.getLogger("clemserve")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clemserve",
-        description="Serve clembench models over gRPC, and drive a running server.",
-        epilog="exit codes: 0 success, 2 usage error, 3 the server refused or failed, 4 no server reachable",
-    )
+    # the help lines are also clemserve.client.cli's SERVER_COMMANDS (which lists these, and cannot import this)
+    parser = argparse.ArgumentParser(prog="clemserve", description="Run the clemserve server.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_server_options(serve, os.environ)
@@ -35,22 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("models", nargs="+", help="model names from the registry")
     add_server_options(prepare, os.environ)
-    add_commands(commands, os.environ)
-    clemcore_setup.add_parser(commands, os.environ)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in CLIENT_COMMANDS:
-        return run(args)
-    if args.command == "clemcore-setup":
-        return clemcore_setup.run(args)
     config = config_from_args(args)
     configure_logging(config.log_level)
     exposed = exposure_problem(config.host, config.security) if args.command == "serve" else None
-    if args.command == "serve" and config.metrics_port:
-        exposed = exposed or metrics_exposure_problem(config.metrics_host, config.metrics_public)
+    if args.command == "serve" and config.metrics.port:
+        exposed = exposed or metrics_exposure_problem(config.metrics.host, config.metrics.public)
     if exposed:
         print(f"clemserve: {exposed}", file=sys.stderr)
         return 2
@@ -67,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _prepare(manager: object, names: Sequence[str]) -> int:
-    from .models import ModelManager
+    from .model_cache import ModelManager
 
     assert isinstance(manager, ModelManager)
     failed = 0

@@ -8,10 +8,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends.base import RetryPolicy
 from .memory import ResidencyPolicy, parse_bytes
 from .scheduler import SchedulingPolicy
-from .security import Security, _switch, security_from_args
+from .security.settings import Security, _switch, security_from_args
 from .validation import Limits
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint (service/metrics.py)."""
+
+    #: its port; 0: no metrics at all
+    port: int = 0
+    host: str = "127.0.0.1"
+    #: serve metrics on a non-loopback host (they have no token or TLS)
+    public: bool = False
 
 
 @dataclass(frozen=True)
@@ -26,21 +38,15 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     preload: tuple[str, ...] = ()
     working_dir: Path = field(default_factory=Path.cwd)
-    remote_attempts: int = 4
-    remote_retry_delay_s: float = 0.5
-    remote_max_delay_s: float = 30.0
-    remote_timeout_s: float = 300.0
+    #: how remote calls are retried (the --remote-* flags)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     residency: ResidencyPolicy = field(default_factory=ResidencyPolicy)
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
-    #: the Prometheus endpoint's port; 0: no metrics at all
-    metrics_port: int = 0
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: nice increment of local models' generation threads (0: the server's own priority)
     compute_nice: int = 10
-    metrics_host: str = "127.0.0.1"
-    #: serve metrics on a non-loopback --metrics-host (they have no token or TLS)
-    metrics_public: bool = False
 
     @property
     def address(self) -> str:
@@ -190,7 +196,7 @@ _OPTIONS = (
         "deepest nesting of objects and lists in a model spec, extra_json and generation arguments",
         "16",
     ),
-    # security: see service/security.py and the README's "Security"
+    # security: see service/security/ and the README's "Security"
     _Option(
         "--auth-token",
         "CLEMSERVE_AUTH_TOKEN",
@@ -296,10 +302,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_period_s=number("grace_period", args.grace_period, float),
         max_message_bytes=int(number("max_message_mb", args.max_message_mb, float) * 1024 * 1024),
         preload=tuple(preload),
-        remote_attempts=max(1, int(number("remote_attempts", args.remote_attempts, int))),
-        remote_retry_delay_s=number("remote_retry_delay", args.remote_retry_delay, float),
-        remote_max_delay_s=number("remote_max_delay", args.remote_max_delay, float),
-        remote_timeout_s=number("remote_timeout", args.remote_timeout, float),
+        retry=RetryPolicy(
+            attempts=max(1, int(number("remote_attempts", args.remote_attempts, int))),
+            base_delay_s=number("remote_retry_delay", args.remote_retry_delay, float),
+            max_delay_s=number("remote_max_delay", args.remote_max_delay, float),
+            request_timeout_s=number("remote_timeout", args.remote_timeout, float),
+        ),
         scheduling=SchedulingPolicy(
             max_queue=max(1, int(number("max_queue", args.max_queue, int))),
             max_batch=max(1, int(number("max_batch", args.max_batch, int))),
@@ -308,9 +316,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         compute_nice=_compute_nice(int(number("compute_nice", args.compute_nice, int))),
         limits=limits_from_args(args),
         security=security_from_args(args),
-        metrics_port=_metrics_port(int(number("metrics_port", args.metrics_port, int))),
-        metrics_host=args.metrics_host,
-        metrics_public=_switch(args.metrics_public),
+        metrics=MetricsSettings(
+            port=_metrics_port(int(number("metrics_port", args.metrics_port, int))),
+            host=args.metrics_host,
+            public=_switch(args.metrics_public),
+        ),
         residency=residency_from_args(args, number),
     )
 

@@ -13,10 +13,13 @@ from clemserve.v1 import clemserve_pb2 as pb
 from .domain import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
+    CacheSnapshot,
     GenArgs,
     Generation,
     ImagePart,
+    LeaseEvent,
     Message,
+    ModelSnapshot,
     TokenCount,
 )
 from .streaming import StreamEvent, TextDelta
@@ -141,4 +144,38 @@ def stream_event_to_proto(event: StreamEvent) -> pb.GenerateStreamResponse:
 def token_count_to_proto(count: TokenCount) -> pb.CountTokensResponse:
     return pb.CountTokensResponse(
         prompt_tokens=count.prompt_tokens, context_size=count.context_size, prompt=count.prompt
+    )
+
+
+def model_status_to_proto(model: ModelSnapshot) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        model_spec=spec_to_proto(model.spec),
+        state=pb.ModelState.Value(f"MODEL_STATE_{model.state.name}"),
+        state_reason=model.reason,
+        load_seconds=model.load_seconds,
+        requests_in_flight=model.running,
+        requests_queued=model.queued,
+        leases=model.leases,
+        estimated_memory_bytes=model.estimated_bytes,
+        measured_memory_bytes=model.measured_bytes,
+        load_progress=model.progress,
+        idle_seconds=model.idle_seconds,
+    )
+
+
+def cache_to_proto(cache: CacheSnapshot) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        models=[model_status_to_proto(m) for m in cache.models],
+        memory_budget_bytes=cache.budget_bytes,
+        memory_used_bytes=cache.used_bytes,
+        memory_kind=cache.memory_kind,
+    )
+
+
+def lease_event_to_proto(event: LeaseEvent) -> pb.LeaseModelResponse:
+    return pb.LeaseModelResponse(
+        lease_id=event.lease_id,
+        status=model_status_to_proto(event.model),
+        expires_in_seconds=event.expires_in_seconds,
+        expired=event.expired,
     )

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import enum
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from clemserve.registry import ModelSpec
+
 #: A chat message as clembench passes it: {"role", "content", ["image": list[ImagePart]], ...extras}.
 Message = dict[str, Any]
+
+#: takes a piece of generated text; called on the event loop thread
+TextSink = Callable[[str], None]
 
 DEFAULT_TEMPERATURE = 0.0
 DEFAULT_MAX_TOKENS = 300
@@ -51,8 +58,81 @@ class Generation:
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
 
 
+#: one request's result in a batch: its generation or its own error
+Outcome = Generation | BaseException
+
+
 @dataclass(frozen=True)
 class TokenCount:
     prompt_tokens: int
     context_size: int
     prompt: str = ""
+
+
+class ModelState(enum.Enum):
+    NOT_LOADED = 1
+    LOADING = 2
+    READY = 3
+    FAILED = 4
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One model's place in the cache at one moment, as ListModels and the metrics read it."""
+
+    spec: ModelSpec
+    state: ModelState = ModelState.NOT_LOADED
+    #: why a load failed, or what a running load is doing
+    reason: str = ""
+    load_seconds: float = 0.0
+    #: generations running now (those waiting are ``queued``)
+    running: int = 0
+    queued: int = 0
+    leases: int = 0
+    #: expected footprint in bytes, found before the load
+    estimated_bytes: int = 0
+    #: what the load took, measured when it finished (0 until the model is ready)
+    measured_bytes: int = 0
+    #: the load's fraction done, 0 to 1
+    progress: float = 0.0
+    #: seconds since the model last finished a request or a load (0 while busy or not ready)
+    idle_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return str(self.spec["model_name"])
+
+    @property
+    def backend(self) -> str:
+        return str(self.spec["backend"])
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """The model cache at one moment: its models and the memory budget they share."""
+
+    models: tuple[ModelSnapshot, ...]
+    budget_bytes: int = 0
+    used_bytes: int = 0
+    #: what the budget counts: "gpu" or "ram" ("" while no local model has asked for it)
+    memory_kind: str = ""
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    """What a lease holder is told: the lease granted (with the model's status), then its expiry."""
+
+    lease_id: str
+    model: ModelSnapshot
+    expires_in_seconds: float = 0.0
+    expired: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request in a batched call: its conversation, the event set when its caller leaves (the backend
+    stops the row between tokens), and where its text goes as it is generated (None: nobody streams it)."""
+
+    messages: Sequence[Message]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    sink: TextSink | None = None

@@ -6,7 +6,7 @@ import contextvars
 import logging
 import sys
 
-from .secrets import RedactingFilter, Redactor
+from .security.redaction import RedactingFilter, Redactor
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("clemserve_request_id", default="-")
 #: the caller's gRPC deadline as a time.monotonic() value, or None; remote retries never pass it

@@ -113,6 +113,11 @@ def _gpu_total() -> int:
     return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 0
 
 
+def available_ram() -> int:
+    """What the machine can give a new load now without swapping (0 where it cannot be told)."""
+    return _meminfo("MemAvailable")
+
+
 def _meminfo(field: str) -> int:
     try:
         with open("/proc/meminfo") as meminfo:
@@ -223,6 +228,12 @@ def _product(shape: list[int]) -> int:
     for dim in shape:
         result *= dim
     return result
+
+
+def weight_files_bytes(folder: Path) -> int:
+    """The size on disk of the weight files in ``folder`` (safetensors, PyTorch bins): read from the file
+    system alone, so it holds for files whose headers cannot be read."""
+    return sum(p.stat().st_size for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
 
 
 def safetensors_bytes(folder: Path) -> int:

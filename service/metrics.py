@@ -4,39 +4,56 @@ Off by default (``--metrics-port 0``): the server then never imports ``prometheu
 is benchmarked) and each hook costs one empty method call. On, every family lives in the server's own
 ``CollectorRegistry``, so tests and several servers in one process never collide.
 
-The hot path only counts and observes; what the model manager already knows (loaded models, queue depths,
-requests in flight, memory, load times) is read when Prometheus scrapes, by ``_ManagerCollector``.
+This module is a leaf: it imports nothing of the server and consumes plain data. The hot path only counts
+and observes, with labels its callers set; what the model cache already knows (loaded models, queue
+depths, requests in flight, memory, load times) is read as a :class:`~.domain.CacheSnapshot` when
+Prometheus scrapes.
 
-Label values come from bounded sets only, and never carry a secret: an RPC's method name, a gRPC status
-name, a backend name that clemserve knows, and a model name that is a registry entry or a loaded model.
-Any other model name, which a client may write freely into a spec, is folded to ``other``; a call that
-names no model at all (ListModels) has an empty model label.
+Label values come from bounded sets only, and never carry a secret: its callers fold a model name that is
+neither a registry entry nor a loaded model to ``other`` (service/labels.py), and a backend name that
+clemserve does not know is folded here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
-from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .backends import KNOWN_BACKENDS
-from .security import is_loopback
+from .domain import CacheSnapshot, ModelState
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from .domain import Generation
-    from .models import ModelManager
 
 #: the label of a model name that is neither a registry entry nor loaded, and of an unknown backend
 OTHER = "other"
 #: request latency: a 1 ms echo up to a 10-minute generation
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-#: selectors whose labels are kept (game processes send the same few on every turn)
-SELECTOR_CACHE_SIZE = 4096
+
+Snapshot = Callable[[], CacheSnapshot]
+
+
+class MetricsSink(Protocol):
+    """What the server reports: plain values, labels set by the caller."""
+
+    enabled: bool
+
+    def request(self, method: str, model: str, backend: str, code: str, seconds: float) -> None: ...
+    def queued(self, model: str, seconds: float) -> None: ...
+    def batch(self, model: str, rows: int) -> None: ...
+    def first_token(self, model: str, seconds: float) -> None: ...
+    def tokens(self, model: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def load(self, model: str, error: BaseException | None) -> None: ...
+    def watch(self, snapshot: Snapshot) -> None: ...
+    def serve(self, host: str, port: int) -> int: ...
+    def stop(self) -> None: ...
+
+
+def fold(value: str, allowed: Collection[str]) -> str:
+    """``value`` when it is in ``allowed``, else ``other``."""
+    return value if value in allowed else OTHER
 
 
 class NoMetrics:
@@ -44,8 +61,9 @@ class NoMetrics:
 
     enabled = False
 
-    def request(self, method: str, request: object, code: Any, seconds: float) -> None:
-        """One finished RPC (see ``Metrics.request``)."""
+    def request(self, method: str, model: str, backend: str, code: str, seconds: float) -> None:
+        """One finished RPC: its method, the model and backend it named ("" when none), the name of its gRPC
+        status code, and its time in the server."""
 
     def queued(self, model: str, seconds: float) -> None:
         """A request left the model's queue after ``seconds``."""
@@ -57,14 +75,14 @@ class NoMetrics:
         """A streamed request's first text arrived ``seconds`` after the request did (a load and the queue
         included); a unary call cannot tell its first token from its last, so it records none."""
 
-    def tokens(self, model: str, generation: Generation) -> None:
+    def tokens(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         """A generation's usage."""
 
     def load(self, model: str, error: BaseException | None) -> None:
         """A load attempt ended: ``error`` None when it succeeded."""
 
-    def watch(self, manager: ModelManager) -> None:
-        """Read ``manager``'s state at scrape time."""
+    def watch(self, snapshot: Snapshot) -> None:
+        """Read the model cache's state from ``snapshot()`` at scrape time."""
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (0: none)."""
@@ -79,13 +97,12 @@ class Metrics(NoMetrics):
 
     enabled = True
 
-    def __init__(self, process: bool = True) -> None:
+    def __init__(self, process: bool = True, backends: Collection[str] = ()) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
         self.registry = CollectorRegistry()
-        self._manager: ModelManager | None = None
-        self._registry_names: frozenset[str] = frozenset()
-        self._selector_labels: dict[tuple[str, str], tuple[str, str]] = {}
+        #: the backend names that label the scrape-time gauges; others are ``other``
+        self.backends = frozenset(backends)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._server: WSGIServer | None = None
         reg = self.registry
@@ -140,11 +157,8 @@ class Metrics(NoMetrics):
 
     # -- hooks on the hot path ----------------------------------------------------------------
 
-    def request(self, method: str, request: object, code: Any, seconds: float) -> None:
-        """``code``: the call's grpc.StatusCode; the model and backend labels come from the request's
-        selector, resolved the way the manager resolves it (its cache makes that a lookup)."""
-        model, backend = self._labels(request)
-        self._child(self._requests, method, model, backend, code.name).inc()
+    def request(self, method: str, model: str, backend: str, code: str, seconds: float) -> None:
+        self._child(self._requests, method, model, backend, code).inc()
         self._child(self._latency, method, model, backend).observe(seconds)
 
     def queued(self, model: str, seconds: float) -> None:
@@ -156,9 +170,9 @@ class Metrics(NoMetrics):
     def first_token(self, model: str, seconds: float) -> None:
         self._child(self._first_token, model).observe(seconds)
 
-    def tokens(self, model: str, generation: Generation) -> None:
-        self._child(self._prompt_tokens, model).inc(generation.prompt_tokens)
-        self._child(self._completion_tokens, model).inc(generation.completion_tokens)
+    def tokens(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self._child(self._prompt_tokens, model).inc(prompt_tokens)
+        self._child(self._completion_tokens, model).inc(completion_tokens)
 
     def _child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, kept: the label sets are bounded, and prometheus_client's own lookup
@@ -173,42 +187,10 @@ class Metrics(NoMetrics):
         outcome = "ok" if error is None else "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
         self._loads.labels(model, outcome).inc()
 
-    # -- labels -------------------------------------------------------------------------------
-
-    def _labels(self, request: object) -> tuple[str, str]:
-        """(model, backend) of the model a request names: ("", "") when it names none, (other, "") when
-        it names one that does not resolve. Kept per selector text where they cannot change (the registry
-        does not change while serving; whether a model is loaded does)."""
-        selector = getattr(request, "model", None)
-        if self._manager is None or selector is None or not selector.WhichOneof("selector"):
-            return "", ""
-        kind = selector.WhichOneof("selector")
-        key = (kind, selector.name if kind == "name" else selector.spec.json)
-        labels = self._selector_labels.get(key)
-        if labels is None:
-            labels = self._resolve_labels(selector)
-            if labels[1] == "" or labels[0] in self._registry_names:
-                if len(self._selector_labels) >= SELECTOR_CACHE_SIZE:
-                    self._selector_labels.pop(next(iter(self._selector_labels)))
-                self._selector_labels[key] = labels
-        return labels
-
-    def _resolve_labels(self, selector: Any) -> tuple[str, str]:
-        from . import convert
-
-        assert self._manager is not None
-        try:
-            spec = self._manager.resolve(convert.selector_from_proto(selector))
-        except Exception:
-            return OTHER, ""
-        return model_label(spec["model_name"], self._registry_names, self._manager), backend_label(spec["backend"])
-
     # -- scrape-time state and the endpoint ---------------------------------------------------
 
-    def watch(self, manager: ModelManager) -> None:
-        self._manager = manager
-        self._registry_names = frozenset(entry["model_name"] for entry in manager.registry)
-        self.registry.register(_ManagerCollector(manager))
+    def watch(self, snapshot: Snapshot) -> None:
+        self.registry.register(_CacheCollector(snapshot, self.backends))
 
     def serve(self, host: str, port: int) -> int:
         from prometheus_client import start_http_server
@@ -223,43 +205,21 @@ class Metrics(NoMetrics):
             self._server = None
 
 
-def create(port: int) -> NoMetrics:
-    """Metrics when a port is set (``--metrics-port``), else the do-nothing twin."""
-    return Metrics() if port else NoMetrics()
+def create(port: int, backends: Collection[str] = ()) -> NoMetrics:
+    """Metrics when a port is set (``--metrics-port``), else the do-nothing twin; ``backends``: the backend
+    names the gauges may carry."""
+    return Metrics(backends=backends) if port else NoMetrics()
 
 
-def model_label(name: str, registry_names: AbstractSet[str], manager: ModelManager) -> str:
-    """``name`` when it is a registry entry's or a loaded model's (both sets bounded by the operator), else
-    other: a client's spec may carry any text as its model_name."""
-    if name in registry_names or any(m.spec["model_name"] == name for m in manager.loaded()):
-        return name
-    return OTHER
+class _CacheCollector:
+    """Gauges read from a snapshot of the model cache when Prometheus scrapes: nothing is counted per request."""
 
-
-def backend_label(name: str) -> str:
-    return name if name in KNOWN_BACKENDS else OTHER
-
-
-def exposure_problem(host: str, public: bool) -> str | None:
-    """Why the metrics endpoint must not listen on ``host``, or None: it has no authentication or TLS."""
-    if public or is_loopback(host):
-        return None
-    return (
-        f"refusing to serve metrics on {host}, an address other machines can reach: the metrics endpoint has "
-        "neither token nor TLS; give --metrics-public to serve them to anyone who can connect"
-    )
-
-
-class _ManagerCollector:
-    """Gauges read from the manager when Prometheus scrapes: nothing is counted per request."""
-
-    def __init__(self, manager: ModelManager) -> None:
-        self.manager = manager
+    def __init__(self, snapshot: Snapshot, backends: frozenset[str]) -> None:
+        self.snapshot = snapshot
+        self.backends = backends
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
-
-        from .models import ModelState
 
         gauges = {
             "queue": GaugeMetricFamily(
@@ -286,16 +246,15 @@ class _ManagerCollector:
         }
         values: dict[str, defaultdict[tuple[str, ...], float]] = {k: defaultdict(float) for k in gauges}
         loaded = 0
-        for model in self.manager.loaded():
-            name, state = model.spec["model_name"], model.state.name.lower()
-            values["state"][name, backend_label(model.spec["backend"]), state] += 1
+        for model in self.snapshot().models:
+            name, state = model.name, model.state.name.lower()
+            values["state"][name, fold(model.backend, self.backends), state] += 1
             if model.state is not ModelState.READY:
                 continue
             loaded += 1
-            queued = model.queued  # the manager counts a request from its submission, queued ones too
-            values["flight"][(name,)] += max(0, model.in_flight - queued)
+            values["flight"][(name,)] += model.running
             values["load"][(name,)] = max(values["load"][(name,)], model.load_seconds)
-            values["queue"][(name,)] += queued
+            values["queue"][(name,)] += model.queued
             values["memory"][name, "estimated"] += model.estimated_bytes
             values["memory"][name, "measured"] += model.measured_bytes
         for key, family in gauges.items():

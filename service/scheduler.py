@@ -14,7 +14,8 @@ A caller that cancels or passes its deadline leaves the queue at once; a running
 its ``cancel`` event, which a batching backend checks between tokens.
 
 A streamed request's ticket carries its observer: told how many requests are ahead when it queues, when
-it starts, and its text (a batching backend gets one text sink per row; others find it in ``text_sink``).
+it starts, and its text, through the sink the scheduler hands the backend with the request (a batching
+backend gets it in the request's :class:`Row`, the others as ``generate``'s ``sink``).
 """
 
 from __future__ import annotations
@@ -27,38 +28,24 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from clemserve.registry.errors import ResourceExhaustedError
 
-from .domain import GenArgs, Generation, Message
-from .metrics import NoMetrics
-from .streaming import StreamObserver, TextSink, text_sink
+from .domain import GenArgs, Generation, Message, Outcome, Row, TextSink
+from .metrics import MetricsSink, NoMetrics
+from .streaming import StreamObserver
 
 log = logging.getLogger(__name__)
-
-Outcome = Generation | BaseException
 
 #: how long after its last submission or reply a caller counts as still playing
 IN_PLAY_S = 1.0
 
 
-class RunBatch(Protocol):
-    """Runs one batch: rows, their shared arguments, one cancel event per row, one text sink per row (only
-    when some row streams) and ``done``, which it may tell a row's outcome as soon as that row has ended
-    -> a result or an error per row."""
-
-    def __call__(
-        self,
-        rows: list[Sequence[Message]],
-        args: GenArgs,
-        cancels: list[threading.Event],
-        sinks: list[TextSink | None] | None,
-        done: Callable[[int, Outcome], None],
-    ) -> Awaitable[list[Outcome]]: ...
-
-
-RunOne = Callable[[Sequence[Message], GenArgs], Awaitable[Generation]]
+#: runs one request: its messages, its arguments and its text sink (None: not streamed) -> its result
+RunOne = Callable[[Sequence[Message], GenArgs, TextSink | None], Awaitable[Generation]]
+#: runs one batch: its rows, their shared arguments and ``done``, which it may tell a row's outcome (by the
+#: row's index) as soon as that row has ended -> a result or an error per row
+RunBatch = Callable[[list[Row], GenArgs, Callable[[int, Outcome], None]], Awaitable[list[Outcome]]]
 
 
 @dataclass(frozen=True)
@@ -98,10 +85,10 @@ class Scheduler:
         concurrency: int,
         run_one: RunOne,
         run_batch: RunBatch | None = None,
-        metrics: NoMetrics | None = None,
+        metrics: MetricsSink | None = None,
     ) -> None:
         self.name = name
-        self.metrics = metrics or NoMetrics()
+        self.metrics: MetricsSink = metrics or NoMetrics()
         self.policy = policy
         self.run_one = run_one
         self.run_batch = run_batch
@@ -135,7 +122,7 @@ class Scheduler:
         if self.run_batch is None and not self._callers and not self._slots.locked():
             if observer is not None:
                 observer.ready()
-            return await self._run_now(messages, args)  # nobody waits and a slot is free: no queue trip
+            return await self._run_now(messages, args, observer)  # nobody waits and a slot is free: no queue trip
         ticket = Ticket(messages, args, caller, asyncio.get_running_loop().create_future(), observer=observer)
         if observer is not None and (ahead := self.queued + (self.running if self._slots.locked() else 0)):
             observer.queued(ahead)
@@ -154,14 +141,14 @@ class Scheduler:
             ticket.future.add_done_callback(_consume)
             raise
 
-    async def _run_now(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+    async def _run_now(self, messages: Sequence[Message], args: GenArgs, observer: StreamObserver | None) -> Generation:
         """Run in the caller's own task (backends without batching); cancelling the caller cancels it."""
         async with self._slots:
             self.running += 1
             started = time.monotonic()
             self.metrics.queued(self.name, 0.0)  # the fast path: no queue, no batch
             try:
-                return await self.run_one(messages, args)
+                return await self.run_one(messages, args, _sink(observer))
             finally:
                 self.running -= 1
                 self._recent_s.append(time.monotonic() - started)
@@ -257,25 +244,20 @@ class Scheduler:
             self.metrics.queued(self.name, started - ticket.enqueued)
         if self.run_batch is not None:
             self.metrics.batch(self.name, len(batch))
-        observers = [t.observer for t in batch]
-        for observer in observers:
-            if observer is not None:
-                observer.ready()
-        sinks: list[TextSink | None] | None = None
-        if any(observers):
-            sinks = [o.text if o is not None else None for o in observers]
+        for ticket in batch:
+            if ticket.observer is not None:
+                ticket.observer.ready()
         try:
             if self.run_batch is not None:
-                rows, cancels = [t.messages for t in batch], [t.cancel for t in batch]
+                rows = [Row(t.messages, t.cancel, _sink(t.observer)) for t in batch]
 
                 def done(row: int, outcome: Outcome) -> None:  # a row that ended before its batch
                     _settle(batch[row], outcome)
 
-                results = await self.run_batch(rows, batch[0].args, cancels, sinks, done)
+                results = await self.run_batch(rows, batch[0].args, done)
             else:
-                if sinks is not None:
-                    text_sink.set(sinks[0])  # this task's own context: the backend finds it there
-                results = [await _outcome(self.run_one(batch[0].messages, batch[0].args))]
+                alone = batch[0]
+                results = [await _outcome(self.run_one(alone.messages, alone.args, _sink(alone.observer)))]
             for ticket, result in zip(batch, results, strict=True):
                 _settle(ticket, result)
         except BaseException as exc:  # the whole call failed: every row gets the error
@@ -307,6 +289,11 @@ class Scheduler:
                     ticket.future.cancel()
         self._turns.clear()
         await asyncio.gather(self._dispatcher, *self._tasks, return_exceptions=True)
+
+
+def _sink(observer: StreamObserver | None) -> TextSink | None:
+    """Where a request's text goes: its observer's (a streamed request), else nowhere."""
+    return observer.text if observer is not None else None
 
 
 def _settle(ticket: Ticket, outcome: Outcome) -> None:

@@ -15,13 +15,13 @@ from grpc_reflection.v1alpha import reflection
 from clemserve.registry import Key, KeyRegistry, ModelRegistry
 from clemserve.v1 import clemserve_pb2, clemserve_pb2_grpc
 
-from .auth import interceptors, server_credentials
-from .backends import BackendContext, RetryPolicy
+from .backends import KNOWN_BACKENDS, BackendContext
 from .config import ServerConfig
 from .logs import redact_logs
 from .metrics import create as create_metrics
-from .models import ModelManager
-from .secrets import Redactor
+from .model_cache import ModelManager
+from .security.auth import interceptors, server_credentials
+from .security.redaction import Redactor
 from .servicer import ModelServicer
 
 log = logging.getLogger(__name__)
@@ -37,21 +37,15 @@ def build_manager(config: ServerConfig) -> ModelManager:
     for token in config.security.tokens:
         redactor.add(token)
     redact_logs(redactor)
-    retry = RetryPolicy(
-        attempts=config.remote_attempts,
-        base_delay_s=config.remote_retry_delay_s,
-        max_delay_s=config.remote_max_delay_s,
-        request_timeout_s=config.remote_timeout_s,
-    )
     context = BackendContext(
-        keys=keys, cache_dir=config.cache_dir, retry=retry, redactor=redactor, compute_nice=config.compute_nice
+        keys=keys, cache_dir=config.cache_dir, retry=config.retry, redactor=redactor, compute_nice=config.compute_nice
     )
     return ModelManager(
         registry,
         context,
         allow_client_specs=config.security.allow_client_specs,
         policy=config.scheduling,
-        metrics=create_metrics(config.metrics_port),
+        metrics=create_metrics(config.metrics.port, KNOWN_BACKENDS),
         residency=config.residency,
     )
 
@@ -76,15 +70,16 @@ def _protection(config: ServerConfig) -> str:
 
 def _serve_metrics(config: ServerConfig, manager: ModelManager) -> bool:
     """Start the Prometheus endpoint when --metrics-port is set; False when its address cannot be bound."""
+    settings = config.metrics
     if not manager.metrics.enabled:
         log.info("metrics off (--metrics-port 0)")
         return True
     try:
-        port = manager.metrics.serve(config.metrics_host, config.metrics_port)
+        port = manager.metrics.serve(settings.host, settings.port)
     except OSError as exc:
-        log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, config.metrics_port, exc.strerror or exc)
+        log.error("cannot serve metrics on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         return False
-    log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
+    log.info("metrics on http://%s:%d/metrics", settings.host, port)
     return True
 
 
@@ -107,7 +102,14 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    clemserve_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager, config.limits), server)
+    servicer = ModelServicer(
+        manager,
+        config.limits,
+        redactor=manager.context.redactor,
+        metrics=manager.metrics,
+        lease_timeout_s=config.residency.lease_timeout_s,
+    )
+    clemserve_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
@@ -144,7 +146,7 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
     await stop.wait()
     log.info("stopping: refusing new calls, %.0f s for calls in flight", config.grace_period_s)
     await health_servicer.enter_graceful_shutdown()
-    manager.closing.set()  # leases are no work in flight: they end at once
+    manager.end_leases()  # leases are no work in flight: they end at once
     await server.stop(config.grace_period_s)
     await manager.shutdown()
     manager.metrics.stop()

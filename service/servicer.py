@@ -1,4 +1,8 @@
-"""The ModelService RPCs: proto in, one ModelManager call, proto out."""
+"""The ModelService RPCs: proto in, one ModelManager call, proto out.
+
+Every RPC is wrapped by :func:`rpc` or :func:`stream_rpc`, which serve it through :func:`_serving`: the
+request id, the deadline, the size check, the metrics, and one well-formed status for any failure.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,12 @@ from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
 from . import convert
+from .labels import RequestLabels
 from .logs import deadline_var, request_id_var
-from .models import LoadedModel, ModelManager, ModelState
+from .memory import ResidencyPolicy
+from .metrics import MetricsSink, NoMetrics
+from .model_cache import ModelManager
+from .security.redaction import Redactor
 from .status import as_clemserve_error, to_grpc_status, to_row_error
 from .streaming import StreamObserver
 from .validation import Limits, validate_messages, validate_request_id, validate_request_size
@@ -30,6 +38,8 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 StreamHandler = Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]
+#: set on every handler that :func:`rpc` or :func:`stream_rpc` wraps
+SERVED = "__clemserve_served__"
 
 
 def _request_id(request: object, context: grpc.aio.ServicerContext) -> str:
@@ -40,7 +50,9 @@ def _request_id(request: object, context: grpc.aio.ServicerContext) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def _serving(
+    servicer: ModelServicer, name: str, request: Any, context: grpc.aio.ServicerContext
+) -> AsyncIterator[None]:
     """What every RPC shares: the request id in every log line, the deadline, the size check, and every
     failure (before or while a stream runs) turned into one well-formed status."""
     token = request_id_var.set("-")
@@ -51,7 +63,9 @@ async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.Ser
     def count(code: grpc.StatusCode) -> float:
         """Record the call in the metrics; returns its time in the server, from the handler's start."""
         seconds = time.perf_counter() - started
-        servicer.manager.metrics.request(name, request, code, seconds)
+        if servicer.metrics.enabled:
+            model, backend = servicer.labels(request)
+            servicer.metrics.request(name, model, backend, code.name, seconds)
         return seconds
 
     try:
@@ -60,7 +74,7 @@ async def _serving(servicer: Any, name: str, request: Any, context: grpc.aio.Ser
         yield
     except Exception as exc:
         err = as_clemserve_error(exc, request_id_var.get())
-        status = to_grpc_status(err, request_id_var.get(), servicer.manager.context.redactor)
+        status = to_grpc_status(err, request_id_var.get(), servicer.redactor)
         # counted before the status goes out: a caller that reads the metrics next must find this call
         seconds = count(status.code)
         log.info("%s -> %s in %.2f ms: %s", name, err.code, seconds * 1000, status.details)
@@ -85,6 +99,7 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
             return await handler(self, request, context)
         raise AssertionError("unreachable: _serving returns or raises")
 
+    setattr(wrapper, SERVED, True)
     return wrapper
 
 
@@ -97,6 +112,7 @@ def stream_rpc(handler: StreamHandler[Request, Response]) -> StreamHandler[Reque
             async for response in handler(self, request, context):
                 yield response
 
+    setattr(wrapper, SERVED, True)
     return wrapper
 
 
@@ -107,29 +123,25 @@ def _caller(context: grpc.aio.ServicerContext) -> str:
     return str(metadata.get("x-clemserve-caller") or context.peer() or "")
 
 
-def model_status(model: LoadedModel, leases: int = 0) -> pb.ModelStatus:
-    queued = model.queued
-    ready = model.state is ModelState.READY
-    return pb.ModelStatus(
-        model_spec=convert.spec_to_proto(model.spec),
-        state=pb.ModelState.Value(f"MODEL_STATE_{model.state.name}"),
-        state_reason=model.reason,
-        load_seconds=model.load_seconds,
-        # the manager counts a request from its submission; the scheduler knows which still wait
-        requests_in_flight=max(0, model.in_flight - queued),
-        requests_queued=queued,
-        leases=leases,
-        estimated_memory_bytes=model.estimated_bytes,
-        measured_memory_bytes=model.measured_bytes if ready else 0,
-        load_progress=model.progress,
-        idle_seconds=time.monotonic() - model.last_used if ready and not model.in_flight else 0.0,
-    )
-
-
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, manager: ModelManager, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        limits: Limits | None = None,
+        *,
+        redactor: Redactor | None = None,
+        metrics: MetricsSink | None = None,
+        lease_timeout_s: float = ResidencyPolicy.lease_timeout_s,
+    ) -> None:
         self.manager = manager
         self.limits = limits or Limits()
+        #: scrubs secrets out of every status that leaves the server
+        self.redactor = redactor or Redactor()
+        self.metrics = metrics or NoMetrics()
+        #: a request's model and backend, as the metrics label it (only read when metrics are on)
+        self.labels = RequestLabels(manager.resolve, manager.resolver.names, manager.loaded_names)
+        #: the longest a lease lasts
+        self.lease_timeout_s = lease_timeout_s
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -159,7 +171,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 return pb.BatchResult(response=convert.generation_to_proto(generation, spec, row_id))
             except Exception as exc:
                 err = as_clemserve_error(exc, row_id)
-                return pb.BatchResult(error=to_row_error(err, row_id, self.manager.context.redactor))
+                return pb.BatchResult(error=to_row_error(err, row_id, self.redactor))
 
         results = await asyncio.gather(*(row(i, c) for i, c in enumerate(request.conversations)))
         return pb.GenerateBatchResponse(results=results, request_id=batch_id)
@@ -175,20 +187,12 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        manager = self.manager
-        await asyncio.to_thread(manager.estimate_registry)
-        budget = manager.budget
-        return pb.ListModelsResponse(
-            models=[model_status(m, manager.leases_on(m.spec)) for m in manager.statuses()],
-            memory_budget_bytes=budget.total,
-            memory_used_bytes=manager.memory_used(),
-            memory_kind=budget.kind,
-        )
+        return convert.cache_to_proto(await self.manager.list_models())
 
     @rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
         model = await self.manager.load(convert.selector_from_proto(request.model, limits=self.limits))
-        return pb.LoadModelResponse(status=model_status(model, self.manager.leases_on(model.spec)))
+        return pb.LoadModelResponse(status=convert.model_status_to_proto(model))
 
     @rpc
     async def UnloadModel(
@@ -229,34 +233,15 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     ) -> AsyncIterator[pb.LeaseModelResponse]:
         """Keep a model resident while the stream is open: the lease ends when the caller cancels, its
         channel goes away (the call is cancelled here) or the lease times out (a last message says so)."""
-        caller = _caller(context)
         selector = convert.selector_from_proto(request.model, limits=self.limits)
         ttl = self._lease_ttl(request.ttl_seconds)
-        spec = self.manager.resolve(selector)
-        lease_id, key = self.manager.lease(selector, caller)
-        expires = time.monotonic() + ttl
-        log.info("lease %s on %s granted to %s for %.0f s", lease_id, spec["model_name"], caller, ttl)
-        try:
-            model = await self.manager.load(selector) if request.load else self.manager.status_of(spec)
-            leases = self.manager.leases_on(model.spec)
-            yield pb.LeaseModelResponse(
-                lease_id=lease_id, status=model_status(model, leases), expires_in_seconds=expires - time.monotonic()
-            )
-            try:
-                await asyncio.wait_for(self.manager.closing.wait(), max(0.0, expires - time.monotonic()))
-                log.info("lease %s of %s ended: the server is stopping", lease_id, caller)
-                return
-            except asyncio.TimeoutError:  # Python 3.10: not yet the builtin
-                log.info("lease %s of %s expired after %.0f s", lease_id, caller, ttl)
-            model = self.manager.status_of(spec)
-            yield pb.LeaseModelResponse(lease_id=lease_id, status=model_status(model, leases), expired=True)
-        finally:
-            self.manager.release(key, lease_id)
-            log.info("lease %s released by %s", lease_id, caller)
+        async with contextlib.aclosing(self.manager.lease(selector, _caller(context), ttl, request.load)) as events:
+            async for event in events:
+                yield convert.lease_event_to_proto(event)
 
     def _lease_ttl(self, requested: float) -> float:
         """The server's lease timeout, shortened by the request's ttl_seconds (0: the timeout itself)."""
         if requested < 0 or requested != requested:
             raise InvalidArgumentError("ttl_seconds", f"must be 0 or a positive number of seconds, got {requested}")
-        limit = self.manager.residency.lease_timeout_s
+        limit = self.lease_timeout_s
         return min(requested, limit) if requested > 0 else limit

@@ -21,7 +21,7 @@ from clemserve.registry.errors import (
 )
 from clemserve.v1 import clemserve_pb2
 
-from .secrets import Redactor
+from .security.redaction import Redactor
 
 DOMAIN = "clemserve.dev"
 _DETAIL_TYPES = (

@@ -1,9 +1,9 @@
 """What a streamed request is told while it runs: load progress, its place in the queue, text.
 
 The manager, the scheduler and the backends report to a :class:`StreamObserver`; a unary request has
-none, so it pays nothing. Backends that produce text piece by piece hand each piece to the sink in
-:data:`text_sink` (set only for a streamed request); the others say nothing and the manager sends their
-whole text as one piece when the reply arrives.
+none, so it pays nothing. The scheduler hands a streamed request's text sink (its observer's ``text``) to
+the backend with the request; backends that produce text piece by piece send each piece there, the others
+say nothing and the manager sends their whole text as one piece when the reply arrives.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-#: takes a piece of generated text; called on the event loop thread
-TextSink = Callable[[str], None]
-#: where the running request's backend sends its text (None: nobody listens)
-text_sink: ContextVar[TextSink | None] = ContextVar("clemserve_text_sink", default=None)
+from .domain import TextSink
+
+__all__ = ["Phase", "StreamEvent", "StreamObserver", "StreamState", "TextDelta", "TextSink"]
 
 
 class Phase(enum.Enum):

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from serving import ServerProcess, hf_entry, start_server
-from tiny_model import build_tiny_llama
+from tests.serving import ServerProcess, hf_entry, start_server
+from tests.tiny_model import build_tiny_llama
 
 
 @pytest.fixture(scope="session")

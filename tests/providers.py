@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving import ServerProcess
+from tests.serving import ServerProcess
 
 #: distinctive fake keys, random so that redaction never meets them in ordinary words; the leak scans
 #: look for any part of them longer than the last 4 characters

@@ -11,9 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_model import CHAT_TEMPLATE, EOS_TO_CULL
+from tests.tiny_model import CHAT_TEMPLATE, EOS_TO_CULL
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CACHE = Path(os.environ.get("CLEMSERVE_CACHE_DIR", REPO / ".cache" / "clemserve"))

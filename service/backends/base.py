@@ -1,5 +1,8 @@
 """The backend interface: load, generate, count tokens, unload.
 
+A backend has one way to generate for the scheduler: ``generate``, one conversation per call, or, for a
+:class:`BatchingBackend`, ``generate_rows``, the waiting requests the scheduler merged into one call.
+
 A backend module imports its heavy dependencies (torch, transformers, vllm, provider SDKs) inside
 ``load`` so that a server with no such model loaded never imports them. Blocking work runs off the
 event loop: each backend decides how (a worker thread for transformers, async SDKs for remote APIs).
@@ -8,7 +11,6 @@ event loop: each backend decides how (a worker thread for transformers, async SD
 from __future__ import annotations
 
 import abc
-import asyncio
 import logging
 import os
 import random
@@ -23,15 +25,14 @@ from typing import Any, ClassVar, Protocol
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, UnavailableError
 
-from ..domain import GenArgs, Generation, Message, TokenCount
-from ..secrets import Redactor
-from ..streaming import TextSink, text_sink
+from ..domain import GenArgs, Generation, Message, Outcome, Row, TextSink, TokenCount
+from ..security.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
 
 #: told, on the event loop, a merged row's outcome (by its index) as soon as it is known, before its batch ends
-RowDone = Callable[[int, Generation | BaseException], None]
+RowDone = Callable[[int, Outcome], None]
 
 
 class Progress(Protocol):
@@ -91,7 +92,7 @@ class Backend(abc.ABC):
     supported_args: ClassVar[tuple[str, ...]] = ()
     #: calls the scheduler runs on this backend at once (engines and remote APIs batch or fan out themselves)
     concurrency: ClassVar[int] = 256
-    #: whether the scheduler should merge waiting requests into ``generate_rows`` calls
+    #: whether the scheduler merges waiting requests into ``generate_rows`` calls (a :class:`BatchingBackend`)
     batches: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, context: BackendContext) -> None:
@@ -111,24 +112,13 @@ class Backend(abc.ABC):
     async def load(self, progress: Progress) -> None: ...
 
     @abc.abstractmethod
-    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
-        """One conversation -> one Generation (messages are validated and merged already)."""
+    async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
+        """One conversation -> one Generation (messages are validated and merged already). ``sink`` is a
+        streamed request's: a backend that produces its text piece by piece sends each piece there; one that
+        cannot says nothing, and the manager sends the whole text as one piece when the reply arrives."""
 
-    async def generate_batch(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
-        """Many conversations; backends that batch natively override this."""
-        return list(await asyncio.gather(*(self.generate(row, args) for row in rows)))
-
-    async def generate_rows(
-        self,
-        rows: Sequence[Sequence[Message]],
-        args: GenArgs,
-        cancels: Sequence[threading.Event],
-        sinks: Sequence[TextSink | None] | None = None,
-        done: RowDone | None = None,
-    ) -> list[Generation | BaseException]:
-        """Independent requests in one call (backends with ``batches``); each row's error is its own, a row
-        with a text sink is told its text as it is generated, and ``done`` may be told a row's outcome before
-        the call returns (the returned list still holds every row)."""
+    async def generate_rows(self, rows: Sequence[Row], args: GenArgs, done: RowDone | None = None) -> list[Outcome]:
+        """Only a :class:`BatchingBackend` generates this way."""
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -138,10 +128,29 @@ class Backend(abc.ABC):
         """Free what ``load`` took."""
 
 
-def stream_words(text: str) -> None:
+class BatchingBackend(Backend):
+    """A backend whose one way to generate is ``generate_rows``: the scheduler merges waiting requests
+    (with the same arguments) into one call, and never calls ``generate`` on it."""
+
+    batches = True
+
+    @abc.abstractmethod
+    async def generate_rows(self, rows: Sequence[Row], args: GenArgs, done: RowDone | None = None) -> list[Outcome]:
+        """Independent requests in one call; each row's error is its own, a row with a text sink is told its
+        text as it is generated, a row whose cancel event is set may stop, and ``done`` may be told a row's
+        outcome before the call returns (the returned list still holds every row, in order)."""
+
+    async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
+        """A batch of one."""
+        (outcome,) = await self.generate_rows([Row(messages, sink=sink)], args)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def stream_words(text: str, sink: TextSink | None) -> None:
     """Send ``text`` word by word (keeping its spaces) to a streamed request's sink, if there is one: the
     diagnostic backends stream this way so that streaming can be tested without a model."""
-    sink = text_sink.get()
     if sink is not None:
         for piece in re.findall(r"\s*\S+|\s+$", text):
             sink(piece)

@@ -134,13 +134,12 @@ class ChatTokenizer:
         """The prompt's ids without added special tokens: the template has them already (no double BOS)."""
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    def check_context(self, length: int, max_tokens: int, context: int, row: int | None = None) -> None:
+    def check_context(self, length: int, max_tokens: int, context: int) -> None:
         """clembench's check: prompt length plus max_tokens must fit, before anything is generated."""
         tokens_used = length + max_tokens
         if tokens_used > context:
-            where = f" at batch index {row}" if row is not None else ""
             raise ContextExceededError(
-                f"Context token limit for {self.model_name} exceeded{where}",
+                f"Context token limit for {self.model_name} exceeded",
                 tokens_used,
                 context - tokens_used,
                 context,

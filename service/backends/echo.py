@@ -12,7 +12,7 @@ from typing import Any
 
 from clemserve.registry.errors import ContextExceededError
 
-from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TokenCount
+from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TextSink, TokenCount
 from ..validation import reject_unsupported_args
 from .base import Backend, Progress, stream_words
 from .context import parse_context_size
@@ -38,7 +38,7 @@ class EchoBackend(Backend):
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         return TokenCount(len(prompt.split()), self.context_size, prompt)
 
-    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+    async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
         reject_unsupported_args(args.extra, self.supported_args, self.name)
         count = await self.count_tokens(messages)
         tokens_used = count.prompt_tokens + args.max_tokens
@@ -53,7 +53,7 @@ class EchoBackend(Backend):
         words = last_user.split()
         truncated = len(words) > args.max_tokens
         text = " ".join(words[: args.max_tokens]) if truncated else last_user
-        stream_words(text)
+        stream_words(text, sink)
         return Generation(
             prompt=[_loggable(m) for m in messages],
             response={"response": text},

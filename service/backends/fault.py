@@ -24,8 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
-from ..streaming import text_sink
+from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
 from ..validation import reject_unsupported_args
 from .base import Backend, Progress, stream_words
 
@@ -59,7 +58,7 @@ class FaultBackend(Backend):
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         return TokenCount(len(prompt.split()), CONTEXT_SIZE, prompt)
 
-    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+    async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
         reject_unsupported_args(args.extra, self.supported_args, self.name)
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         config = self.model_config
@@ -68,10 +67,10 @@ class FaultBackend(Backend):
         if config.get("oom_on") and str(config["oom_on"]) in last_user:
             raise MemoryError(f"fault backend: {config['oom_on']!r} in the message")
         await asyncio.sleep(self._number("sleep_s"))
-        words = await self._stream(args.max_tokens) if "stream_tokens" in config else last_user.split()
+        words = await self._stream(args.max_tokens, sink) if "stream_tokens" in config else last_user.split()
         text = " ".join(words[: args.max_tokens])
         if "stream_tokens" not in config:
-            stream_words(text)
+            stream_words(text, sink)
         count = await self.count_tokens(messages)
         return Generation(
             prompt=[dict(m) for m in messages],
@@ -82,11 +81,10 @@ class FaultBackend(Backend):
             finish_reason=FinishReason.LENGTH if len(words) > args.max_tokens else FinishReason.STOP,
         )
 
-    async def _stream(self, max_tokens: int) -> list[str]:
+    async def _stream(self, max_tokens: int, sink: TextSink | None) -> list[str]:
         """The slow generation; the tokens within ``max_tokens`` (the reply's text) stream as they come."""
         total, delay = int(self._number("stream_tokens")), self._number("token_delay_s")
         words: list[str] = []
-        sink = text_sink.get()
         try:
             for i in range(total):
                 await asyncio.sleep(delay)

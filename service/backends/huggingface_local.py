@@ -9,6 +9,7 @@ model, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import threading
@@ -19,11 +20,10 @@ from typing import Any
 
 from clemserve.registry.errors import ContextExceededError, InvalidArgumentError, ResourceExhaustedError
 
-from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
-from ..streaming import TextSink
+from ..domain import FinishReason, GenArgs, Generation, Message, Outcome, Row, TokenCount
 from ..validation import reject_unsupported_args
 from . import gguf
-from .base import Backend, Progress, RowDone, lower_thread_priority, missing_dependency
+from .base import BatchingBackend, Progress, RowDone, lower_thread_priority, missing_dependency
 from .chat import (
     CHAT_CONFIG,
     ChatTokenizer,
@@ -33,6 +33,7 @@ from .chat import (
     refuse_images,
     weights_missing,
 )
+from .stream_decoding import BatchStreamer, on_loop
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,10 @@ KNOWN_CONFIG = CHAT_CONFIG | {
 _ENCODER_ONLY = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta"}
 
 
-class HuggingfaceLocalBackend(Backend):
+class HuggingfaceLocalBackend(BatchingBackend):
     name = "huggingface_local"
     # one generate call at a time (the worker thread); the scheduler merges waiting requests into it
     concurrency = 1
-    batches = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,7 +102,6 @@ class HuggingfaceLocalBackend(Backend):
         token_kwargs: dict[str, Any] = {}
         if config.get("requires_api_key"):
             token_kwargs["token"] = self.context.keys.get_key_for("huggingface")["api_key"]
-        _check_memory(source, self.model_name)
 
         progress(f"loading tokenizer and config from {source}", 0.35)
         try:
@@ -147,6 +146,7 @@ class HuggingfaceLocalBackend(Backend):
         self.model = model
         self.device = next(model.parameters()).device
         self.context_size = context_size(hf_config, tokenizer, self.spec)
+        self.eos_ids = _eos_ids(model, tokenizer)
         progress(f"ready: context size {self.context_size}, device {self.device}", 1.0)
 
     def _padding_side(self, config: dict[str, Any], hf_config: Any) -> str:
@@ -180,59 +180,22 @@ class HuggingfaceLocalBackend(Backend):
 
     # -- generation ---------------------------------------------------------------------------
 
-    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
-        return (await self.generate_batch([messages], args))[0]
-
-    async def generate_rows(
-        self,
-        rows: Sequence[Sequence[Message]],
-        args: GenArgs,
-        cancels: Sequence[threading.Event],
-        sinks: Sequence[TextSink | None] | None = None,
-        done: RowDone | None = None,
-    ) -> list[Generation | BaseException]:
+    async def generate_rows(self, rows: Sequence[Row], args: GenArgs, done: RowDone | None = None) -> list[Outcome]:
         """Independent requests merged into one batched call by the scheduler; a row's error is its own.
         A row with a sink (a streamed request) gets its text token by token as it is generated. A row that
         ends (its end-of-sequence token) before the batch does is handed to ``done`` at once, on the event
         loop, so that its caller has its answer without waiting for the batch's longest row."""
         reject_unsupported_args(args.extra, self.supported_args, self.name)
-        results: list[Generation | BaseException | None] = [None] * len(rows)
-        live = []
-        for i, row in enumerate(rows):
-            try:
-                refuse_images(row, self.model_name)
-                live.append(i)
-            except InvalidArgumentError as exc:
-                results[i] = exc
-        if live:
-            loop = asyncio.get_running_loop()
-            streamed = None if sinks is None else [_on_loop(loop, sinks[i]) for i in live]
-            ended = None
-            if done is not None:
-
-                def ended(row: int, generation: Generation) -> None:  # called in the generation thread
-                    loop.call_soon_threadsafe(done, live[row], generation)
-
-            outcomes = await loop.run_in_executor(
-                self._executor,
-                self._generate_blocking,
-                [rows[i] for i in live],
-                args,
-                [cancels[i] for i in live],
-                streamed,
-                ended,
-            )
-            for i, result in zip(live, outcomes, strict=True):
-                results[i] = result
-        return [r for r in results if r is not None]
-
-    async def generate_batch(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
-        for row in rows:
-            refuse_images(row, self.model_name)
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._generate_blocking, rows, args)
-        return [r for r in results if isinstance(r, Generation)]
+        # the generation thread hands text and early results over to the event loop
+        rows = [dataclasses.replace(row, sink=on_loop(loop, row.sink)) for row in rows]
+        ended = None
+        if done is not None:
+
+            def ended(row: int, generation: Generation) -> None:
+                loop.call_soon_threadsafe(done, row, generation)
+
+        return await loop.run_in_executor(self._executor, self._generate_blocking, rows, args, ended)
 
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
         loop = asyncio.get_running_loop()
@@ -243,97 +206,62 @@ class HuggingfaceLocalBackend(Backend):
         return TokenCount(len(self.chat.token_ids(prompt)), self.context_size, prompt)
 
     def _generate_blocking(
-        self,
-        rows: Sequence[Sequence[Message]],
-        args: GenArgs,
-        cancels: Sequence[threading.Event] | None = None,
-        sinks: Sequence[TextSink | None] | None = None,
-        ended: Callable[[int, Generation], None] | None = None,
-    ) -> list[Generation | BaseException]:
-        """One ``model.generate`` call for all rows (``sinks``: each merged request's text, as it comes;
-        ``ended``: told each merged row's result as soon as that row has ended, in this thread).
+        self, rows: Sequence[Row], args: GenArgs, ended: Callable[[int, Generation], None] | None
+    ) -> list[Outcome]:
+        """One ``model.generate`` call for the rows that pass their checks; the others get their errors.
+        ``ended`` is told a row's result (by its index in ``rows``) as soon as that row has ended."""
+        live, encoded, errors = self._encode(rows, args)
+        outcomes: dict[int, Outcome] = dict(errors)
+        if live:
+            watch = None
+            if ended is not None:
 
-        Without ``cancels`` the rows are one clembench batch: every row is checked at the padded length,
-        one row over the limit fails them all, and the prompt and response texts keep the padding, as
-        clembench's do. With ``cancels`` the rows are independent requests merged by the scheduler: each
-        is checked and reported on its own, and its texts are exactly what it would get alone.
-        """
-        config = self.model_config
-        tokenizer, model = self.tokenizer, self.model
-        prompts = self.chat.render(rows)
-        results: list[Generation | BaseException | None] = [None] * len(rows)
-        if cancels is None:
-            encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-            for i in range(len(rows)):  # clembench checks every row at the padded length
-                self.chat.check_context(
-                    int(encoded["input_ids"].shape[1]), args.max_tokens, self.context_size, i if len(rows) > 1 else None
-                )
-            live = list(range(len(rows)))
-        else:
-            live = []
-            for i, prompt in enumerate(prompts):
-                try:
-                    self.chat.check_context(len(self.chat.token_ids(prompt)), args.max_tokens, self.context_size)
-                    live.append(i)
-                except ContextExceededError as exc:
-                    results[i] = exc
-            if not live:
-                return [r for r in results if r is not None]
-            encoded = tokenizer([prompts[i] for i in live], add_special_tokens=False, padding=True, return_tensors="pt")
-        encoded = encoded.to(self.device)
-        input_ids, attention = encoded["input_ids"], encoded["attention_mask"]
-        padded_length = int(input_ids.shape[1])
+                def watch(n: int, sequence: Any) -> None:  # n: the row's place among the live rows
+                    outcomes[live[n]] = generation = self._decode(encoded, n, sequence, args)
+                    ended(live[n], generation)
 
+            sequences = self._run(encoded, args, [rows[i] for i in live], watch)
+            for n, i in enumerate(live):
+                if i not in outcomes:  # an early result stands
+                    outcomes[i] = self._decode(encoded, n, sequences[n], args)
+        return [outcomes[i] for i in range(len(rows))]
+
+    def _encode(self, rows: Sequence[Row], args: GenArgs) -> tuple[list[int], Any, dict[int, BaseException]]:
+        """Each row's checks (text only; its prompt and max_tokens fit the context), then the prompts of those
+        that pass as one padded batch on the model's device -> (their indices, the batch, the others' errors)."""
+        prompts: dict[int, str] = {}
+        errors: dict[int, BaseException] = {}
+        for i, row in enumerate(rows):
+            try:
+                refuse_images(row.messages, self.model_name)
+                prompt = self.chat.render([row.messages])[0]
+                self.chat.check_context(len(self.chat.token_ids(prompt)), args.max_tokens, self.context_size)
+                prompts[i] = prompt
+            except (InvalidArgumentError, ContextExceededError) as exc:
+                errors[i] = exc
+        if not prompts:
+            return [], None, errors
+        encoded = self.tokenizer(list(prompts.values()), add_special_tokens=False, padding=True, return_tensors="pt")
+        return list(prompts), encoded.to(self.device), errors
+
+    def _run(self, encoded: Any, args: GenArgs, rows: Sequence[Row], ended: Callable[[int, Any], None] | None) -> Any:
+        """``model.generate`` on the encoded rows -> each row's tokens (its padded prompt, then what was
+        generated). A row stops once its caller has left; ``ended`` is told a row's tokens once it has ended."""
+        model, length = self.model, int(encoded["input_ids"].shape[1])
         max_new_tokens = args.max_tokens
-        if config.get("cot_output"):
+        if self.model_config.get("cot_output"):
             # clembench lets thinking models use the whole context; the room left is the real bound
-            max_new_tokens = max(1, self.context_size - padded_length)
+            max_new_tokens = max(1, self.context_size - length)
         sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None}
         if args.temperature > 0.0:
             sampling = {"do_sample": True, "temperature": args.temperature, "top_p": model.generation_config.top_p}
-        eos_ids = _eos_ids(model, tokenizer)
-
-        def generation(row: int, sequence: Any) -> Generation:
-            """Row ``row`` of the batch from its tokens (the prompt's, padded, and what was generated)."""
-            new_tokens = sequence[padded_length:].tolist()
-            stop = next((n for n, t in enumerate(new_tokens) if t in eos_ids), None)
-            if cancels is None:  # a clembench batch keeps its padding on both sides, as clembench's does
-                start, end = 0, len(sequence)
-            else:  # a merged request gets exactly its own tokens, as if it had run alone
-                start = int((attention[row] == 0).sum())
-                end = len(sequence) if stop is None else padded_length + stop + 1
-            raw = str(tokenizer.decode(sequence[start:end]))
-            prompt_text = str(tokenizer.decode(input_ids[row, start:]))
-            text, cot = self.chat.clean(raw, prompt_text, args.max_tokens)
-            response: dict[str, Any] = {"response": raw}
-            if cot is not None:
-                response["cot_content"] = cot
-            return Generation(
-                prompt={"inputs": prompt_text, "max_new_tokens": args.max_tokens, "temperature": args.temperature},
-                response=response,
-                text=text,
-                prompt_tokens=int(attention[row].sum()),
-                completion_tokens=len(new_tokens) if stop is None else stop + 1,
-                finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
-            )
-
-        early: dict[int, Generation] = {}
-
-        def row_ended(row: int, sequence: Any) -> None:
-            early[row] = generation(row, sequence)
-            if ended is not None:
-                ended(live[row], early[row])
-
-        if cancels is not None:
-            watch = row_ended if ended is not None else None
-            sampling["stopping_criteria"] = _stop_on([cancels[i] for i in live], eos_ids, watch)
-            if sinks is not None:
-                rows_live = [(sinks[i], cancels[i]) for i in live]
-                sampling["streamer"] = BatchStreamer(tokenizer, rows_live, eos_ids)
+        sampling["stopping_criteria"] = _stop_on([row.cancel for row in rows], self.eos_ids, ended)
+        if any(row.sink is not None for row in rows):
+            sampling["streamer"] = BatchStreamer(self.tokenizer, rows, self.eos_ids)
         try:
             output = model.generate(
-                input_ids,
-                attention_mask=attention,
+                encoded["input_ids"],
+                attention_mask=encoded["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 return_dict_in_generate=True,
                 **sampling,
@@ -343,81 +271,33 @@ class HuggingfaceLocalBackend(Backend):
                 raise ResourceExhaustedError(f"out of memory while generating with {self.model_name}") from None
             raise
         sequences = output.sequences
-        if cancels is not None and (gone := sum(cancels[i].is_set() for i in live)):
-            steps = int(sequences.shape[1]) - padded_length
+        if gone := sum(row.cancel.is_set() for row in rows):
+            steps = int(sequences.shape[1]) - length
             log.info("%s: stopped %d row(s) early: their callers went away (%d steps)", self.model_name, gone, steps)
-        for row, i in enumerate(live):
-            results[i] = early.get(row) or generation(row, sequences[row])
-        return [r for r in results if r is not None]
+        return sequences
 
-
-def _on_loop(loop: asyncio.AbstractEventLoop, sink: TextSink | None) -> TextSink | None:
-    """``sink``, callable from the generation thread: each piece is handed to the event loop."""
-    if sink is None:
-        return None
-
-    def hand_over(piece: str) -> None:
-        loop.call_soon_threadsafe(sink, piece)
-
-    return hand_over
-
-
-class IncrementalDecoder:
-    """One row's text as its tokens arrive: each new token yields the text it adds. A token that ends in
-    the middle of a multi-byte character (decoded as U+FFFD) is held back until the character is whole."""
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self._tokens: list[int] = []
-        self._sent = 0
-
-    def push(self, token: int) -> str:
-        self._tokens.append(token)
-        text = self._decode(self._tokens)  # the whole row each time: exactly the final decode's text
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self._sent = text[self._sent :], len(text)
-        return piece
-
-    def flush(self) -> str:
-        """What is still held back once no token follows (an incomplete character, as the final decode has it)."""
-        text = self._decode(self._tokens)
-        piece, self._sent = text[self._sent :], len(text)
-        return piece
-
-
-class BatchStreamer:
-    """transformers' streamer interface for a whole batch, called from the generation thread: the first
-    ``put`` is the prompts, then one new token per row per step. A row's text goes to its sink until its
-    end-of-sequence token (included, as the reply's raw text keeps special tokens) or its caller leaves;
-    padding after that and rows without a sink emit nothing."""
-
-    def __init__(self, tokenizer: Any, rows: Sequence[tuple[TextSink | None, threading.Event]], eos: set[int]) -> None:
-        self._rows = [(sink, cancel, IncrementalDecoder(tokenizer.decode)) for sink, cancel in rows]
-        self._eos = eos
-        self._open = [sink is not None for sink, _ in rows]
-
-    def put(self, value: Any) -> None:
-        if value.dim() > 1:
-            return  # the prompts
-        for row, token in enumerate(value.tolist()):
-            sink, cancel, decoder = self._rows[row]
-            if not self._open[row] or cancel.is_set():
-                continue
-            self._send(sink, decoder.push(int(token)))
-            if token in self._eos:
-                self._open[row] = False
-
-    def end(self) -> None:
-        """The rows cut at max_tokens: what they held back, so the pieces add up to the decoded text."""
-        for row, (sink, cancel, decoder) in enumerate(self._rows):
-            if self._open[row] and not cancel.is_set():
-                self._send(sink, decoder.flush())
-
-    @staticmethod
-    def _send(sink: TextSink | None, piece: str) -> None:
-        if piece and sink is not None:
-            sink(piece)
+    def _decode(self, encoded: Any, n: int, sequence: Any, args: GenArgs) -> Generation:
+        """Row ``n``'s Generation from its tokens: exactly its own prompt and reply, as if it had run alone
+        (without the batch's padding, and without what follows its end-of-sequence token)."""
+        length, attention = int(encoded["input_ids"].shape[1]), encoded["attention_mask"][n]
+        new_tokens = sequence[length:].tolist()
+        stop = next((k for k, token in enumerate(new_tokens) if token in self.eos_ids), None)
+        start = int((attention == 0).sum())
+        end = len(sequence) if stop is None else length + stop + 1
+        raw = str(self.tokenizer.decode(sequence[start:end]))
+        prompt_text = str(self.tokenizer.decode(encoded["input_ids"][n, start:]))
+        text, cot = self.chat.clean(raw, prompt_text, args.max_tokens)
+        response: dict[str, Any] = {"response": raw}
+        if cot is not None:
+            response["cot_content"] = cot
+        return Generation(
+            prompt={"inputs": prompt_text, "max_new_tokens": args.max_tokens, "temperature": args.temperature},
+            response=response,
+            text=text,
+            prompt_tokens=int(attention.sum()),
+            completion_tokens=len(new_tokens) if stop is None else stop + 1,
+            finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
+        )
 
 
 def _stop_on(cancels: Sequence[threading.Event], eos: set[int], ended: Callable[[int, Any], None] | None = None) -> Any:
@@ -447,30 +327,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
-
-
-def _check_memory(source: str | Path, model_name: str) -> None:
-    """Refuse a local model whose weight files exceed the memory available now (a first, coarse check)."""
-    folder = Path(source)
-    if not folder.is_dir():
-        return
-    weights = sum(p.stat().st_size for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
-    available = _available_memory()
-    if weights and available and weights * 1.2 > available:
-        raise ResourceExhaustedError(
-            f"{model_name} needs about {weights * 1.2 / 2**30:.1f} GiB to load; {available / 2**30:.1f} GiB "
-            "is available",
-            required_bytes=int(weights * 1.2),
-            available_bytes=available,
-        )
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

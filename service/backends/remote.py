@@ -35,7 +35,7 @@ from clemserve.registry.errors import (
     UnavailableError,
 )
 
-from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TokenCount
+from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TextSink, TokenCount
 from ..logs import deadline_var
 from ..validation import reject_unsupported_args
 from .base import Backend, Progress, RetryPolicy, missing_dependency
@@ -241,7 +241,8 @@ class RemoteBackend(Backend):
 
     # -- shared -----------------------------------------------------------------------------------
 
-    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+    async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
+        """The provider's whole reply in one piece (``sink`` is not used: the manager sends the text)."""
         check_images(messages, self.model_config, self.model_name)
         prompt, request = self.build_request(messages, args)
         response = await self.call(lambda: self.send(request))

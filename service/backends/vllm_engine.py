@@ -18,8 +18,7 @@ from typing import Any
 
 from clemserve.registry.errors import InvalidArgumentError
 
-from ..domain import FinishReason, GenArgs, Generation, Message, TokenCount
-from ..streaming import text_sink
+from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
 from .base import Backend, BackendDeadError, Progress, missing_dependency
 from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, refuse_images, weights_missing
 
@@ -129,7 +128,7 @@ class VLLMBackend(Backend):
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError("args", f"vLLM refused the sampling parameters: {exc}") from None
 
-    async def generate(self, messages: Sequence[Message], args: GenArgs) -> Generation:
+    async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
         refuse_images(messages, self.model_name)
         sampling = self._sampling(args)
         prompt, ids = await asyncio.to_thread(self._prompt, messages)  # templating and tokenizing take CPU time
@@ -138,7 +137,7 @@ class VLLMBackend(Backend):
 
         request_id = f"clemserve-{os.getpid()}-{next(_request_numbers)}"
         final = None
-        sink, sent = text_sink.get(), 0
+        sent = 0
         try:
             async for output in self.engine.generate(TokensPrompt(prompt_token_ids=ids), sampling, request_id):
                 final = output
@@ -173,10 +172,6 @@ class VLLMBackend(Backend):
             completion_tokens=len(completion.token_ids),
             finish_reason=FinishReason.LENGTH if completion.finish_reason == "length" else FinishReason.STOP,
         )
-
-    async def generate_batch(self, rows: Sequence[Sequence[Message]], args: GenArgs) -> list[Generation]:
-        """Every row at once: the engine batches them."""
-        return list(await asyncio.gather(*(self.generate(row, args) for row in rows)))
 
     def _prompt(self, messages: Sequence[Message]) -> tuple[str, list[int]]:
         prompt = self.chat.render([messages])[0]

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from serving import ServerProcess, hf_entry, start_server
-from tiny_model import build_tiny_llama
+from tests.serving import ServerProcess, hf_entry, start_server
+from tests.tiny_model import build_tiny_llama
 
 CONVERSATIONS = [
     [{"role": "user", "content": text}]

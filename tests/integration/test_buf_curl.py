@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import ServerProcess
+from tests.serving import ServerProcess
 
 
 def buf() -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from serving import REPO, ServerProcess, free_port
+from tests.serving import REPO, ServerProcess, free_port
 
 MESSAGES = [
     {"role": "user", "content": "Hello!"},
@@ -107,7 +107,7 @@ def workdir(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("clemcore")
     (folder / "model_registry.json").write_text(json.dumps(EARLIER))
     setup = game_side(
-        python, [str(python), "-m", "clemserve.service.cli", "clemcore-setup", "--address", server.address], folder
+        python, [str(python), "-m", "clemserve.client.cli", "clemcore-setup", "--address", server.address], folder
     )
     assert setup.returncode == 0, setup.stderr
     return python, folder, setup.stderr
@@ -221,7 +221,7 @@ def test_setup_refuses_an_unreadable_registry_and_leaves_it(server: ServerProces
     (tmp_path / "model_registry.json").write_text("[{not json")
     run = game_side(
         python,
-        [str(python), "-m", "clemserve.service.cli", "clemcore-setup", "--address", server.address, str(tmp_path)],
+        [str(python), "-m", "clemserve.client.cli", "clemcore-setup", "--address", server.address, str(tmp_path)],
         tmp_path,
     )
     assert run.returncode == 2 and "model_registry.json: cannot read it" in run.stderr

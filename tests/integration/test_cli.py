@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving import ServerProcess, free_port
+from tests.serving import ServerProcess, free_port
 
-CLEMSERVE = [sys.executable, "-m", "clemserve.service.cli"]
+CLEMSERVE = [sys.executable, "-m", "clemserve.client.cli"]
 
 
 def shell(script: str, address: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -18,7 +18,7 @@ def shell(script: str, address: str, tmp_path: Path) -> subprocess.CompletedProc
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     wrapper = bin_dir / "clemserve"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m clemserve.service.cli "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m clemserve.client.cli "$@"\n')
     wrapper.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CLEMSERVE_ADDRESS": address}
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -79,3 +79,20 @@ def test_generate_streams_the_text_and_reports_the_state_on_stderr(server: Serve
     assert "[ready]" in run.stderr.splitlines()
     assert json.loads((tmp_path / "triple.json").read_text())["response_text"] == "one"
     assert "args.temperature" in run.stderr
+
+
+def test_prepare_and_serve_go_through_the_same_command(tmp_path: Path) -> None:
+    """``clemserve`` hands ``prepare`` and ``serve`` to the server with their own options."""
+    run = shell(
+        """
+        clemserve prepare echo --cache-dir cache; echo "exit=$?"
+        clemserve serve --help > serve-help.txt; echo "exit=$?"
+        """,
+        f"127.0.0.1:{free_port()}",
+        tmp_path,
+    )
+    out = run.stdout.splitlines()
+    assert out[0].startswith("echo: ready (loaded in") and out[1:] == ["exit=0", "exit=0"], run.stderr
+    usage = (tmp_path / "serve-help.txt").read_text()
+    assert usage.startswith("usage: clemserve serve [-h]")
+    assert "--registry" in usage and "--auth-token-file" in usage

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving import ServerProcess
+from tests.serving import ServerProcess
 
 SEED_BASIC = """
 import sys
@@ -49,7 +49,7 @@ def test_seed_example_runs_with_only_the_import_changed(server: ServerProcess, t
 
 
 def test_typed_example_game_plays_three_turns(server: ServerProcess) -> None:
-    from serving import REPO
+    from tests.serving import REPO
 
     run = subprocess.run(
         [sys.executable, str(REPO / "examples" / "typed_game.py"), server.address],

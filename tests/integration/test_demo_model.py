@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serving import DEMO_CACHE, ServerProcess, start_server
+from tests.serving import DEMO_CACHE, ServerProcess, start_server
 
 pytestmark = pytest.mark.demo
 

@@ -158,7 +158,7 @@ def test_human_players_are_not_served(server: Any) -> None:
 
 
 def test_unreachable_server_is_unavailable(client: Any) -> None:
-    from serving import free_port
+    from tests.serving import free_port
 
     with pytest.raises(client.UnavailableError) as caught:
         client.get_model_for("echo", address=f"127.0.0.1:{free_port()}", timeout=5)

@@ -25,9 +25,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import clemserve.client as backends
-from providers import FAKE_KEYS
-from serving import ServerProcess, free_port, start_server
-from standin import Reply, StandIn
+from tests.providers import FAKE_KEYS
+from tests.serving import ServerProcess, free_port, start_server
+from tests.standin import Reply, StandIn
 
 USER = [{"role": "user", "content": "hello there"}]
 SLOW_TOKENS = 200

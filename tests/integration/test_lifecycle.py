@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import ServerProcess, start_server
+from tests.serving import ServerProcess, start_server
 
 USER = [{"role": "user", "content": "Hello!"}]
 

@@ -14,7 +14,7 @@ import pytest
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-from serving import ServerProcess, start_server
+from tests.serving import ServerProcess, start_server
 
 USER = [{"role": "user", "content": "hi"}]
 LIMIT_FLAGS = (

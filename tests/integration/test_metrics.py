@@ -22,9 +22,9 @@ import pytest
 
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
-from providers import FAKE_KEYS, assert_no_key_leaks, openai_reply
-from serving import ServerProcess, free_port, start_server
-from standin import Reply, StandIn
+from tests.providers import FAKE_KEYS, assert_no_key_leaks, openai_reply
+from tests.serving import ServerProcess, free_port, start_server
+from tests.standin import Reply, StandIn
 
 ECHO_CALLS = 3
 TINY_CALLS = 6

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from serving import REPO, ServerProcess
+from tests.serving import REPO, ServerProcess
 
 EXAMPLE = REPO / "examples" / "node"
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from serving import REPO, ServerProcess, free_port, hf_entry, start_server
+from tests.serving import REPO, ServerProcess, free_port, hf_entry, start_server
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

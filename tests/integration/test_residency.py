@@ -24,7 +24,7 @@ from clemserve.client.channel import channel_for
 from clemserve.registry.errors import ResourceExhaustedError, UnavailableError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-from serving import ServerProcess, hf_entry, start_server
+from tests.serving import ServerProcess, hf_entry, start_server
 
 USER = [{"role": "user", "content": "hello there"}]
 SLEEP_S = 2.0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import ServerProcess, free_port, start_server
+from tests.serving import ServerProcess, free_port, start_server
 
 
 def served(proc: ServerProcess) -> int:

@@ -20,12 +20,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from certs import Pki, make_pki
-
-from serving import ServerProcess, start_server
+from tests.certs import Pki, make_pki
+from tests.serving import ServerProcess, start_server
 
 # random, as the README advises: the redactor scrubs every 5 characters of a token from the log, so a
 # token made of words would scrub those words too
@@ -59,7 +55,7 @@ def serve_command(*args: str) -> subprocess.CompletedProcess[str]:
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CLEMSERVE_")}
     return subprocess.run(
-        [sys.executable, "-m", "clemserve.service.cli", *args],
+        [sys.executable, "-m", "clemserve.client.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -17,8 +17,8 @@ import pytest
 
 import clemserve.client as backends
 from clemserve.client import StreamReply, StreamState, TextDelta
-from serving import ServerProcess, hf_entry, start_server
-from tiny_model import build_tiny_llama
+from tests.serving import ServerProcess, hf_entry, start_server
+from tests.tiny_model import build_tiny_llama
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 SLOW_TOKENS = 400

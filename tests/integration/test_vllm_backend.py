@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from serving import REPO, ServerProcess, hf_entry, start_server
+from tests.serving import REPO, ServerProcess, hf_entry, start_server
 
 MESSAGES = [
     {"role": "user", "content": "Hello!"},

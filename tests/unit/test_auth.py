@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from clemserve.client import credentials
-from clemserve.service.auth import ADMIN_METHODS, USER_METHODS, Role, TokenAuth, bearer_token
 from clemserve.service.config import parse_server_config
-from clemserve.service.security import Security, exposure_problem, is_loopback
+from clemserve.service.security.auth import ADMIN_METHODS, USER_METHODS, Role, TokenAuth, bearer_token
+from clemserve.service.security.settings import Security, exposure_problem, is_loopback
 
 USER = "user-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,10 +11,15 @@ from typing import Any
 import pytest
 
 from clemserve.registry import KeyRegistry, ModelSpec
-from clemserve.registry.errors import FailedPreconditionError
+from clemserve.registry.errors import ContextExceededError, FailedPreconditionError, InvalidArgumentError
 from clemserve.service.backends import BackendContext
 from clemserve.service.backends.chat import ChatTokenizer, context_size
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
+from clemserve.service.domain import GenArgs, Message, Row
+
+
+def msg(text: str) -> list[Message]:
+    return [{"role": "user", "content": text}]
 
 
 def backend(tmp_path: Path, **config: Any) -> HuggingfaceLocalBackend:
@@ -126,3 +132,40 @@ def test_a_tokenizer_without_template_is_refused(tokenizer: Any) -> None:
     with pytest.raises(FailedPreconditionError) as caught:
         ChatTokenizer(bare, {"premade_chat_template": True, "eos_to_cull": "x"}, "m")
     assert caught.value.subject == "model_config.custom_chat_template"
+
+
+def test_merged_rows_fail_on_their_own_and_answer_as_if_alone(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """One generate_rows call: a row with an image and one over the context get their own errors, the others
+    exactly their answers alone (no padding in their texts), and a streamed row's pieces are its reply."""
+    from tests.serving import hf_entry
+
+    spec = ModelSpec(**hf_entry("m", tiny_model_dir))
+    b = HuggingfaceLocalBackend(spec, BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path))
+    short, longer = msg("Hi"), msg("Tell me the name of the capital of Australia, please.")
+    pieces: list[str] = []
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        await b.load(lambda line, fraction=None: None)
+        args = GenArgs(max_tokens=8)
+        rows = [
+            Row(short),
+            Row([{"role": "user", "content": "look", "image": ["x.png"]}]),
+            Row(msg("word " * 600)),
+            Row(longer, sink=pieces.append),
+        ]
+        merged = await b.generate_rows(rows, args)
+        alone = [(await b.generate_rows([Row(m)], args))[0] for m in (short, longer)]
+        await b.unload()
+        return merged, alone
+
+    merged, alone = asyncio.run(run())
+    assert isinstance(merged[1], InvalidArgumentError) and merged[1].field == "messages[0].image"
+    assert isinstance(merged[2], ContextExceededError)
+    for got, want in zip([merged[0], merged[3]], alone, strict=True):
+        assert (got.prompt, got.response, got.text) == (want.prompt, want.response, want.text)
+        assert (got.prompt_tokens, got.completion_tokens, got.finish_reason) == (
+            want.prompt_tokens,
+            want.completion_tokens,
+            want.finish_reason,
+        )
+    assert pieces and merged[3].response["response"] == merged[3].prompt["inputs"] + "".join(pieces)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
-from clemserve.service.backends import BackendContext
+from clemserve.registry import ModelSpec
+from clemserve.service.domain import ModelState
+from clemserve.service.loaded import LoadedModel
 from clemserve.service.memory import ResidencyPolicy, estimate, parameter_count, parse_bytes
-from clemserve.service.models import LoadedModel, ModelManager, ModelState, cache_key
-from tiny_model import build_tiny_llama
+from clemserve.service.residency import Residency
+from clemserve.service.resolver import cache_key
+from tests.tiny_model import build_tiny_llama
 
 SHAPES = [
     {"hidden": 64, "layers": 2, "heads": 2, "kv_heads": 2, "tied": False},
@@ -88,38 +87,37 @@ def test_parse_bytes_refuses(text: str) -> None:
         parse_bytes(text)
 
 
-def _manager(tmp_path: Path) -> ModelManager:
-    return ModelManager(
-        ModelRegistry.from_files(()),
-        BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path),
-        residency=ResidencyPolicy(memory_budget="1GiB"),
-    )
-
-
 def _loaded(name: str, last_used: float, **fields: object) -> tuple[str, LoadedModel]:
     spec = ModelSpec(model_name=name, backend="fault", model_config={})
     return cache_key(spec), LoadedModel(spec, last_used=last_used, **{"state": ModelState.READY, **fields})  # type: ignore[arg-type]
 
 
 def test_eviction_takes_the_least_recently_used_idle_model(tmp_path: Path) -> None:
-    manager = _manager(tmp_path)
     now = time.monotonic()
-    for key, model in (
-        _loaded("oldest-busy", now - 50, in_flight=1),
-        _loaded("old-leased", now - 40),
-        _loaded("old-idle", now - 30),
-        _loaded("new-idle", now - 1),
-        _loaded("loading", now - 60, state=ModelState.LOADING),
-    ):
-        manager._models[key] = model
+    models = dict(
+        (
+            _loaded("oldest-busy", now - 50, in_flight=1),
+            _loaded("old-leased", now - 40),
+            _loaded("old-idle", now - 30),
+            _loaded("new-idle", now - 1),
+            _loaded("loading", now - 60, state=ModelState.LOADING),
+        )
+    )
+
+    async def unload(key: str) -> bool:
+        return models.pop(key, None) is not None
+
+    residency = Residency(ResidencyPolicy(memory_budget="1GiB"), models, unload, cache_dir=tmp_path)
     leased_key = cache_key(ModelSpec(model_name="old-leased", backend="fault", model_config={}))
-    manager._leases[leased_key] = {"lease": "caller"}
-    victim = manager._least_recently_used(exclude="")
-    assert victim is not None and manager._models[victim].spec["model_name"] == "old-idle"
-    assert manager._least_recently_used(exclude=victim) is not None
-    manager._models.pop(victim)
-    second = manager._least_recently_used(exclude="")
-    assert second is not None and manager._models[second].spec["model_name"] == "new-idle"
+    lease = residency.grant(leased_key, "caller", ttl_s=60)
+    victim = residency.least_recently_used()
+    assert victim is not None and models[victim].name == "old-idle"
+    assert residency.least_recently_used(exclude=victim) is not None
+    models.pop(victim)
+    second = residency.least_recently_used()
+    assert second is not None and models[second].name == "new-idle"
+    residency.release(lease)  # the leased model is idle now, and used longer ago than new-idle
+    assert residency.least_recently_used() == leased_key
 
 
 def test_cache_key_ignores_what_does_not_change_the_loaded_model() -> None:
@@ -190,3 +188,41 @@ def test_the_demo_gguf_estimate_matches_its_converted_weights() -> None:
     assert found.source == "gguf header"
     assert found.weights == safetensors_bytes(converted[0].parent)
     assert found.kv_cache > 0
+
+
+def test_admission_refuses_weights_the_machine_cannot_take_now(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the budget says, a transformers model whose weights exceed the memory available now is
+    refused before it loads; other backends are not held to it."""
+    import asyncio
+
+    import clemserve.service.residency as residency_module
+    from clemserve.registry.errors import ResourceExhaustedError
+    from clemserve.service.memory import Estimate
+
+    monkeypatch.setattr(residency_module, "estimate", lambda *_, **__: Estimate(weights=2**30))
+    available = 2**29
+    monkeypatch.setattr(residency_module, "available_ram", lambda: available)
+    models: dict[str, LoadedModel] = {}
+
+    async def unload(key: str) -> bool:
+        return models.pop(key, None) is not None
+
+    def entry(name: str, backend: str) -> tuple[str, LoadedModel]:
+        spec = ModelSpec(model_name=name, backend=backend, huggingface_id="org/m", model_config={})
+        return cache_key(spec), LoadedModel(spec, estimated_bytes=residency.estimate(cache_key(spec), spec))
+
+    async def check() -> None:
+        nonlocal available
+        key, model = entry("big", "huggingface_local")
+        with pytest.raises(ResourceExhaustedError, match=r"big needs about 1\.2 GiB to load; 0\.5 GiB is available"):
+            await residency.admit(key, model)
+        assert model.charged_bytes == 0
+        other_key, other = entry("engine", "vllm")
+        await residency.admit(other_key, other)
+        assert other.charged_bytes == 2**30
+        available = 2**31
+        await residency.admit(key, model)
+        assert model.charged_bytes == 2**30
+
+    residency = Residency(ResidencyPolicy(memory_budget="100GiB"), models, unload, cache_dir=tmp_path)
+    asyncio.run(check())

@@ -7,7 +7,6 @@ import asyncio
 import inspect
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,17 +15,19 @@ import pytest
 from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
 from clemserve.service.backends import BackendContext
 from clemserve.service.config import parse_server_config
-from clemserve.service.domain import GenArgs, Generation, Message
-from clemserve.service.metrics import OTHER, Metrics, NoMetrics, backend_label, create, exposure_problem, model_label
-from clemserve.service.models import ModelManager
-from clemserve.service.scheduler import Outcome, Scheduler, SchedulingPolicy
+from clemserve.service.domain import GenArgs, Generation, Message, Outcome, Row
+from clemserve.service.labels import RequestLabels, backend_label, model_label
+from clemserve.service.metrics import OTHER, Metrics, MetricsSink, NoMetrics, create
+from clemserve.service.model_cache import ModelManager
+from clemserve.service.scheduler import Scheduler, SchedulingPolicy
+from clemserve.service.security.settings import metrics_exposure_problem as exposure_problem
 from clemserve.v1 import clemserve_pb2 as pb
 
 ECHO = ModelSpec.from_dict({"model_name": "echo-a", "backend": "echo", "model_id": "echo", "model_config": {}})
 HI = [{"role": "user", "content": "hi"}]
 
 
-def manager(tmp_path: Path, metrics: NoMetrics | None = None) -> ModelManager:
+def manager(tmp_path: Path, metrics: MetricsSink | None = None) -> ModelManager:
     context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
     return ModelManager(ModelRegistry([ECHO]), context, metrics=metrics)
 
@@ -37,14 +38,14 @@ def manager(tmp_path: Path, metrics: NoMetrics | None = None) -> ModelManager:
 def test_model_label_keeps_registry_and_loaded_names_and_folds_the_rest(tmp_path: Path) -> None:
     async def check() -> None:
         models = manager(tmp_path)
-        assert model_label("echo-a", frozenset({"echo-a"}), models) == "echo-a"
-        assert model_label("my model; api_key=sk-123456789", frozenset({"echo-a"}), models) == OTHER
+        assert model_label("echo-a", frozenset({"echo-a"}), models.loaded_names()) == "echo-a"
+        assert model_label("my model; api_key=sk-123456789", frozenset({"echo-a"}), models.loaded_names()) == OTHER
         # a loaded model keeps its name even where the registry's names are not given
-        assert model_label("echo-a", frozenset(), models) == OTHER
+        assert model_label("echo-a", frozenset(), models.loaded_names()) == OTHER
         await models.load("echo-a")
-        assert model_label("echo-a", frozenset(), models) == "echo-a"
+        assert model_label("echo-a", frozenset(), models.loaded_names()) == "echo-a"
         await models.shutdown()
-        assert model_label("echo-a", frozenset(), models) == OTHER
+        assert model_label("echo-a", frozenset(), models.loaded_names()) == OTHER
 
     asyncio.run(check())
 
@@ -65,17 +66,19 @@ def samples(metrics: Metrics, name: str) -> dict[frozenset[tuple[str, str]], flo
 
 
 def test_request_labels_come_from_the_resolved_selector(tmp_path: Path) -> None:
-    import grpc
-
     metrics = Metrics(process=False)
-    manager(tmp_path, metrics)
+    models = manager(tmp_path, metrics)
+    labels = RequestLabels(models.resolve, models.resolver.names, models.loaded_names)
+
+    def request(method: str, request: object, code: str) -> None:
+        metrics.request(method, *labels(request), code, 0.01)
+
     spec_selector = pb.ModelSelector(spec=pb.ModelSpec(json=ECHO.to_string()))
-    metrics.request("Generate", pb.GenerateRequest(model=pb.ModelSelector(name="echo-a")), grpc.StatusCode.OK, 0.01)
-    metrics.request("Generate", pb.GenerateRequest(model=spec_selector), grpc.StatusCode.OK, 0.01)
-    secret_name = pb.ModelSelector(name="sk-secret-model-name")
-    metrics.request("Generate", pb.GenerateRequest(model=secret_name), grpc.StatusCode.NOT_FOUND, 0.01)
-    metrics.request("Generate", pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, 0.01)
-    metrics.request("ListModels", pb.ListModelsRequest(), grpc.StatusCode.OK, 0.01)
+    request("Generate", pb.GenerateRequest(model=pb.ModelSelector(name="echo-a")), "OK")
+    request("Generate", pb.GenerateRequest(model=spec_selector), "OK")
+    request("Generate", pb.GenerateRequest(model=pb.ModelSelector(name="sk-secret-model-name")), "NOT_FOUND")
+    request("Generate", pb.GenerateRequest(), "INVALID_ARGUMENT")
+    request("ListModels", pb.ListModelsRequest(), "OK")
     counted = samples(metrics, "clemserve_requests_total")
     label = {"method": "Generate", "model": "echo-a", "backend": "echo", "code": "OK"}
     assert counted[frozenset(label.items())] == 2
@@ -101,7 +104,7 @@ def test_create_is_off_for_port_0() -> None:
     assert type(create(9100)) is Metrics and create(9100).enabled
     off = NoMetrics()
     assert off.serve("127.0.0.1", 9100) == 0
-    assert off.tokens("m", Generation(prompt={}, response={}, text="", prompt_tokens=3)) is None
+    assert off.tokens("m", 3, 0) is None
 
 
 def test_metrics_off_never_imports_prometheus_client() -> None:
@@ -109,7 +112,7 @@ def test_metrics_off_never_imports_prometheus_client() -> None:
         "import sys\n"
         "from clemserve.service import cli, server\n"
         "from clemserve.service.metrics import create\n"
-        "create(0).request('Generate', None, None, 0.0)\n"
+        "create(0).request('Generate', '', '', 'OK', 0.0)\n"
         "assert 'prometheus_client' not in sys.modules, 'imported'\n"
         "create(1)\n"
         "assert 'prometheus_client' in sys.modules\n"
@@ -132,13 +135,11 @@ def test_scheduler_records_batch_sizes_and_queue_waits() -> None:
     metrics = Metrics(process=False)
     gate: asyncio.Event
 
-    async def run_batch(
-        rows: list[Sequence[Message]], args: GenArgs, cancels: list[threading.Event], *_: object
-    ) -> list[Outcome]:
+    async def run_batch(rows: list[Row], args: GenArgs, *_: object) -> list[Outcome]:
         await gate.wait()
         return [Generation(prompt={}, response={}, text="") for _ in rows]
 
-    async def run_one(messages: Sequence[Message], args: GenArgs) -> Generation:
+    async def run_one(messages: Sequence[Message], args: GenArgs, *_: object) -> Generation:
         return Generation(prompt={}, response={}, text="")
 
     async def check() -> None:
@@ -184,12 +185,12 @@ def test_public_metrics_hosts_need_the_flag(host: str) -> None:
 
 
 def test_metrics_options_and_their_twins() -> None:
-    defaults = parse_server_config([], {})
-    assert (defaults.metrics_port, defaults.metrics_host, defaults.metrics_public) == (0, "127.0.0.1", False)
+    defaults = parse_server_config([], {}).metrics
+    assert (defaults.port, defaults.host, defaults.public) == (0, "127.0.0.1", False)
     env = {"CLEMSERVE_METRICS_PORT": "9100", "CLEMSERVE_METRICS_HOST": "0.0.0.0", "CLEMSERVE_METRICS_PUBLIC": "yes"}
-    config = parse_server_config([], env)
-    assert (config.metrics_port, config.metrics_host, config.metrics_public) == (9100, "0.0.0.0", True)
-    flags = parse_server_config(["--metrics-port", "9200", "--metrics-host", "::1"], env)
-    assert (flags.metrics_port, flags.metrics_host) == (9200, "::1")
+    config = parse_server_config([], env).metrics
+    assert (config.port, config.host, config.public) == (9100, "0.0.0.0", True)
+    flags = parse_server_config(["--metrics-port", "9200", "--metrics-host", "::1"], env).metrics
+    assert (flags.port, flags.host) == (9200, "::1")
     with pytest.raises(SystemExit, match="--metrics-port must be 0"):
         parse_server_config(["--metrics-port", "-1"], {})

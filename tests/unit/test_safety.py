@@ -1,4 +1,4 @@
-"""Safe loading: which selector fields a client may add to a registry entry (service/safety.py)."""
+"""Safe loading: which selector fields a client may add to a registry entry (service/security/client_specs.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from clemserve.registry import ModelRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, PermissionDeniedError
 from clemserve.service.backends import backend_class
-from clemserve.service.safety import check_selector, forbidden_field, introduced_paths, is_forbidden_key
+from clemserve.service.security.client_specs import check_selector, forbidden_field, introduced_paths, is_forbidden_key
 
 HF = {
     "model_name": "llama",

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from clemserve.registry.errors import ResourceExhaustedError
-from clemserve.service.domain import GenArgs, Generation, Message
-from clemserve.service.scheduler import Outcome, Scheduler, SchedulingPolicy
+from clemserve.service.domain import GenArgs, Generation, Message, Outcome, Row
+from clemserve.service.scheduler import Scheduler, SchedulingPolicy
 from clemserve.service.streaming import Phase, StreamObserver, StreamState, TextDelta, TextSink
 
 
@@ -28,24 +28,19 @@ class Recorder:
         self.cancels: list[threading.Event] = []
 
     async def run_batch(
-        self,
-        rows: list[Sequence[Message]],
-        args: GenArgs,
-        cancels: list[threading.Event],
-        sinks: list[TextSink | None] | None = None,
-        done: Callable[[int, Outcome], None] | None = None,
+        self, rows: list[Row], args: GenArgs, done: Callable[[int, Outcome], None] | None = None
     ) -> list[Outcome]:
-        self.batches.append([row[-1]["content"] for row in rows])
-        self.cancels.extend(cancels)
-        answers = [Generation(prompt={}, response={}, text=row[-1]["content"]) for row in rows]
+        self.batches.append([row.messages[-1]["content"] for row in rows])
+        self.cancels.extend(row.cancel for row in rows)
+        answers = [Generation(prompt={}, response={}, text=row.messages[-1]["content"]) for row in rows]
         for i, answer in enumerate(answers):
             if answer.text.startswith("short") and done is not None:
                 done(i, answer)  # a row that ends before its batch: told at once
         await self.gate.wait()
         return list(answers)
 
-    async def run_one(self, messages: Sequence[Message], args: GenArgs) -> Generation:
-        return (await self.run_batch([messages], args, [threading.Event()]))[0]  # type: ignore[return-value]
+    async def run_one(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
+        return (await self.run_batch([Row(messages, sink=sink)], args))[0]  # type: ignore[return-value]
 
 
 def scheduler(rec: Recorder, *, batch: bool = True, **policy: float) -> Scheduler:
@@ -212,25 +207,20 @@ def test_a_cancelled_caller_leaves_the_queue_and_its_running_row_is_told() -> No
 
 
 class Streamer(Recorder):
-    """A batching backend stand-in that streams each row's text to its sink (when the batch has sinks)."""
+    """A batching backend stand-in that streams each row's text to its sink (rows of streamed requests)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sinks: list[list[object]] = []
 
-    async def run_batch(  # type: ignore[override]
-        self,
-        rows: list[Sequence[Message]],
-        args: GenArgs,
-        cancels: list[threading.Event],
-        sinks: list[TextSink | None] | None = None,
-        done: Callable[[int, Outcome], None] | None = None,
+    async def run_batch(
+        self, rows: list[Row], args: GenArgs, done: Callable[[int, Outcome], None] | None = None
     ) -> list[Outcome]:
-        self.sinks.append(list(sinks) if sinks is not None else [])
-        for row, sink in zip(rows, sinks or [None] * len(rows), strict=True):
-            if sink is not None:
-                sink(row[-1]["content"])
-        return await super().run_batch(rows, args, cancels, sinks, done)
+        self.sinks.append([row.sink for row in rows])
+        for row in rows:
+            if row.sink is not None:
+                row.sink(row.messages[-1]["content"])
+        return await super().run_batch(rows, args, done)
 
 
 def test_a_streamed_request_is_told_its_place_its_start_and_its_text() -> None:
@@ -255,5 +245,35 @@ def test_a_streamed_request_is_told_its_place_its_start_and_its_text() -> None:
         StreamState(Phase.READY, 1.0),
         TextDelta("third"),
     ]
-    assert rec.sinks[:2] == [[], []]  # the unary requests got no sinks: their batches ran as before
+    assert rec.sinks[:2] == [[None], [None]]  # the unary requests got no sinks: their batches ran as before
     assert len(rec.sinks[2]) == 1 and rec.sinks[2][0] is not None
+
+
+def test_without_batching_a_streamed_request_hands_its_sink_to_the_backend() -> None:
+    """Both ways a request runs on a backend without batching, at once or after a wait, pass its sink."""
+
+    async def run() -> tuple[list[object], list[object], Streamer]:
+        rec = Streamer()
+        s = scheduler(rec, batch=False)
+        alone = StreamObserver()
+        at_once = asyncio.ensure_future(s.submit(msg("at once"), GenArgs(), "a", alone))  # a free slot: no queue
+        await at_once
+        rec.gate.clear()
+        unary = asyncio.ensure_future(s.submit(msg("unary"), GenArgs(), "a"))
+        await asyncio.sleep(0.01)  # it holds the only slot
+        waiting = StreamObserver()
+        after = asyncio.ensure_future(s.submit(msg("after a wait"), GenArgs(), "b", waiting))
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        await asyncio.gather(unary, after)
+        await s.close()
+        return [e async for e in alone.events_until(at_once)], [e async for e in waiting.events_until(after)], rec
+
+    alone, waited, rec = asyncio.run(run())
+    assert alone == [StreamState(Phase.READY, 1.0), TextDelta("at once")]
+    assert waited == [
+        StreamState(Phase.QUEUED, requests_ahead=1),
+        StreamState(Phase.READY, 1.0),
+        TextDelta("after a wait"),
+    ]
+    assert [[sink is not None for sink in sinks] for sinks in rec.sinks] == [[True], [False], [True]]

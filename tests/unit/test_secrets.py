@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from clemserve.registry import errors
-from clemserve.service.secrets import REDACTED, RedactingFilter, Redactor
+from clemserve.service.security.redaction import REDACTED, RedactingFilter, Redactor
 from clemserve.service.status import to_grpc_status
 
 KEY = "sk-test-4f9a2b7c1d8e6f0a"

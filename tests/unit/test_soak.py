@@ -1,25 +1,16 @@
-"""The soak's pass criteria (bench/soak.py) fail when they should."""
+"""The soak's pass criteria (bench.soak) fail when they should."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 from types import ModuleType
 
 import pytest
 
-SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
-
 
 @pytest.fixture(scope="module")
 def soak() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("soak", SOAK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.soak")
 
 
 def run_with(soak: ModuleType, rss: list[int], fds: list[int], threads: list[int], ok: bool = True) -> object:

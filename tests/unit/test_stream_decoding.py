@@ -7,7 +7,8 @@ import threading
 
 import torch
 
-from clemserve.service.backends.huggingface_local import BatchStreamer, IncrementalDecoder
+from clemserve.service.backends.stream_decoding import BatchStreamer, IncrementalDecoder
+from clemserve.service.domain import Row
 
 EOS = 0
 PAD = 1
@@ -41,10 +42,10 @@ def test_the_batch_streamer_sends_each_row_its_own_text_until_it_ends_or_leaves(
     sent: dict[str, list[str]] = {"a": [], "b": [], "c": []}
     leaving = threading.Event()
     rows = [
-        (sent["a"].append, threading.Event()),  # ends with EOS, then padding
-        (sent["b"].append, leaving),  # its caller leaves after two tokens
-        (None, threading.Event()),  # a unary request batched with the streamed ones
-        (sent["c"].append, threading.Event()),  # cut at max_tokens with a half character
+        Row([], sink=sent["a"].append),  # ends with EOS, then padding
+        Row([], leaving, sent["b"].append),  # its caller leaves after two tokens
+        Row([]),  # a unary request batched with the streamed ones
+        Row([], sink=sent["c"].append),  # cut at max_tokens with a half character
     ]
     streamer = BatchStreamer(ByteTokenizer(), rows, {EOS})
     streamer.put(torch.tensor([[5, 6], [5, 6], [5, 6], [5, 6]]))  # the prompts: not text

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from providers import FAKE_KEYS, ServeRemote
-from serving import ServerProcess, start_server
-from standin import StandIn
+from tests.providers import FAKE_KEYS, ServeRemote
+from tests.serving import ServerProcess, start_server
+from tests.standin import StandIn
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import pytest
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
-from serving import ServerProcess
-from standin import Reply, StandIn
+from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.serving import ServerProcess
+from tests.standin import Reply, StandIn
 
 MESSAGES_PATH = r"^/v1/messages$"
 MODEL_ID = "claude-test-model"

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 import clemserve.client as backends
-from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
-from serving import ServerProcess
-from standin import Recorded, Reply, StandIn
+from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.serving import ServerProcess
+from tests.standin import Recorded, Reply, StandIn
 
 CHAT = r"^/chat/completions$"
 MESSAGES = r"^/v1/messages$"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from providers import ServeRemote, openai_reply
-from standin import Reply, StandIn
+from tests.providers import ServeRemote, openai_reply
+from tests.standin import Reply, StandIn
 
 OPENAI = openai_reply("late")
 
@@ -22,6 +22,8 @@ def test_deadline_cancels_the_upstream_request(server: Any, standin: StandIn) ->
     import clemserve.client as backends
 
     standin.script("POST", r"/chat/completions$", Reply(200, OPENAI, delay_s=10))
+    # loaded first (importing a provider SDK can take longer than the deadline): the deadline is the call's
+    backends.preload("slow-openai", address=server.address, timeout=60)
     model = backends.get_model_for("slow-openai", address=server.address, timeout=0.5)
     started = time.monotonic()
     with pytest.raises(backends.ClemserveError) as caught:

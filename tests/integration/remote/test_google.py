@@ -18,9 +18,9 @@ import pytest
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
-from serving import ServerProcess
-from standin import Recorded, Reply, StandIn
+from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.serving import ServerProcess
+from tests.standin import Recorded, Reply, StandIn
 
 MODEL_ID = "gemini-test-model"
 PATH = rf"^/v1(beta)?/models/{MODEL_ID}:generateContent$"

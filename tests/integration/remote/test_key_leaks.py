@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks, openai_reply
-from standin import Reply, StandIn
+from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks, openai_reply
+from tests.standin import Reply, StandIn
 
 ENTRIES = [
     {"model_name": "leak-openai", "backend": "openai", "model_id": "gpt-x", "model_config": {}},

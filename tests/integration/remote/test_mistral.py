@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 import clemserve.client as backends
-from providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
-from standin import Recorded, Reply, StandIn
+from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.standin import Recorded, Reply, StandIn
 
 PATH = "/v1/chat/completions"
 ATTEMPTS = 4  # the server's default --remote-attempts

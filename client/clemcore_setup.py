@@ -2,7 +2,8 @@
 
 clemcore finds backends as ``<name>_api.py`` files and models in ``model_registry.json``, both in its working
 directory. This writes ``clemserve_api.py`` (a copy of ``clemserve.client.clemcore_backend``) and merges one
-entry per server model into ``model_registry.json``. It needs the client's dependencies only.
+entry per server model into ``model_registry.json``. Like the other operator commands (``commands``) it is a
+client and needs the client's dependencies only: it runs on the game machine.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ class Security:
     tls_client_ca: Path | None = None
     #: listen on a non-loopback address with neither a token nor TLS
     insecure: bool = False
-    #: selectors may add fields that choose what is loaded or called (service/safety.py)
+    #: selectors may add fields that choose what is loaded or called (service/security/client_specs.py)
     allow_client_specs: bool = False
 
     @property
@@ -108,4 +108,14 @@ def exposure_problem(host: str, security: Security) -> str | None:
         f"refusing to listen on {host}, an address other machines can reach, without protection: "
         "give --auth-token (or --auth-token-file) or --tls-cert and --tls-key, "
         "or --insecure to serve anyone who can connect"
+    )
+
+
+def metrics_exposure_problem(host: str, public: bool) -> str | None:
+    """Why the metrics endpoint must not listen on ``host``, or None: it has no authentication or TLS."""
+    if public or is_loopback(host):
+        return None
+    return (
+        f"refusing to serve metrics on {host}, an address other machines can reach: the metrics endpoint has "
+        "neither token nor TLS; give --metrics-public to serve them to anyone who can connect"
     )

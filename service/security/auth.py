@@ -21,10 +21,10 @@ import grpc
 
 from clemserve.registry.errors import ClemserveError, PermissionDeniedError, UnauthenticatedError
 
-from .logs import request_id_var
-from .secrets import Redactor
-from .security import Security
-from .status import to_grpc_status
+from ..logs import request_id_var
+from ..status import to_grpc_status
+from .redaction import Redactor
+from .settings import Security
 
 log = logging.getLogger(__name__)
 

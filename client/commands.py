@@ -1,4 +1,7 @@
-"""Operator commands that talk to a running server: models, generate, health, load, unload.
+"""``clemserve models | health | generate | load | unload``: operator commands that talk to a running server.
+
+They are clients: they need the client's dependencies only (grpcio, protobuf) and run on game machines
+without the server installed. ``clemserve.client.cli`` adds them to the ``clemserve`` command.
 
 Exit codes: 0 success, 2 usage error, 3 the server refused or failed the request, 4 no server reachable.
 """
@@ -112,22 +115,43 @@ def _mib(status: Any) -> str:
     return f"~{status.estimated_memory_bytes / 2**20:.0f}" if status.estimated_memory_bytes else "-"
 
 
+#: grpc.health.v1's HealthCheckResponse.ServingStatus
+_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+_SERVING = 1
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from clemserve.client.channel import channel_for
 
+    check = channel_for(args.address).unary_unary(
+        "/grpc.health.v1.Health/Check", response_deserializer=_health_check_response().FromString
+    )
     try:
-        reply = health_pb2_grpc.HealthStub(channel_for(args.address)).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=args.timeout or 5
-        )
+        # HealthCheckRequest(service="") is empty on the wire
+        reply = check(b"", timeout=args.timeout or 5)
     except grpc.RpcError as exc:
         print(f"clemserve: no server at {args.address}: {exc.code().name}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    status = _SERVING_STATUS.get(reply.status, str(reply.status))
     print(f"{args.address}: {status}")
-    return EXIT_OK if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_SERVER
+    return EXIT_OK if reply.status == _SERVING else EXIT_SERVER
+
+
+def _health_check_response() -> Any:
+    """grpc.health.v1.HealthCheckResponse, declared here (its status enum as the int32 it is on the wire): the
+    generated module ships in grpcio-health-checking, which only the server installs."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="clemserve_health_check.proto", package="grpc.health.v1")
+    file.syntax = "proto3"
+    response = file.message_type.add(name="HealthCheckResponse")
+    response.field.add(name="status", number=1, type=field.TYPE_INT32, label=field.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()  # a pool of its own: the real module may be loaded beside it
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse"))
 
 
 def _generate(args: argparse.Namespace) -> int:

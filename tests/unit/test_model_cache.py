@@ -1,0 +1,72 @@
+"""The model cache without a server: one definition of what is running and queued, leases, the snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
+from clemserve.service.backends import BackendContext
+from clemserve.service.domain import GenArgs, ModelState
+from clemserve.service.model_cache import ModelManager
+from clemserve.service.scheduler import SchedulingPolicy
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _manager(tmp_path: Path, **config: object) -> ModelManager:
+    entry = ModelSpec.from_dict({"model_name": "slow", "backend": "fault", "model_config": config})
+    context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
+    return ModelManager(ModelRegistry([entry]), context, policy=SchedulingPolicy(max_wait_s=0))
+
+
+def test_snapshot_and_listing_agree_on_running_and_queued(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path, sleep_s=0.5)
+        assert manager.snapshot().models == ()
+        calls = [asyncio.create_task(manager.generate("slow", HI, GenArgs(), f"game-{i}")) for i in range(3)]
+        await asyncio.sleep(0.2)
+        (cached,) = manager.snapshot().models
+        listed = next(m for m in (await manager.list_models()).models if m.name == "slow")
+        assert cached.state is ModelState.READY and listed.state is ModelState.READY
+        assert (cached.running, cached.queued) == (listed.running, listed.queued)
+        assert cached.running + cached.queued == 3
+        assert cached.idle_seconds == 0.0  # busy
+        await asyncio.gather(*calls)
+        (done,) = manager.snapshot().models
+        assert (done.running, done.queued) == (0, 0) and done.idle_seconds >= 0.0
+        await manager.shutdown()
+        assert manager.snapshot().models == ()
+
+    asyncio.run(check())
+
+
+def test_a_lease_is_counted_while_held_and_released_when_its_holder_leaves(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path)
+        events = manager.lease("slow", "game-1", ttl_s=60, load=True)
+        granted = await anext(events)
+        assert granted.model.state is ModelState.READY and granted.model.leases == 1 and not granted.expired
+        assert 0 < granted.expires_in_seconds <= 60
+        assert manager.snapshot().models[0].leases == 1
+        await events.aclose()  # the holder leaves
+        assert manager.snapshot().models[0].leases == 0
+        await manager.shutdown()
+
+    asyncio.run(check())
+
+
+def test_a_lease_expires_and_ends_when_the_server_stops(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path)
+        expiring = [event async for event in manager.lease("slow", "game-1", ttl_s=0.05, load=False)]
+        assert [event.expired for event in expiring] == [False, True]
+        assert expiring[0].model.state is ModelState.NOT_LOADED  # load=False: held, not loaded
+        stopping = manager.lease("slow", "game-2", ttl_s=60, load=False)
+        await anext(stopping)
+        manager.end_leases()
+        assert [event async for event in stopping] == []  # ended without an expiry message
+        assert manager.snapshot().models == ()
+        await manager.shutdown()
+
+    asyncio.run(check())
