@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export CLEMSERVE_CACHE_DIR ?= $(CURDIR)/.cache/clemserve
 
-.PHONY: proto-breaking install vllm-env clemcore-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean
+.PHONY: proto-breaking install vllm-env clemcore-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean wheel
 
 install: $(STAMP)
 
@@ -70,6 +70,13 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	$(BIN)/clemserve prepare smollm2-135m-instruct
 	exec $(BIN)/clemserve serve --host $(HOST) --port $(PORT)
+
+# clemserve is not on PyPI: this is the file other machines pip install (with an extra: 'FILE.whl[server]')
+DIST ?= dist
+wheel: install
+	rm -f $(DIST)/clemserve-*.whl
+	$(PIP) wheel --no-deps --no-build-isolation -q -w $(DIST) .
+	@ls $(DIST)/clemserve-*.whl
 
 demo: install
 	$(PY) bench/demo.py --address $(HOST):$(PORT)

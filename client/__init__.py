@@ -23,6 +23,7 @@ from clemserve.registry.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
     ServerError,
+    ShuttingDownError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "ServerError",
+    "ShuttingDownError",
     "StreamEvent",
     "StreamReply",
     "StreamState",

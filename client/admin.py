@@ -18,6 +18,17 @@ _STATES = {
     pb.MODEL_STATE_READY: "ready",
     pb.MODEL_STATE_FAILED: "failed",
 }
+_AVAILABILITY = {
+    pb.MODEL_AVAILABILITY_READY: "ready",
+    pb.MODEL_AVAILABILITY_CAN_LOAD: "can_load",
+    pb.MODEL_AVAILABILITY_NEEDS_KEY: "needs_key",
+    pb.MODEL_AVAILABILITY_NEEDS_WEIGHTS: "needs_weights",
+    pb.MODEL_AVAILABILITY_NEEDS_EXTRA: "needs_extra",
+    pb.MODEL_AVAILABILITY_NEEDS_GPU: "needs_gpu",
+    pb.MODEL_AVAILABILITY_NOT_SERVED: "not_served",
+}
+#: the availabilities of models that can run on the server now
+RUNNABLE = frozenset({"ready", "can_load"})
 
 
 @dataclass(frozen=True)
@@ -35,10 +46,20 @@ class ModelStatus:
     measured_memory_bytes: int = 0
     load_progress: float = 0.0
     idle_seconds: float = 0.0
+    #: ready, can_load, needs_key, needs_weights, needs_extra, needs_gpu, not_served; unknown from a server
+    #: that does not say
+    availability: str = "unknown"
+    #: what is missing (the key entry, the pip extra, the weights), or what the first load does first
+    availability_detail: str = ""
 
     @property
     def name(self) -> str:
         return str(self.model_spec["model_name"])
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the server can run it now (loaded, or everything it needs is there)."""
+        return self.availability in RUNNABLE
 
 
 def _status(status: pb.ModelStatus) -> ModelStatus:
@@ -54,6 +75,8 @@ def _status(status: pb.ModelStatus) -> ModelStatus:
         measured_memory_bytes=status.measured_memory_bytes,
         load_progress=status.load_progress,
         idle_seconds=status.idle_seconds,
+        availability=_AVAILABILITY.get(status.availability, "unknown"),
+        availability_detail=status.availability_detail,
     )
 
 

@@ -13,7 +13,8 @@ The triple is the server's, ``clem_player`` block included: its call_start and c
 generation where it ran, as in-process clemcore times its backend call, and its model_name is the entry's.
 A context overflow is raised as clemcore's ``ContextExceededError``; clemserve's other errors pass through
 (an unknown model and invalid arguments are ValueErrors, as in clemcore). Nothing is retried here: the
-server retries what is transient, and clemcore's blanket retry would repeat deterministic failures.
+server retries what is transient, the client waits for a server that restarts (``CLEMSERVE_WAIT_FOR_SERVER``,
+so a ``clem run`` plays on across a restart), and clemcore's blanket retry would repeat deterministic failures.
 """
 
 from __future__ import annotations

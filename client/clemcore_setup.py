@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .commands import EXIT_OK, EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE
+from .commands import EXIT_OK, EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, add_connection_flags
 
 BACKEND = "clemserve"
 BACKEND_FILE = f"{BACKEND}_api.py"
@@ -32,7 +32,6 @@ class SetupError(Exception):
 
 
 def add_parser(commands: Any, environ: Mapping[str, str]) -> None:
-    address = environ.get("CLEMSERVE_ADDRESS") or "localhost:50051"
     parser: argparse.ArgumentParser = commands.add_parser(
         "clemcore-setup",
         help="prepare a clemcore working directory to play the server's models",
@@ -42,11 +41,15 @@ def add_parser(commands: Any, environ: Mapping[str, str]) -> None:
             f"is merged, not replaced: entries of other backends are kept, in their order and ahead of the "
             f"server's (so they win a name clash); only earlier {BACKEND} entries are replaced. The address is "
             f"recorded in each entry's model_config.clemserve_address; CLEMSERVE_ADDRESS overrides it when games "
-            f"run. Run clem (clemcore's CLI) in DIR afterwards."
+            f"run. Only the models the server can run are added (as `clemserve models --available` lists them), "
+            f"so that `clem list models` shows what can be played; --all adds every one. Run clem (clemcore's "
+            f"CLI) in DIR afterwards."
         ),
     )
-    parser.add_argument("--address", default=address, help=f"server host:port [env CLEMSERVE_ADDRESS; now {address}]")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds before giving up on the server")
+    parser.add_argument(
+        "--all", action="store_true", help="add every server model, also those it cannot run now (no key, ...)"
+    )
+    add_connection_flags(parser, environ)
     parser.add_argument(
         "dir", nargs="?", default=".", metavar="DIR", help="the clemcore working directory (default: .)"
     )
@@ -68,13 +71,24 @@ def run(args: argparse.Namespace) -> int:
     except backends.ClemserveError as exc:
         print(f"clemserve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_SERVER
-    entries = registry_entries((status.model_spec for status in statuses), args.address)
+    # a server too old to say (unknown) is taken at its word that its models run
+    playable = [s for s in statuses if args.all or s.runnable or s.availability == "unknown"]
+    entries = registry_entries((status.model_spec for status in playable), args.address)
     merged = merge(existing, entries)
     _write(directory / BACKEND_FILE, backend_source())
     _write(directory / REGISTRY_FILE, json.dumps(merged, indent=2, ensure_ascii=False) + "\n")
     kept = len(merged) - len(entries)
     print(f"wrote {directory / BACKEND_FILE}")
     print(f"wrote {directory / REGISTRY_FILE}: {len(entries)} models of {args.address}, {kept} other entries kept")
+    skipped = [s for s in statuses if s not in playable]
+    if skipped:
+        reasons = ", ".join(f"{s.name} ({s.availability_detail or s.availability})" for s in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        print(
+            f"left out {len(skipped)} models the server cannot run now: {reasons}{more}; "
+            "see `clemserve models`, or add them anyway with --all",
+            file=sys.stderr,
+        )
     for name in shadowed(existing, entries):
         print(f"note: {name}: an entry of another backend comes first in {REGISTRY_FILE} and wins", file=sys.stderr)
     if any(not isinstance(entry, dict) or "backend" not in entry for entry in merged):

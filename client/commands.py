@@ -16,27 +16,81 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_USAGE, EXIT_SERVER, EXIT_UNREACHABLE = 0, 2, 3, 4
+DEFAULT_ADDRESS = "localhost:50051"
+
+
+def add_connection_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Where the server is and how to reach it: ``clemserve`` and each client command take these flags, so they
+    go before or after the command's name. No flag has a default here (one not given leaves no attribute), so
+    that a command's own parser cannot overwrite what came before its name: given in both places, the later
+    one wins. ``connect`` fills in the rest from the environment."""
+    address = environ.get("CLEMSERVE_ADDRESS") or DEFAULT_ADDRESS
+    flags = parser.add_argument_group("connection (before or after the command; given twice, the later wins)")
+    unset = argparse.SUPPRESS
+    flags.add_argument("--address", default=unset, help=f"server host:port [env CLEMSERVE_ADDRESS; now {address}]")
+    flags.add_argument("--timeout", type=float, default=unset, help="seconds before giving up on the server")
+    flags.add_argument(
+        "--token",
+        default=unset,
+        help="the server's token; the admin token for load and unload on a server that has one [env CLEMSERVE_TOKEN]",
+    )
+    flags.add_argument(
+        "--tls", action="store_true", default=unset, help="TLS with the system's CA certificates [env CLEMSERVE_TLS=1]"
+    )
+    flags.add_argument(
+        "--tls-ca", metavar="FILE", default=unset, help="TLS, checking the server with this CA [env CLEMSERVE_TLS_CA]"
+    )
+    flags.add_argument(
+        "--tls-cert", metavar="FILE", default=unset, help="a client certificate (mutual TLS) [env CLEMSERVE_TLS_CERT]"
+    )
+    flags.add_argument("--tls-key", metavar="FILE", default=unset, help="its key [env CLEMSERVE_TLS_KEY]")
+
+
+def connect(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Fill in the connection flags not given from the environment; later calls to ``args.address`` go with the
+    token and over TLS where the flags or the environment ask for it."""
+    import clemserve.client as backends
+    from clemserve.client.credentials import Tls
+
+    defaults: dict[str, Any] = {
+        "address": environ.get("CLEMSERVE_ADDRESS") or DEFAULT_ADDRESS,
+        "timeout": None,
+        "token": None,  # None: CLEMSERVE_TOKEN, read by the client
+        "tls": False,
+        # each file flag falls back to its own variable: --tls-cert with CLEMSERVE_TLS_CA set uses both
+        "tls_ca": environ.get("CLEMSERVE_TLS_CA") or None,
+        "tls_cert": environ.get("CLEMSERVE_TLS_CERT") or None,
+        "tls_key": environ.get("CLEMSERVE_TLS_KEY") or None,
+    }
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        # read the files now: a missing one, or a certificate without its key, is the caller's mistake (OSError,
+        # ValueError), not a failed call
+        Tls(args.tls_ca, args.tls_cert, args.tls_key).credentials()
+    backends.connect(
+        args.address,
+        token=args.token,
+        tls=True if args.tls else None,  # None: plain text unless CLEMSERVE_TLS or a file says TLS
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
 def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     """Add the client-side subcommands to the ``clemserve`` parser."""
-    address = environ.get("CLEMSERVE_ADDRESS") or "localhost:50051"
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
-        parser.add_argument(
-            "--address", default=address, help=f"server host:port [env CLEMSERVE_ADDRESS; now {address}]"
-        )
-        parser.add_argument("--timeout", type=float, default=None, help="seconds before giving up on the server")
-        parser.add_argument(
-            "--token",
-            default=None,
-            help="the server's token; the admin token for load and unload on a server that has one "
-            "[env CLEMSERVE_TOKEN; TLS from CLEMSERVE_TLS_CA, CLEMSERVE_TLS_CERT, CLEMSERVE_TLS_KEY]",
-        )
+        add_connection_flags(parser, environ)
         return parser
 
-    command("models", "the server's models as a table: name, backend, state, load time")
+    models = command("models", "the server's models as a table: name, backend, state, availability, load time")
+    models.add_argument(
+        "--available", action="store_true", help="only the models that can run on the server now (ready or can load)"
+    )
     command("health", "is the server SERVING?")
     generate = command("generate", "one reply from a model; prints the response text")
     generate.add_argument("-m", "--model", required=True, help="model name from the server's registry")
@@ -67,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
         "load": _load,
         "unload": _unload,
     }
-    # every call below goes to args.address: with the token, over TLS where the environment asks for it
-    backends.connect(args.address, token=args.token)
+    # every call below goes to args.address, connected by clemserve.client.cli with the token and TLS flags
     try:
         return handlers[args.command](args)
     except backends.UnavailableError as exc:
@@ -87,8 +140,15 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def _models(args: argparse.Namespace) -> int:
     import clemserve.client as backends
 
-    rows = [["NAME", "BACKEND", "STATE", "LOAD S", "IN FLIGHT", "QUEUED", "LEASES", "MEMORY MIB", "SOURCE"]]
+    rows = [
+        [
+            "NAME", "BACKEND", "STATE", "AVAILABILITY", "LOAD S", "IN FLIGHT", "QUEUED", "LEASES", "MEMORY MIB",
+            "SOURCE", "AVAILABILITY DETAIL",
+        ]
+    ]  # fmt: skip
     for status in backends.list_models(address=args.address, timeout=args.timeout):
+        if args.available and not status.runnable:
+            continue
         spec = status.model_spec
         state = status.state if not status.state_reason else f"{status.state}: {status.state_reason[:60]}"
         rows.append(
@@ -96,12 +156,14 @@ def _models(args: argparse.Namespace) -> int:
                 status.name,
                 str(spec.get("backend", "")),
                 state,
+                status.availability,
                 f"{status.load_seconds:.1f}" if status.load_seconds else "-",
                 str(status.requests_in_flight),
                 str(status.requests_queued),
                 str(status.leases),
                 _mib(status),
                 str(spec.get("lookup_source", "")),
+                status.availability_detail,
             ]
         )
     print(_table(rows))

@@ -18,6 +18,7 @@ from clemserve.registry.errors import (
     ModelNotFoundError,
     ResourceExhaustedError,
     ServerError,
+    ShuttingDownError,
     UnavailableError,
 )
 from clemserve.v1 import clemserve_pb2
@@ -82,11 +83,25 @@ def _unpack(details: Iterable[any_pb2.Any]) -> _Details:
     return found
 
 
-def error_from_rpc(exc: grpc.RpcError, address: str = "") -> ClemserveError:
-    """The exception for a failed call; ``raise error_from_rpc(e) from e`` keeps the gRPC cause."""
+def error_from_rpc(exc: grpc.RpcError, address: str = "", waited_s: float = 0.0) -> ClemserveError:
+    """The exception for a failed call; ``raise error_from_rpc(e) from e`` keeps the gRPC cause.
+    ``waited_s``: how long the call waited for the server to come back before giving up."""
     code: grpc.StatusCode = exc.code()
     found = _details(exc)
-    return _with_details(_error(code, exc.details() or code.name, found, address), found)
+    err = _with_details(_error(code, exc.details() or code.name, found, address), found)
+    if waited_s > 0:
+        err.message = f"{err.message} (waited {waited_s:.1f} s for it to come back; CLEMSERVE_WAIT_FOR_SERVER)"
+        err.args = (err.message,)
+    return err
+
+
+def server_away(exc: grpc.RpcError) -> bool:
+    """Whether the call failed at the connection (refused, reset, or the server shutting down), where the
+    server may be back soon; a status the server decided itself (it carries details) is not."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    found = _details(exc)
+    return not found.any_found or found.reason == ShuttingDownError.reason
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -126,6 +141,8 @@ def _error(code: grpc.StatusCode, message: str, found: _Details, address: str) -
         )
     if code == grpc.StatusCode.UNAVAILABLE and not found.any_found and address:
         return UnavailableError(f"cannot reach clemserve at {address}: {message}")
+    if code == grpc.StatusCode.UNAVAILABLE and found.reason == ShuttingDownError.reason:
+        return ShuttingDownError(f"{message} (at {address})" if address else message)
     cls = ERRORS_BY_CODE.get(code.name)
     if cls is not None and cls is not ContextExceededError:
         return cls(message)

@@ -17,7 +17,7 @@ from clemserve.registry.errors import ClemserveError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
-from .channel import aio_channel_for, channel_for, default_address
+from .channel import ServerWait, aio_channel_for, channel_for, default_address
 from .convert import (
     Selector,
     Triple,
@@ -27,8 +27,8 @@ from .convert import (
     spec_from_proto,
     triple_from_proto,
 )
-from .errors import error_from_row, error_from_rpc
-from .streaming import StreamEvent, TextDelta, event_from_proto
+from .errors import error_from_row, server_away
+from .streaming import StreamEvent, StreamState, TextDelta, event_from_proto
 
 PROGRAMMATIC_SPECS = ("mock", "programmatic")
 HUMAN_SPECS = ("human", "terminal")
@@ -37,6 +37,8 @@ DEFAULT_GEN_ARGS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 300}
 T = TypeVar("T")
 #: after a lease could not be taken, generation goes on without one and tries again this much later
 LEASE_RETRY_S = 60.0
+#: ... or this much later when the server was away
+LEASE_AWAY_RETRY_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +141,18 @@ class _ModelBase:
 
     def _lease_refused(self, exc: grpc.RpcError) -> None:
         """Generation goes on without a lease: a server without LeaseModel never gets asked again, others
-        after ``LEASE_RETRY_S``."""
+        after ``LEASE_RETRY_S``, or ``LEASE_AWAY_RETRY_S`` when the server was away (restarting)."""
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             self.lease = False
         log.warning("%s: no lease (%s); generating without one", self.name, exc.details())
-        self._lease_call, self._lease_until = None, time.monotonic() + LEASE_RETRY_S
+        retry_s = LEASE_AWAY_RETRY_S if server_away(exc) else LEASE_RETRY_S
+        self._lease_call, self._lease_until = None, time.monotonic() + retry_s
+
+    def _lease_due(self) -> bool:
+        """Whether to take a lease before the next generation: none yet, it ran out, or its call ended (the
+        server restarted)."""
+        call = self._lease_call
+        return self.lease and (time.monotonic() >= self._lease_until or (call is not None and call.done()))
 
     def _drop_lease(self) -> None:
         """Cancel the lease's call: the server releases the lease at once."""
@@ -202,11 +211,47 @@ def _raise_first(outcomes: list[Triple | ClemserveError]) -> list[Triple]:
     return [o for o in outcomes if not isinstance(o, ClemserveError)]
 
 
-def _call(address: str, method: Callable[..., T], request: object, timeout: float | None) -> T:
-    try:
-        return method(request, timeout=timeout)
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc, address) from exc
+def _call(
+    address: str, method: Callable[..., T], request: object, timeout: float | None, token: str | None = None
+) -> T:
+    """A unary call; while the server is briefly away it is sent again (none of its reply reached the caller).
+    ``token``: the one the channel was made with (None: the address's default)."""
+    wait = ServerWait(address, timeout, token)
+    while True:
+        try:
+            reply: T = method(request, timeout=wait.timeout(), metadata=wait.metadata)
+        except grpc.RpcError as exc:
+            pause = wait.pause_after(exc)
+            if pause is None:
+                raise wait.error(exc) from exc
+            time.sleep(pause)
+        else:
+            wait.answered()
+            return reply
+
+
+async def _acall(
+    address: str, method: Callable[..., Any], request: object, timeout: float | None, token: str | None = None
+) -> Any:
+    """The asyncio twin of :func:`_call`."""
+    wait = ServerWait(address, timeout, token)
+    while True:
+        try:
+            reply = await method(request, timeout=wait.timeout(), metadata=wait.metadata)
+        except grpc.RpcError as exc:
+            pause = wait.pause_after(exc)
+            if pause is None:
+                raise wait.error(exc) from exc
+            await asyncio.sleep(pause)
+        else:
+            wait.answered()
+            return reply
+
+
+def _reached_caller(event: StreamEvent) -> bool:
+    """Text or the reply reached the caller: a stream cut after it cannot be sent again (the state events
+    of a request that waits may repeat)."""
+    return not isinstance(event, StreamState)
 
 
 class Model(_ModelBase):
@@ -221,7 +266,7 @@ class Model(_ModelBase):
 
     def _keep_lease(self) -> None:
         """Before a generation: take the lease, or renew it once it expired; otherwise only a clock check."""
-        if self.lease and time.monotonic() >= self._lease_until:
+        if self._lease_due():
             self._hold_lease()
 
     def _hold_lease(self) -> None:
@@ -246,21 +291,31 @@ class Model(_ModelBase):
     def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         """``(prompt, response_object, response_text)``, exactly as in-process clembench returns them."""
         self._keep_lease()
-        reply = _call(self.address, self._stub().Generate, self._request(messages), self.timeout)
+        reply = _call(self.address, self._stub().Generate, self._request(messages), self.timeout, self._token)
         return triple_from_proto(reply)
 
     def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[StreamEvent]:
         """The reply as it happens: StreamState events (loading, queued, ready), TextDelta pieces, and last a
         StreamReply with generate_response's triple. Leaving the loop early cancels the call on the server."""
         self._keep_lease()
-        call = self._stub().GenerateStream(self._stream_request(messages), timeout=self.timeout)
-        try:
-            for message in call:
-                yield event_from_proto(message)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address) from exc
-        finally:
-            call.cancel()  # a no-op once the stream has ended
+        request, wait = self._stream_request(messages), ServerWait(self.address, self.timeout, self._token)
+        while True:
+            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata)
+            delivered = False
+            try:
+                for message in call:
+                    event = event_from_proto(message)
+                    delivered = delivered or _reached_caller(event)
+                    yield event
+                wait.answered()
+                return
+            except grpc.RpcError as exc:
+                pause = None if delivered else wait.pause_after(exc)
+                if pause is None:
+                    raise wait.error(exc) from exc
+            finally:
+                call.cancel()  # a no-op once the stream has ended
+            time.sleep(pause)
 
     def stream_text(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[str]:
         """Only the text pieces of :meth:`generate_stream`."""
@@ -274,11 +329,13 @@ class Model(_ModelBase):
     def generate_batch(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple | ClemserveError]:
         """One outcome per conversation: its triple, or the error that row alone got."""
         self._keep_lease()
-        reply = _call(self.address, self._stub().GenerateBatch, self._batch_request(batch_messages), self.timeout)
+        reply = _call(
+            self.address, self._stub().GenerateBatch, self._batch_request(batch_messages), self.timeout, self._token
+        )
         return _outcomes(reply)
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
-        reply = _call(self.address, self._stub().CountTokens, self._count_request(messages), self.timeout)
+        reply = _call(self.address, self._stub().CountTokens, self._count_request(messages), self.timeout, self._token)
         return TokenCount(reply.prompt_tokens, reply.context_size, reply.prompt)
 
     def as_async(self) -> AsyncModel:
@@ -300,17 +357,14 @@ class AsyncModel(_ModelBase):
         return pb_grpc.ModelServiceStub(aio_channel_for(self.address, self._token))
 
     async def _acall(self, method: Callable[..., Any], request: object) -> Any:
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address) from exc
+        return await _acall(self.address, method, request, self.timeout, self._token)
 
     #: the lease being taken, which concurrent first calls share instead of each taking one
     _leasing: asyncio.Future[None] | None = None
 
     async def _keep_lease(self) -> None:
         """The asyncio twin of :meth:`Model._keep_lease`."""
-        if self.lease and time.monotonic() >= self._lease_until:
+        if self._lease_due():
             if self._leasing is None or self._leasing.done():
                 self._leasing = asyncio.ensure_future(self._hold_lease())
             await asyncio.shield(self._leasing)
@@ -341,14 +395,24 @@ class AsyncModel(_ModelBase):
     async def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> AsyncIterator[StreamEvent]:
         """The asyncio twin of :meth:`Model.generate_stream`."""
         await self._keep_lease()
-        call = self._stub().GenerateStream(self._stream_request(messages), timeout=self.timeout)
-        try:
-            async for message in call:
-                yield event_from_proto(message)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address) from exc
-        finally:
-            call.cancel()
+        request, wait = self._stream_request(messages), ServerWait(self.address, self.timeout, self._token)
+        while True:
+            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata)
+            delivered = False
+            try:
+                async for message in call:
+                    event = event_from_proto(message)
+                    delivered = delivered or _reached_caller(event)
+                    yield event
+                wait.answered()
+                return
+            except grpc.RpcError as exc:
+                pause = None if delivered else wait.pause_after(exc)
+                if pause is None:
+                    raise wait.error(exc) from exc
+            finally:
+                call.cancel()
+            await asyncio.sleep(pause)
 
     async def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
         return _raise_first(await self.generate_batch(batch_messages))
@@ -414,7 +478,7 @@ def resolve(
     address = address or default_address()
     stub = pb_grpc.ModelServiceStub(channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(selector))
-    return spec_from_proto(_call(address, stub.ResolveModel, request, timeout).model_spec)
+    return spec_from_proto(_call(address, stub.ResolveModel, request, timeout, token).model_spec)
 
 
 def get_model_for(
@@ -452,10 +516,7 @@ async def get_async_model_for(
     address = address or default_address()
     stub = pb_grpc.ModelServiceStub(aio_channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(model_spec))
-    try:
-        reply = await stub.ResolveModel(request, timeout=timeout)
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc, address) from exc
+    reply = await _acall(address, stub.ResolveModel, request, timeout, token)
     return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout, token=token, lease=lease)
 
 

@@ -126,6 +126,13 @@ class UnavailableError(ClemserveError):
     reason = "UNAVAILABLE"
 
 
+class ShuttingDownError(UnavailableError):
+    """The server is stopping: it takes no new calls, and ends those still running when its grace period
+    is over. The client waits for it to come back (``CLEMSERVE_WAIT_FOR_SERVER``)."""
+
+    reason = "SHUTTING_DOWN"
+
+
 class DeadlineExceededError(ClemserveError):
     code = "DEADLINE_EXCEEDED"
     reason = "DEADLINE_EXCEEDED"

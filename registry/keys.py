@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -168,10 +168,20 @@ def _load_key_file(path: Path) -> dict[str, Key]:
 
 
 class KeyRegistry:
-    """Key entries by name, as loaded from one ``key.json`` (files are never merged)."""
+    """Key entries by name, as loaded from one ``key.json`` (files are never merged).
 
-    def __init__(self, key_file_path: Path, keys: Mapping[str, Key | Mapping[str, Any]] | None = None) -> None:
+    ``searched`` holds the key files looked at, in order, for messages (default: ``key_file_path``).
+    """
+
+    def __init__(
+        self,
+        key_file_path: Path,
+        keys: Mapping[str, Key | Mapping[str, Any]] | None = None,
+        *,
+        searched: Sequence[Path] = (),
+    ) -> None:
         self.key_file_path = key_file_path
+        self.searched: tuple[Path, ...] = tuple(searched) or (key_file_path,)
         self._keys: dict[str, Key] = {
             name: value if isinstance(value, Key) else Key(**value) for name, value in (keys or {}).items()
         }
@@ -199,16 +209,16 @@ class KeyRegistry:
         candidates = [(cwd if cwd is not None else Path.cwd()) / KEY_FILE_NAME]
         if fallback:
             candidates.append((home if home is not None else Path.home()) / ".clemcore" / KEY_FILE_NAME)
-        for candidate in candidates:
+        for i, candidate in enumerate(candidates):
             if not candidate.is_file():
                 continue
             try:
-                return cls(candidate, _load_key_file(candidate))
+                return cls(candidate, _load_key_file(candidate), searched=candidates[: i + 1])
             except KeyFileError as err:
                 logger.warning("skipping key file: %s", err)
         tried = " or ".join(str(candidate) for candidate in candidates)
         logger.warning("no usable key file found (tried %s); remote backends will have no keys", tried)
-        return cls(candidates[-1])
+        return cls(candidates[-1], searched=candidates)
 
     def with_environment(self, environ: Mapping[str, str]) -> KeyRegistry:
         """A copy in which key entries absent from the file are filled from environment variables.
@@ -216,7 +226,7 @@ class KeyRegistry:
         See ENVIRONMENT_KEYS. An entry is added only when its API key variable is set and not blank; file
         entries win, even ones without an ``api_key``.
         """
-        registry = KeyRegistry(self.key_file_path, self._keys)
+        registry = KeyRegistry(self.key_file_path, self._keys, searched=self.searched)
         registry._from_environment = set(self._from_environment)
         for name, source in ENVIRONMENT_KEYS.items():
             if name in registry._keys:
@@ -249,14 +259,28 @@ class KeyRegistry:
         return f"KeyRegistry({str(self.key_file_path)!r}, names={sorted(self._keys)})"
 
     def get_key_for(self, name: str) -> Key:
-        """The entry ``name``; FailedPreconditionError if there is none (clembench: AssertionError)."""
+        """The entry ``name``; FailedPreconditionError if there is none (clembench: AssertionError).
+
+        The message says where the key belongs (on the server, which reads this registry, not on the game
+        machine): the key files searched and the environment variables that would fill the entry.
+        """
         try:
             return self._keys[name]
         except KeyError:
-            raise FailedPreconditionError(
-                f"No '{name}' entry in {self.key_file_path}: add one with an 'api_key' (see the README)",
-                subject=f"{KEY_FILE_NAME}: {name}",
-            ) from None
+            raise FailedPreconditionError(self.missing_key_message(name), subject=f"{KEY_FILE_NAME}: {name}") from None
+
+    def missing_key_message(self, name: str) -> str:
+        """What to do when the server has no ``name`` entry. Names files and variables, never a value."""
+        searched = ", ".join(str(path) for path in self.searched)
+        article = "an" if name[:1].lower() in "aeiou" else "a"
+        message = (
+            f"the server has no key for {name}: add {article} `{name}` entry to the server's {KEY_FILE_NAME}"
+            f" (searched: {searched})"
+        )
+        source = ENVIRONMENT_KEYS.get(name)
+        if source is not None:
+            message += f" or set {' or '.join(source.api_key)} on the server"
+        return message
 
     def set_key_for(self, name: str, values: Mapping[str, Any], reset: bool = False) -> KeyRegistry:
         """Add an entry, or merge ``values`` into an existing one; ``reset`` replaces it instead."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -163,9 +164,25 @@ class ModelRegistry:
             except UnificationError:
                 continue
         selector_string = spec.to_string()
+        hint = _not_found_hint(str(spec.model_name), [str(entry.model_name) for entry in self._entries])
         raise ModelNotFoundError(
-            f"No model spec unifies with model selector={selector_string}", selector=selector_string
+            f"No model spec unifies with model selector={selector_string}{hint}", selector=selector_string
         )
+
+
+def _not_found_hint(name: str, names: Sequence[str]) -> str:
+    """What to try instead: close registry names (difflib), and where the whole list is."""
+    known = list(dict.fromkeys(names))
+    if name in known:
+        hint = f"; entries named {name} exist, but none matches the selector's other fields"
+    else:
+        by_folded = {known_name.lower(): known_name for known_name in known}
+        # a name the selector begins (gpt-4o for gpt-4o-2024-08-06) first, then difflib's close ones
+        starting = [folded for folded in by_folded if folded.startswith(name.lower())]
+        close = difflib.get_close_matches(name.lower(), list(by_folded), n=3, cutoff=0.6)
+        picked = list(dict.fromkeys(starting + close))[:3]
+        hint = f"; did you mean {' or '.join(by_folded[c] for c in picked)}?" if picked else ""
+    return f"{hint} (see `clemserve models`)"
 
 
 def _to_spec(selector: str | Mapping[str, Any] | ModelSpec) -> ModelSpec:

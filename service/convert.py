@@ -20,6 +20,7 @@ from .domain import (
     LeaseEvent,
     Message,
     ModelSnapshot,
+    ModelState,
     TokenCount,
 )
 from .streaming import StreamEvent, TextDelta
@@ -160,7 +161,18 @@ def model_status_to_proto(model: ModelSnapshot) -> pb.ModelStatus:
         measured_memory_bytes=model.measured_bytes,
         load_progress=model.progress,
         idle_seconds=model.idle_seconds,
+        availability=_availability_to_proto(model),
+        availability_detail=model.availability_detail,
     )
+
+
+def _availability_to_proto(model: ModelSnapshot) -> pb.ModelAvailability.ValueType:
+    """A loaded model is ready whatever was found before; a snapshot nobody looked at says nothing."""
+    if model.state is ModelState.READY:
+        return pb.MODEL_AVAILABILITY_READY
+    if model.availability is None:
+        return pb.MODEL_AVAILABILITY_UNSPECIFIED
+    return pb.ModelAvailability.Value(f"MODEL_AVAILABILITY_{model.availability.name}")
 
 
 def cache_to_proto(cache: CacheSnapshot) -> pb.ListModelsResponse:

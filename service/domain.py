@@ -76,6 +76,18 @@ class ModelState(enum.Enum):
     FAILED = 4
 
 
+class Availability(enum.Enum):
+    """Whether a model can run on this server, found without loading it (ListModels)."""
+
+    READY = 1
+    CAN_LOAD = 2
+    NEEDS_KEY = 3
+    NEEDS_WEIGHTS = 4
+    NEEDS_EXTRA = 5
+    NEEDS_GPU = 6
+    NOT_SERVED = 7
+
+
 @dataclass(frozen=True)
 class ModelSnapshot:
     """One model's place in the cache at one moment, as ListModels and the metrics read it."""
@@ -97,6 +109,9 @@ class ModelSnapshot:
     progress: float = 0.0
     #: seconds since the model last finished a request or a load (0 while busy or not ready)
     idle_seconds: float = 0.0
+    #: whether it can run here (None: not looked at; ListModels looks), and what is missing in words
+    availability: Availability | None = None
+    availability_detail: str = ""
 
     @property
     def name(self) -> str:

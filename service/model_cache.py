@@ -12,13 +12,25 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from clemserve.registry import ModelRegistry, ModelSpec, ensure_alternating_roles
 from clemserve.registry.errors import ClemserveError, ResourceExhaustedError, UnavailableError
 
+from .availability import Machine, availability, hub_offline
 from .backends import Backend, BackendContext, BackendDeadError, backend_class
-from .domain import CacheSnapshot, GenArgs, Generation, LeaseEvent, Message, ModelSnapshot, ModelState, TokenCount
+from .domain import (
+    Availability,
+    CacheSnapshot,
+    GenArgs,
+    Generation,
+    LeaseEvent,
+    Message,
+    ModelSnapshot,
+    ModelState,
+    TokenCount,
+)
 from .loaded import LoadedModel
 from .memory import ResidencyPolicy, free_memory, memory_in_use
 from .metrics import MetricsSink, NoMetrics
@@ -350,19 +362,28 @@ class ModelManager:
         no entry names, and the budget."""
         await asyncio.to_thread(self.residency.estimate_all, self.registry)
         budget = self.residency.budget
+        found = await asyncio.to_thread(self._availability, budget.kind == "gpu")
         listed: list[ModelSnapshot] = []
         seen: set[str] = set()
-        for entry in self.registry:
+        for entry, (available, detail) in zip(self.registry, found, strict=True):
             key = cache_key(entry)
             loaded, leases = self._models.get(key), self.residency.leases_on(key)
             # a copy that several selectors share (ENGINE_FIELDS) is listed as the entry itself
             if loaded is not None:
-                listed.append(loaded.snapshot(leases, spec=entry))
+                snapshot = loaded.snapshot(leases, spec=entry)
             else:
-                listed.append(ModelSnapshot(entry, leases=leases, estimated_bytes=self.residency.estimate(key, entry)))
+                snapshot = ModelSnapshot(entry, leases=leases, estimated_bytes=self.residency.estimate(key, entry))
+            if snapshot.state is ModelState.READY:
+                available, detail = Availability.READY, ""
+            listed.append(replace(snapshot, availability=available, availability_detail=detail))
             seen.add(key)
         listed.extend(m.snapshot(self.residency.leases_on(k)) for k, m in self._models.items() if k not in seen)
         return CacheSnapshot(tuple(listed), budget.total, self.residency.used(), budget.kind)
+
+    def _availability(self, has_gpu: bool) -> list[tuple[Availability, str]]:
+        """Each registry entry's availability (reads installed packages and the Hugging Face cache)."""
+        machine = Machine(keys=self.context.keys, has_gpu=has_gpu, offline=hub_offline())
+        return [availability(entry, machine) for entry in self.registry]
 
 
 def _reason(exc: BaseException) -> str:

@@ -17,6 +17,8 @@ from clemserve.v1 import clemserve_pb2, clemserve_pb2_grpc
 
 from .backends import KNOWN_BACKENDS, BackendContext
 from .config import ServerConfig
+from .draining import Drain
+from .draining import current as current_drain
 from .logs import redact_logs
 from .metrics import create as create_metrics
 from .model_cache import ModelManager
@@ -27,6 +29,8 @@ from .servicer import ModelServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = clemserve_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+#: after the grace period, how long the calls being ended get to send their status
+CUT_S = 2.0
 
 
 def build_manager(config: ServerConfig) -> ModelManager:
@@ -128,6 +132,8 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
         return 2
     if not _serve_metrics(config, manager):
         return 2
+    drain = Drain()
+    current_drain.set(drain)  # before start(): the server's handler tasks inherit this context
     await server.start()
     log.info("listening on %s:%d (%s)", config.host, port, _protection(config))
 
@@ -145,9 +151,14 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
 
     await stop.wait()
     log.info("stopping: refusing new calls, %.0f s for calls in flight", config.grace_period_s)
+    # The port stays open while calls drain: a new call is told SHUTTING_DOWN rather than refused a connection.
+    drain.stop(config.grace_period_s)
     await health_servicer.enter_graceful_shutdown()
     manager.end_leases()  # leases are no work in flight: they end at once
-    await server.stop(config.grace_period_s)
+    if not await drain.finished(config.grace_period_s):
+        log.info("grace period over: ending %d calls with SHUTTING_DOWN", drain.cut())
+        await drain.finished(CUT_S)
+    await server.stop(CUT_S)
     await manager.shutdown()
     manager.metrics.stop()
     log.info("stopped")

@@ -21,7 +21,8 @@ from clemserve.registry.errors import InvalidArgumentError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
-from . import convert
+from . import convert, provenance
+from .draining import current as current_drain
 from .labels import RequestLabels
 from .logs import deadline_var, request_id_var
 from .memory import ResidencyPolicy
@@ -68,12 +69,20 @@ async def _serving(
             servicer.metrics.request(name, model, backend, code.name, seconds)
         return seconds
 
+    drain = current_drain.get()
     try:
         request_id_var.set(_request_id(request, context))
-        validate_request_size(request.ByteSize(), servicer.limits)
-        yield
-    except Exception as exc:
-        err = as_clemserve_error(exc, request_id_var.get())
+        with drain.serving() if drain is not None else contextlib.nullcontext():
+            validate_request_size(request.ByteSize(), servicer.limits)
+            yield
+    except (Exception, asyncio.CancelledError) as exc:
+        if not isinstance(exc, asyncio.CancelledError):
+            err = as_clemserve_error(exc, request_id_var.get())
+        elif drain is not None and drain.cutting:
+            err = drain.cut_error()  # the grace period is over: told so, not cut off like a lost connection
+        else:
+            count(grpc.StatusCode.CANCELLED)  # the caller left
+            raise
         status = to_grpc_status(err, request_id_var.get(), servicer.redactor)
         # counted before the status goes out: a caller that reads the metrics next must find this call
         seconds = count(status.code)
@@ -81,7 +90,7 @@ async def _serving(
         await context.abort(status.code, status.details, status.trailing_metadata)
         raise AssertionError("unreachable: abort raises") from None
     except BaseException:
-        count(grpc.StatusCode.CANCELLED)  # the caller left, or the server is stopping
+        count(grpc.StatusCode.CANCELLED)  # a stream closed under its handler
         raise
     else:
         log.debug("%s -> OK in %.2f ms", name, count(grpc.StatusCode.OK) * 1000)
@@ -181,7 +190,17 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self, request: pb.ResolveModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolveModelResponse:
         spec = self.manager.resolve(convert.selector_from_proto(request.model, limits=self.limits))
-        return pb.ResolveModelResponse(model_spec=convert.spec_to_proto(spec))
+        if not request.describe:
+            return pb.ResolveModelResponse(model_spec=convert.spec_to_proto(spec))
+        served = await asyncio.to_thread(provenance.describe, spec)  # may hash weight files, once
+        return pb.ResolveModelResponse(
+            model_spec=convert.spec_to_proto(spec),
+            server_version=served.server_version,
+            library_versions=served.library_versions,
+            revision=served.revision,
+            dtype=served.dtype,
+            device=served.device,
+        )
 
     @rpc
     async def ListModels(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from clemserve.registry.errors import FailedPreconditionError
 
@@ -30,6 +31,53 @@ _NOT_SERVED = {"llamacpp", "slurk"}
 KNOWN_BACKENDS = frozenset(_BACKENDS) | frozenset(_NOT_SERVED)
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a backend needs before a model of it can load, known without importing its module (ListModels
+    tells from this which models can run here). Each backend's ``load`` checks the same things again."""
+
+    #: the pip extra that installs ``packages``
+    extra: str = ""
+    #: modules its load imports (the provider SDK, torch, ...)
+    packages: tuple[str, ...] = ()
+    #: the key.json entry it reads; the azure backend's depends on the entry (see ``key_entry``)
+    key: str = ""
+    #: it reads weights named by the entry's ``huggingface_id`` (or ``model_config.gguf``)
+    weights: bool = False
+
+
+_HF = ("torch", "transformers", "accelerate")
+_REQUIREMENTS: dict[str, Requirements] = {
+    "echo": Requirements(),
+    "fault": Requirements(),
+    "huggingface_local": Requirements("hf", _HF, weights=True),
+    "vllm": Requirements("vllm", ("vllm", "transformers"), weights=True),
+    "openai": Requirements("remote", ("openai",), "openai"),
+    "openai_compatible": Requirements("remote", ("openai",), "openai_compatible"),
+    "openrouter": Requirements("remote", ("openai",), "openrouter"),
+    "azure": Requirements("remote", ("openai", "anthropic"), "azure_gpt"),
+    "anthropic": Requirements("remote", ("anthropic",), "anthropic"),
+    "google": Requirements("remote", ("google.genai",), "google"),
+    "mistral": Requirements("remote", ("mistralai",), "mistral"),
+    "cohere": Requirements("remote", ("cohere",), "cohere"),
+}
+
+
+def requirements(name: str) -> Requirements:
+    """The backend's requirements; FailedPreconditionError, as ``backend_class``, for one not served here."""
+    if name not in _BACKENDS:
+        backend_class(name)  # raises the error that says why
+    return _REQUIREMENTS[name]
+
+
+def key_entry(name: str, model_id: str) -> str:
+    """The key.json entry a model of backend ``name`` reads: azure routes Claude deployments (by model_id, as
+    ``AzureBackend`` does) to ``azure_claude``, the others to ``azure_gpt``."""
+    if name == "azure" and "claude" in model_id.lower():
+        return "azure_claude"
+    return _REQUIREMENTS[name].key
+
+
 def backend_class(name: str) -> type[Backend]:
     target = _BACKENDS.get(name)
     if target is None:
@@ -46,4 +94,14 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-__all__ = ["Backend", "BackendContext", "BackendDeadError", "Progress", "RetryPolicy", "backend_class"]
+__all__ = [
+    "Backend",
+    "BackendContext",
+    "BackendDeadError",
+    "Progress",
+    "Requirements",
+    "RetryPolicy",
+    "backend_class",
+    "key_entry",
+    "requirements",
+]

@@ -17,6 +17,11 @@ Where this differs from clembench, on purpose:
   ``(response.text or "")`` does; only a candidate in a role other than ``model`` is an error.
 - Gemini's 400 "API key not valid" is treated as the 401 it means; its ``RetryInfo`` delay is honoured
   like a ``Retry-After`` header.
+
+Requests go to the API version clembench's SDK (google-genai 1.x) uses, ``v1beta``, set explicitly: newer
+SDKs default to ``v1``, where features clembench entries use (``thinking_mode``'s thinking configuration)
+arrive later. ``api_version`` in the entry's ``model_config``, else in the ``google`` key entry, chooses
+another on purpose.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from clemserve.registry import Key
+from clemserve.registry import FailedPreconditionError, Key
 
 from ..domain import GenArgs, ImagePart, Message
 from ..validation import reject_unsupported_args
@@ -42,6 +47,9 @@ from .remote import (
 )
 
 THINKING_BUDGET = 4096
+#: the Gemini API version of clemcore's pinned google-genai (1.x); 2.x and later default to v1
+API_VERSION = "v1beta"
+_API_VERSION = re.compile(r"^v\d+[a-z0-9]*$")
 SAFETY_CATEGORIES = (
     "HARM_CATEGORY_HARASSMENT",
     "HARM_CATEGORY_HATE_SPEECH",
@@ -65,11 +73,31 @@ class GoogleBackend(RemoteBackend):
         self.transport_errors = _transport_errors()
         # attempts=1: no retries in the SDK. Leaving retry_options unset is not enough: the SDK then
         # retries aiohttp connection errors on its own once, after 1 to 10 s.
-        options: dict[str, Any] = {"retry_options": types.HttpRetryOptions(attempts=1)}
+        options: dict[str, Any] = {
+            "retry_options": types.HttpRetryOptions(attempts=1),
+            "api_version": self.api_version(key),
+        }
         if key.get("base_url"):
             options["base_url"] = key["base_url"]
         # vertexai=False: the Gemini API with this key, whatever GOOGLE_GENAI_USE_VERTEXAI says
         return genai.Client(api_key=key["api_key"], vertexai=False, http_options=types.HttpOptions(**options))
+
+    def api_version(self, key: Key) -> str:
+        """``model_config.api_version``, else the key entry's ``api_version``, else ``v1beta``."""
+        for field, value in (
+            ("model_config.api_version", self.model_config.get("api_version")),
+            (f"key.json: {self.key_name}.api_version", key.get("api_version")),
+        ):
+            if value is None:
+                continue
+            if not isinstance(value, str) or not _API_VERSION.match(value):
+                raise FailedPreconditionError(
+                    f"{field} of {self.model_name} must be a Gemini API version such as 'v1beta' or 'v1',"
+                    f" got {value!r}",
+                    subject=field,
+                )
+            return value
+        return API_VERSION
 
     async def unload(self) -> None:
         client = getattr(self, "client", None)

@@ -141,6 +141,30 @@ def test_setup_merges_the_registry(server: ServerProcess, workdir: tuple[Path, P
     assert "class ClemserveBackend(Backend)" in source
 
 
+def test_setup_adds_only_what_the_server_can_run(
+    server: ServerProcess, workdir: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """So that ``clem list models`` shows what can be played; --all adds the rest."""
+    import clemserve.client as backends
+
+    python, folder, notes = workdir
+    statuses = backends.list_models(address=server.address)
+    runnable = {s.name for s in statuses if s.runnable}
+    left_out = {s.name for s in statuses} - runnable
+    assert runnable and left_out  # the packaged registry's API models have no key on this server
+    entries = json.loads((folder / "model_registry.json").read_text())
+    assert {e["model_name"] for e in entries if e["backend"] == "clemserve"} == runnable
+    assert f"left out {len(left_out)} models the server cannot run now" in notes and "--all" in notes
+    everything = game_side(
+        python,
+        [str(python), "-m", "clemserve.client.cli", "clemcore-setup", "--all", "--address", server.address],
+        tmp_path,
+    )
+    assert everything.returncode == 0 and "left out" not in everything.stderr, everything.stderr
+    entries = json.loads((tmp_path / "model_registry.json").read_text())
+    assert {e["model_name"] for e in entries} == runnable | left_out
+
+
 def test_clem_lists_the_servers_models_and_the_backend(workdir: tuple[Path, Path, str]) -> None:
     python, folder, _ = workdir
     models = game_side(python, ["clem", "list", "models"], folder)

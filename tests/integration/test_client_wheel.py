@@ -91,7 +91,7 @@ def test_operator_commands_run_without_the_server_stack(game_venv: Path, server:
     clemserve = str(game_venv / "bin" / "clemserve")
     listing = game_side(game_venv, [clemserve, "--help"], tmp_path, server.address)
     assert listing.returncode == 0, listing.stderr
-    assert "{serve,prepare,models,health,generate,load,unload,clemcore-setup}" in listing.stdout
+    assert "{serve,prepare,models,health,generate,load,unload,clemcore-setup,run}" in listing.stdout
     health = game_side(game_venv, [clemserve, "health"], tmp_path, server.address)
     assert (health.returncode, health.stdout) == (0, f"{server.address}: SERVING\n"), health.stderr
     models = game_side(game_venv, [clemserve, "models"], tmp_path, server.address)
@@ -112,4 +112,5 @@ def test_serve_without_the_server_says_what_to_install(game_venv: Path, tmp_path
         assert run.returncode == 2, run.stdout + run.stderr
         assert run.stdout == ""
         assert run.stderr.startswith(f"clemserve: {command[0]} needs the server")
-        assert "pip install 'clemserve[server]'" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+        assert "pip install '/path/to/clemserve[server]'" in run.stderr and "make wheel" in run.stderr, run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr

@@ -116,7 +116,9 @@ def test_not_found_is_a_value_error_with_the_selector(client: Any) -> None:
     with pytest.raises(client.ModelNotFoundError) as caught:
         client.get_model_for("no-such-model")
     assert isinstance(caught.value, ValueError)
-    assert str(caught.value) == 'No model spec unifies with model selector={"model_name":"no-such-model"}'
+    assert str(caught.value) == (
+        'No model spec unifies with model selector={"model_name":"no-such-model"} (see `clemserve models`)'
+    )
     assert caught.value.selector == '{"model_name":"no-such-model"}'
     # a narrowing selector that contradicts every entry is NOT_FOUND too
     with pytest.raises(client.ModelNotFoundError):

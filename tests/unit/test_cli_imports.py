@@ -26,7 +26,7 @@ for argv in json.loads(sys.argv[1]):
 service = sorted(m for m in sys.modules if m == "clemserve.service" or m.startswith("clemserve.service."))
 print(json.dumps({"codes": codes, "service": service}))
 """
-CLIENT_COMMANDS = ["models", "health", "generate", "load", "unload", "clemcore-setup"]
+CLIENT_COMMANDS = ["models", "health", "generate", "load", "unload", "clemcore-setup", "run"]
 
 
 def probe(*commands: list[str]) -> tuple[dict[str, Any], str]:
@@ -55,7 +55,7 @@ def test_client_commands_do_not_import_the_server(tmp_path: Path) -> None:
     assert report["service"] == []
     # every command ran to its end: help, or no server reachable
     assert report["codes"] == [0] * len(helps) + [4] * len(calls)
-    assert "{serve,prepare,models,health,generate,load,unload,clemcore-setup}" in printed
+    assert "{serve,prepare,models,health,generate,load,unload,clemcore-setup,run}" in printed
 
 
 def test_serve_hands_over_to_the_server_and_its_options() -> None:

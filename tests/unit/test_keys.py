@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import stat
 from pathlib import Path
 
@@ -120,8 +121,34 @@ def test_case29_missing_entry_is_a_failed_precondition(key_file: Path) -> None:
     registry = KeyRegistry.from_json(key_file)
     with pytest.raises(FailedPreconditionError) as info:
         registry.get_key_for("mistral")
-    assert str(info.value) == f"No 'mistral' entry in {key_file}: add one with an 'api_key' (see the README)"
+    assert str(info.value) == (
+        f"the server has no key for mistral: add a `mistral` entry to the server's key.json (searched: {key_file})"
+        " or set MISTRAL_API_KEY on the server"
+    )
     assert info.value.subject == "key.json: mistral"
+
+
+def test_missing_entry_names_every_file_searched_and_each_variable(tmp_path: Path) -> None:
+    cwd, home = tmp_path / "work", tmp_path / "home"
+    registry = KeyRegistry.from_json(cwd=cwd, home=home).with_environment({})
+    searched = f"{cwd / 'key.json'}, {home / '.clemcore' / 'key.json'}"
+    with pytest.raises(FailedPreconditionError) as info:
+        registry.get_key_for("openai")
+    assert str(info.value) == (
+        f"the server has no key for openai: add an `openai` entry to the server's key.json (searched: {searched})"
+        " or set OPENAI_API_KEY on the server"
+    )
+    with pytest.raises(FailedPreconditionError, match=r" or set GOOGLE_API_KEY or GEMINI_API_KEY on the server$"):
+        registry.get_key_for("google")
+    # an entry no variable fills names only the file
+    with pytest.raises(FailedPreconditionError, match=r"entry to the server's key\.json \(searched: [^)]*\)$"):
+        registry.get_key_for("my_provider")
+    # a file found in the working directory ends the search there
+    _write(cwd / "key.json", {"anthropic": {"api_key": SHORT_KEY}})
+    found = KeyRegistry.from_json(cwd=cwd, home=home)
+    assert found.searched == (cwd / "key.json",)
+    with pytest.raises(FailedPreconditionError, match=rf"\(searched: {re.escape(str(cwd / 'key.json'))}\) or"):
+        found.get_key_for("cohere")
 
 
 def test_case29_set_new_update_and_reset(key_file: Path) -> None:

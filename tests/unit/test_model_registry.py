@@ -116,9 +116,35 @@ def test_case16_escaping_check_catches_a_bad_pattern() -> None:
 def test_case17_unknown_name_is_not_found(three_entries: ModelRegistry) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         three_entries.resolve("nope")
-    assert str(info.value) == 'No model spec unifies with model selector={"model_name":"nope"}'
+    assert str(info.value) == 'No model spec unifies with model selector={"model_name":"nope"} (see `clemserve models`)'
     assert info.value.selector == '{"model_name":"nope"}'
     assert isinstance(info.value, ValueError)
+
+
+def test_case17_unknown_name_suggests_close_registry_names(three_entries: ModelRegistry) -> None:
+    registry = ModelRegistry(
+        [
+            ModelSpec(model_name=name, backend="huggingface_local")
+            for name in ("smollm2-135m-instruct", "gpt2", "qwen3-8b")
+        ]
+    )
+    with pytest.raises(ModelNotFoundError) as info:
+        registry.resolve("SmolLM2-135M")
+    assert str(info.value) == (
+        'No model spec unifies with model selector={"model_name":"SmolLM2-135M"}; '
+        "did you mean smollm2-135m-instruct? (see `clemserve models`)"
+    )
+    with pytest.raises(ModelNotFoundError, match=r"did you mean model1 or model2\?"):
+        three_entries.resolve("model")
+
+
+def test_case17_known_name_with_contradicting_fields_says_so(three_entries: ModelRegistry) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        three_entries.resolve({"model_name": "model2", "backend": "openai"})
+    assert str(info.value).endswith(
+        "; entries named model2 exist, but none matches the selector's other fields (see `clemserve models`)"
+    )
+    assert "did you mean" not in str(info.value)
 
 
 def test_case17_head_rejects_a_fully_specified_selector_not_in_the_registry(

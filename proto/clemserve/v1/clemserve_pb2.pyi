@@ -86,6 +86,50 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """The last load failed; state_reason says why. The next request tries again."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _ModelAvailability:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelAvailabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelAvailability.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_AVAILABILITY_UNSPECIFIED: _ModelAvailability.ValueType  # 0
+    """Not looked at: a server older than this field, or a LoadModel or LeaseModel reply for a model not ready."""
+    MODEL_AVAILABILITY_READY: _ModelAvailability.ValueType  # 1
+    """Loaded and serving."""
+    MODEL_AVAILABILITY_CAN_LOAD: _ModelAvailability.ValueType  # 2
+    """Everything it needs is here; the first request loads it."""
+    MODEL_AVAILABILITY_NEEDS_KEY: _ModelAvailability.ValueType  # 3
+    """The server has no API key for its provider (availability_detail names the key.json entry)."""
+    MODEL_AVAILABILITY_NEEDS_WEIGHTS: _ModelAvailability.ValueType  # 4
+    """The server is offline and the weights are not in its Hugging Face cache."""
+    MODEL_AVAILABILITY_NEEDS_EXTRA: _ModelAvailability.ValueType  # 5
+    """A Python package is missing on the server (availability_detail names the pip extra)."""
+    MODEL_AVAILABILITY_NEEDS_GPU: _ModelAvailability.ValueType  # 6
+    """It needs a GPU and the server has none."""
+    MODEL_AVAILABILITY_NOT_SERVED: _ModelAvailability.ValueType  # 7
+    """Its backend is not one this server serves."""
+
+class ModelAvailability(_ModelAvailability, metaclass=_ModelAvailabilityEnumTypeWrapper):
+    """Whether a model can run on this server, as ListModels finds it without loading anything."""
+
+MODEL_AVAILABILITY_UNSPECIFIED: ModelAvailability.ValueType  # 0
+"""Not looked at: a server older than this field, or a LoadModel or LeaseModel reply for a model not ready."""
+MODEL_AVAILABILITY_READY: ModelAvailability.ValueType  # 1
+"""Loaded and serving."""
+MODEL_AVAILABILITY_CAN_LOAD: ModelAvailability.ValueType  # 2
+"""Everything it needs is here; the first request loads it."""
+MODEL_AVAILABILITY_NEEDS_KEY: ModelAvailability.ValueType  # 3
+"""The server has no API key for its provider (availability_detail names the key.json entry)."""
+MODEL_AVAILABILITY_NEEDS_WEIGHTS: ModelAvailability.ValueType  # 4
+"""The server is offline and the weights are not in its Hugging Face cache."""
+MODEL_AVAILABILITY_NEEDS_EXTRA: ModelAvailability.ValueType  # 5
+"""A Python package is missing on the server (availability_detail names the pip extra)."""
+MODEL_AVAILABILITY_NEEDS_GPU: ModelAvailability.ValueType  # 6
+"""It needs a GPU and the server has none."""
+MODEL_AVAILABILITY_NOT_SERVED: ModelAvailability.ValueType  # 7
+"""Its backend is not one this server serves."""
+Global___ModelAvailability: _TypeAlias = ModelAvailability  # noqa: Y015
+
 class _StreamPhase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -558,6 +602,11 @@ class ResolveModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    DESCRIBE_FIELD_NUMBER: _builtins.int
+    describe: _builtins.bool
+    """Also tell where the model's answers come from (the provenance fields of the response). Off by default:
+    identifying the weights can mean hashing their files once, which a game's every start must not wait for.
+    """
     @_builtins.property
     def model(self) -> Global___ModelSelector:
         """A name or a (partial) spec."""
@@ -566,10 +615,11 @@ class ResolveModelRequest(_message.Message):
         self,
         *,
         model: Global___ModelSelector | None = ...,
+        describe: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["describe", b"describe", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,19 +631,68 @@ class ResolveModelResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LibraryVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_SPEC_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    LIBRARY_VERSIONS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    server_version: _builtins.str
+    """The server's clemserve version (provenance of results played through it, as clemserve run records)."""
+    revision: _builtins.str
+    """What identifies the weights: "hf:<commit>" for a Hugging Face hub snapshot in the server's cache,
+    "sha256:<hex>" over the weight files of a local folder or packaged GGUF; empty for remote models and
+    when the weights are not on the server yet.
+    """
+    dtype: _builtins.str
+    """The dtype the weights load in ("auto" resolved from the model's config where it names one); empty
+    for remote models.
+    """
+    device: _builtins.str
+    """Where a local model runs: "cuda" or "cpu" (device_map "auto"); empty for remote models."""
     @_builtins.property
     def model_spec(self) -> Global___ModelSpec:
         """The selector unified with the first registry entry it unifies with, lookup_source included."""
+
+    @_builtins.property
+    def library_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The entry's backend libraries and their versions on the server (for example torch, transformers or
+        openai); empty for backends without any (echo).
+        """
 
     def __init__(
         self,
         *,
         model_spec: Global___ModelSpec | None = ...,
+        server_version: _builtins.str = ...,
+        library_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        revision: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "library_versions", b"library_versions", "model_spec", b"model_spec", "revision", b"revision", "server_version", b"server_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -616,6 +715,8 @@ class ModelStatus(_message.Message):
     MEASURED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     LOAD_PROGRESS_FIELD_NUMBER: _builtins.int
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    AVAILABILITY_FIELD_NUMBER: _builtins.int
+    AVAILABILITY_DETAIL_FIELD_NUMBER: _builtins.int
     state: Global___ModelState.ValueType
     """Whether it is loaded."""
     state_reason: _builtins.str
@@ -638,6 +739,12 @@ class ModelStatus(_message.Message):
     """While loading: the fraction done, 0 to 1, where the backend can tell."""
     idle_seconds: _builtins.float
     """Seconds since the model last finished a request (or finished loading), while loaded."""
+    availability: Global___ModelAvailability.ValueType
+    """Whether the model can run on this server, found without loading anything."""
+    availability_detail: _builtins.str
+    """What is missing, in words: the key entry, the pip extra, the weights; or what a load does first
+    (downloading weights). Names files, entries and variables, never a secret.
+    """
     @_builtins.property
     def model_spec(self) -> Global___ModelSpec:
         """The registry entry (or, for a model loaded from a narrower selector, the resolved spec)."""
@@ -656,10 +763,12 @@ class ModelStatus(_message.Message):
         measured_memory_bytes: _builtins.int = ...,
         load_progress: _builtins.float = ...,
         idle_seconds: _builtins.float = ...,
+        availability: Global___ModelAvailability.ValueType = ...,
+        availability_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_memory_bytes", b"estimated_memory_bytes", "idle_seconds", b"idle_seconds", "leases", b"leases", "load_progress", b"load_progress", "load_seconds", b"load_seconds", "measured_memory_bytes", b"measured_memory_bytes", "model_spec", b"model_spec", "requests_in_flight", b"requests_in_flight", "requests_queued", b"requests_queued", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability", b"availability", "availability_detail", b"availability_detail", "estimated_memory_bytes", b"estimated_memory_bytes", "idle_seconds", b"idle_seconds", "leases", b"leases", "load_progress", b"load_progress", "load_seconds", b"load_seconds", "measured_memory_bytes", b"measured_memory_bytes", "model_spec", b"model_spec", "requests_in_flight", b"requests_in_flight", "requests_queued", b"requests_queued", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,7 +23,8 @@ from tests.serving import ServerProcess
 from tests.standin import Recorded, Reply, StandIn
 
 MODEL_ID = "gemini-test-model"
-PATH = rf"^/v1(beta)?/models/{MODEL_ID}:generateContent$"
+#: the API version clemcore's google-genai 1.x calls; newer SDKs default to v1, so the server pins it
+PATH = rf"^/v1beta/models/{MODEL_ID}:generateContent$"
 ATTEMPTS = 3
 SAFETY = [
     {"category": category, "threshold": "BLOCK_MEDIUM_AND_ABOVE"}
@@ -47,6 +48,8 @@ ENTRIES = [
     entry("gemini-mm-off", multimodality=False),
     entry("gemini-thinking", thinking_mode=True),
     entry("gemini-thinking-off", thinking_mode=False),
+    entry("gemini-v1", api_version="v1"),
+    entry("gemini-bad-version", api_version="v1beta/../v1"),
 ]
 
 #: every text, prompt, response and error message clemserve gave back, for the key-leak scan at the end
@@ -198,6 +201,40 @@ def test_usage_on_the_wire(server: ServerProcess) -> None:
             )
         )
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (9, 3)
+
+
+@pytest.mark.parametrize("name", ["gemini-test", "gemini-thinking", "gemini-thinking-off"])
+def test_requests_go_to_v1beta_as_in_clemcore(server: ServerProcess, standin: StandIn, name: str) -> None:
+    generate(model(server, name), USER)
+    assert [r.path for r in standin.requests] == [f"/v1beta/models/{MODEL_ID}:generateContent"]
+
+
+def test_model_config_chooses_another_api_version(server: ServerProcess, standin: StandIn) -> None:
+    standin.script("POST", rf"^/v1/models/{MODEL_ID}:generateContent$", Reply(200, answer("from v1")))
+    _, _, text = generate(model(server, "gemini-v1"), USER)
+    assert text == "from v1"
+    assert [r.path for r in standin.requests] == [f"/v1/models/{MODEL_ID}:generateContent"]
+
+
+def test_key_entry_chooses_another_api_version(serve_remote: ServeRemote, standin: StandIn) -> None:
+    key = {"api_key": FAKE_KEYS["google"], "base_url": standin.url, "api_version": "v1alpha"}
+    alpha = serve_remote(ENTRIES, keys={"google": key})
+    standin.script("POST", rf"^/v1alpha/models/{MODEL_ID}:generateContent$", Reply(200, answer("from v1alpha")))
+    standin.script("POST", rf"^/v1/models/{MODEL_ID}:generateContent$", Reply(200, answer("from v1")))
+    assert generate(model(alpha), USER)[2] == "from v1alpha"
+    # the registry entry's model_config wins over the key entry
+    assert generate(model(alpha, "gemini-v1"), USER)[2] == "from v1"
+    assert [r.path for r in standin.requests] == [
+        f"/v1alpha/models/{MODEL_ID}:generateContent",
+        f"/v1/models/{MODEL_ID}:generateContent",
+    ]
+
+
+def test_malformed_api_version_names_the_field(server: ServerProcess, standin: StandIn) -> None:
+    err = failure(model(server, "gemini-bad-version"), USER, backends.FailedPreconditionError)
+    assert err.subject == "model_config.api_version"
+    assert "model_config.api_version of gemini-bad-version must be a Gemini API version" in str(err)
+    assert standin.requests == []
 
 
 def test_thinking_mode(server: ServerProcess, standin: StandIn) -> None:
@@ -471,6 +508,19 @@ def test_key_entry_without_api_key(serve_remote: ServeRemote, standin: StandIn) 
     assert err.subject == "key.json: google"
     assert sent(standin) == []
     assert_no_key_leaks(keyless.log())
+
+
+def test_missing_key_entry_says_where_the_key_belongs(serve_remote: ServeRemote, standin: StandIn) -> None:
+    keyless = serve_remote(ENTRIES[:1], keys={"openai": {"api_key": FAKE_KEYS["openai"]}})
+    err = failure(model(keyless), USER, backends.FailedPreconditionError)
+    key_file = Path(keyless.log_path).parent / "key.json"
+    assert str(err) == (
+        f"the server has no key for google: add a `google` entry to the server's key.json (searched: {key_file})"
+        " or set GOOGLE_API_KEY or GEMINI_API_KEY on the server"
+    )
+    assert err.subject == "key.json: google"
+    assert standin.requests == []
+    assert_no_key_leaks(str(err) + keyless.log())
 
 
 def test_no_key_leaks(server: ServerProcess) -> None:

@@ -1,0 +1,146 @@
+"""Where a model's answers come from, as far as this server can tell without loading it: its version, the
+backend's library versions, the weights' revision, dtype and device. ``ResolveModel`` answers with it, and
+``clemserve run`` records it beside a benchmark's results.
+
+Hashing weight files reads them whole, so a folder's hash is computed once per set of (path, size, mtime)
+and kept for the server's life; callers run ``describe`` off the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clemserve.registry import ModelSpec
+
+from .backends import requirements
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_hashes: dict[tuple[tuple[str, int, int], ...], str] = {}
+_hashes_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    server_version: str
+    library_versions: dict[str, str] = field(default_factory=dict)
+    revision: str = ""
+    dtype: str = ""
+    device: str = ""
+
+
+def describe(spec: ModelSpec) -> Provenance:
+    try:
+        needs = requirements(str(spec.get("backend") or ""))
+    except Exception:  # a backend not served here: resolving it still answers, as before
+        return Provenance(_version("clemserve"))
+    versions = library_versions(needs.packages)
+    if not needs.weights:
+        return Provenance(_version("clemserve"), versions)
+    config = spec.get("model_config") or {}
+    folder, revision = _weights(spec, config)
+    return Provenance(_version("clemserve"), versions, revision, _dtype(config, folder), _device())
+
+
+def library_versions(modules: Iterable[str]) -> dict[str, str]:
+    """The installed distributions that provide ``modules`` (import names), by distribution name."""
+    providers = _distributions()
+    versions = {}
+    for module in modules:
+        for distribution in providers.get(module.split(".")[0], []):
+            versions[distribution] = _version(distribution)
+    return versions
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Import names -> the distributions that provide them (a scan of every installed package: once)."""
+    return dict(importlib.metadata.packages_distributions())
+
+
+def _weights(spec: ModelSpec, config: dict[str, Any]) -> tuple[Path | None, str]:
+    """The folder holding the model's config (where known) and the weights' revision."""
+    source = config.get("gguf")
+    if isinstance(source, dict) and isinstance(source.get("distribution"), str):
+        from .backends import gguf
+
+        try:
+            path = gguf.locate(source["distribution"], str(source.get("file")))
+        except Exception:  # not installed: ListModels says why; nothing to identify
+            return None, ""
+        return None, "sha256:" + _files_hash([path])
+    name = str(spec.get("huggingface_id") or spec.get("model_id") or "")
+    local = Path(name).expanduser()
+    if name and local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        return local, ("sha256:" + _files_hash(files)) if files else ""
+    return _hub_snapshot(name)
+
+
+def _hub_snapshot(repo_id: str) -> tuple[Path | None, str]:
+    if not repo_id or importlib.util.find_spec("huggingface_hub") is None:
+        return None, ""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id
+        return None, ""
+    if not isinstance(cached, str):  # not downloaded yet: the first load fetches it
+        return None, ""
+    snapshot = Path(cached).parent
+    return snapshot, f"hf:{snapshot.name}"
+
+
+def _files_hash(paths: list[Path]) -> str:
+    key = tuple((str(p), (s := p.stat()).st_size, s.st_mtime_ns) for p in paths)
+    with _hashes_lock:
+        if key in _hashes:
+            return _hashes[key]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    with _hashes_lock:
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]
+
+
+def _dtype(config: dict[str, Any], folder: Path | None) -> str:
+    if config.get("load_in_8bit"):
+        return "int8"
+    if config.get("load_in_4bit"):
+        return "int4"
+    try:
+        model_config = json.loads((folder / "config.json").read_text()) if folder else {}
+    except (OSError, ValueError):
+        model_config = {}
+    named = model_config.get("torch_dtype") or model_config.get("dtype")
+    return str(named) if named else "auto"
+
+
+def _device() -> str:
+    """Where this server's local models run: asked of torch only once a model has imported it (importing it
+    here would cost seconds and hundreds of MiB for a question)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return "cuda" if Path("/proc/driver/nvidia/gpus").is_dir() else ""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,136 @@
+"""What a newcomer meets: which models can run here (ListModels' availability, ``clemserve models``), and the
+errors for a model the server has no key for and for a name it does not know; through the real client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import clemserve.client as backends
+from tests.serving import ServerProcess, start_server
+
+ENTRIES = [
+    {"model_name": "echo-here", "backend": "echo"},
+    {"model_name": "gpt-4o-2024-08-06", "backend": "openai", "model_id": "gpt-4o-2024-08-06"},
+    {"model_name": "claude-keyed", "backend": "anthropic", "model_id": "claude-x"},
+    {"model_name": "hub-not-cached", "backend": "huggingface_local", "huggingface_id": "clemserve-test/not-cached-xyz"},
+    {"model_name": "vllm-model", "backend": "vllm", "huggingface_id": "clemserve-test/not-cached-xyz"},
+    {"model_name": "llamacpp-model", "backend": "llamacpp", "huggingface_id": "x/y"},
+]
+KEY = "sk-Qw7nR2xVb9LmT4kJpZ3s"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("availability")
+
+
+@pytest.fixture(scope="module")
+def key_file(folder: Path) -> Path:
+    path = folder / "key.json"
+    path.write_text(json.dumps({"anthropic": {"api_key": KEY}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path, key_file: Path) -> Iterator[ServerProcess]:
+    registry = folder / "registry.json"
+    registry.write_text(json.dumps(ENTRIES))
+    # HF_HUB_OFFLINE=1 comes from start_server: weights not in the cache cannot come
+    proc = start_server(
+        folder,
+        "--registry", str(registry), "--key-file", str(key_file),
+        env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""},
+    )  # fmt: skip
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+def listed(server: ServerProcess) -> dict[str, tuple[str, str]]:
+    return {s.name: (s.availability, s.availability_detail) for s in backends.list_models(address=server.address)}
+
+
+def test_list_models_says_what_can_run(server: ServerProcess) -> None:
+    found = listed(server)
+    assert found["echo-here"] == ("can_load", "")
+    assert found["gpt-4o-2024-08-06"] == (
+        "needs_key",
+        "the server's key.json has no `openai` entry and OPENAI_API_KEY is not set",
+    )
+    assert found["claude-keyed"] == ("can_load", "")
+    assert found["hub-not-cached"] == (
+        "needs_weights",
+        "the server is offline (HF_HUB_OFFLINE) and clemserve-test/not-cached-xyz is not in its Hugging Face cache",
+    )
+    assert found["vllm-model"][0] == "needs_extra" and "clemserve[vllm]" in found["vllm-model"][1]
+    assert found["llamacpp-model"][0] == "not_served" and "llamacpp" in found["llamacpp-model"][1]
+    # listing loaded nothing; a model that loads is ready
+    assert {s.state for s in backends.list_models(address=server.address)} == {"not_loaded"}
+    model = backends.get_model_for("echo-here", address=server.address)
+    model.set_gen_args(temperature=0.0, max_tokens=5)
+    model.generate_response([{"role": "user", "content": "hi"}])
+    assert listed(server)["echo-here"] == ("ready", "")
+    assert KEY[4:] not in json.dumps(found)
+
+
+def clemserve_models(server: ServerProcess, *flags: str) -> list[list[str]]:
+    run = subprocess.run(
+        [sys.executable, "-m", "clemserve.client.cli", "models", "--address", server.address, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    return [line.split() for line in run.stdout.splitlines()]
+
+
+def test_clemserve_models_has_an_availability_column_and_filters(server: ServerProcess) -> None:
+    rows = clemserve_models(server)
+    assert rows[0][:4] == ["NAME", "BACKEND", "STATE", "AVAILABILITY"]
+    assert rows[0][-3:] == ["SOURCE", "AVAILABILITY", "DETAIL"]
+    by_name = {row[0]: row for row in rows[1:]}
+    # the server's registry is ours layered over the packaged one
+    assert {entry["model_name"] for entry in ENTRIES} <= set(by_name)
+    gpt = by_name["gpt-4o-2024-08-06"]
+    assert gpt[3] == "needs_key"
+    assert " ".join(gpt[10:]) == "the server's key.json has no `openai` entry and OPENAI_API_KEY is not set"
+    assert by_name["hub-not-cached"][3] == "needs_weights"
+    assert by_name["claude-keyed"][3] == "can_load" and len(by_name["claude-keyed"]) == 10
+    available = clemserve_models(server, "--available")
+    assert available[0] == rows[0]
+    names = [row[0] for row in available[1:]]
+    assert {"claude-keyed", "echo-here"} <= set(names)
+    assert not {"gpt-4o-2024-08-06", "hub-not-cached", "vllm-model", "llamacpp-model"} & set(names)
+    assert all(by_name[name][3] in ("ready", "can_load") for name in names)
+
+
+def test_missing_key_says_it_belongs_on_the_server(server: ServerProcess, key_file: Path) -> None:
+    model = backends.get_model_for("gpt-4o-2024-08-06", address=server.address)
+    model.set_gen_args(temperature=0.0, max_tokens=5)
+    with pytest.raises(backends.FailedPreconditionError) as caught:
+        model.generate_response([{"role": "user", "content": "hi"}])
+    assert str(caught.value) == (
+        "the server has no key for openai: add an `openai` entry to the server's key.json"
+        f" (searched: {key_file}) or set OPENAI_API_KEY on the server"
+    )
+    assert caught.value.code == "FAILED_PRECONDITION"
+    assert caught.value.subject == "key.json: openai"
+
+
+def test_unknown_model_suggests_close_names(server: ServerProcess) -> None:
+    with pytest.raises(backends.ModelNotFoundError) as caught:
+        backends.get_model_for("gpt-4o", address=server.address)
+    assert str(caught.value) == (
+        'No model spec unifies with model selector={"model_name":"gpt-4o"}; '
+        "did you mean gpt-4o-2024-08-06 or gpt-4o-mini-2024-07-18? (see `clemserve models`)"
+    )
+    assert caught.value.code == "NOT_FOUND"
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(backends.ModelNotFoundError) as caught:
+        backends.get_model_for("zzzzzz", address=server.address)
+    assert str(caught.value).endswith('{"model_name":"zzzzzz"} (see `clemserve models`)')
