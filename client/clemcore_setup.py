@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .commands import EXIT_OK, EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, add_connection_flags
+from .commands import EXIT_OK, EXIT_USAGE, add_connection_flags, report
 
 BACKEND = "clemserve"
 BACKEND_FILE = f"{BACKEND}_api.py"
@@ -65,12 +65,8 @@ def run(args: argparse.Namespace) -> int:
     except SetupError as exc:
         print(f"clemserve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except backends.UnavailableError as exc:
-        print(f"clemserve: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
     except backends.ClemserveError as exc:
-        print(f"clemserve: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_SERVER
+        return report(exc)
     # a server too old to say (unknown) is taken at its word that its models run
     playable = [s for s in statuses if args.all or s.runnable or s.availability == "unknown"]
     entries = registry_entries((status.model_spec for status in playable), args.address)

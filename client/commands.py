@@ -124,12 +124,19 @@ def run(args: argparse.Namespace) -> int:
     # every call below goes to args.address, connected by clemserve.client.cli with the token and TLS flags
     try:
         return handlers[args.command](args)
-    except backends.UnavailableError as exc:
+    except backends.ClemserveError as exc:
+        return report(exc)
+
+
+def report(exc: Exception) -> int:
+    """Print why the server did not answer (unreachable) or refused; the exit code that says which."""
+    from clemserve.client import UnavailableError
+
+    if isinstance(exc, UnavailableError):
         print(f"clemserve: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except backends.ClemserveError as exc:
-        print(f"clemserve: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_SERVER
+    print(f"clemserve: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_SERVER
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .commands import EXIT_OK, EXIT_SERVER, EXIT_UNREACHABLE, EXIT_USAGE, add_connection_flags
+from .commands import EXIT_OK, EXIT_USAGE, add_connection_flags, report
 
 #: some episodes failed; the others were played and recorded
 EXIT_FAILED = 1
@@ -173,12 +173,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"clemserve: run: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except client.UnavailableError as exc:
-        print(f"clemserve: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
     except client.ClemserveError as exc:
-        print(f"clemserve: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_SERVER
+        return report(exc)
 
 
 def _run(args: argparse.Namespace) -> int:

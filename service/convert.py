@@ -20,7 +20,6 @@ from .domain import (
     LeaseEvent,
     Message,
     ModelSnapshot,
-    ModelState,
     TokenCount,
 )
 from .streaming import StreamEvent, TextDelta
@@ -167,9 +166,7 @@ def model_status_to_proto(model: ModelSnapshot) -> pb.ModelStatus:
 
 
 def _availability_to_proto(model: ModelSnapshot) -> pb.ModelAvailability.ValueType:
-    """A loaded model is ready whatever was found before; a snapshot nobody looked at says nothing."""
-    if model.state is ModelState.READY:
-        return pb.MODEL_AVAILABILITY_READY
+    """A snapshot nobody looked at says nothing."""
     if model.availability is None:
         return pb.MODEL_AVAILABILITY_UNSPECIFIED
     return pb.ModelAvailability.Value(f"MODEL_AVAILABILITY_{model.availability.name}")

@@ -373,17 +373,26 @@ class ModelManager:
                 snapshot = loaded.snapshot(leases, spec=entry)
             else:
                 snapshot = ModelSnapshot(entry, leases=leases, estimated_bytes=self.residency.estimate(key, entry))
-            if snapshot.state is ModelState.READY:
-                available, detail = Availability.READY, ""
-            listed.append(replace(snapshot, availability=available, availability_detail=detail))
+            listed.append(_available(snapshot, available, detail))
             seen.add(key)
-        listed.extend(m.snapshot(self.residency.leases_on(k)) for k, m in self._models.items() if k not in seen)
+        listed.extend(
+            _available(m.snapshot(self.residency.leases_on(k)), None, "")
+            for k, m in self._models.items()
+            if k not in seen
+        )
         return CacheSnapshot(tuple(listed), budget.total, self.residency.used(), budget.kind)
 
     def _availability(self, has_gpu: bool) -> list[tuple[Availability, str]]:
         """Each registry entry's availability (reads installed packages and the Hugging Face cache)."""
         machine = Machine(keys=self.context.keys, has_gpu=has_gpu, offline=hub_offline())
         return [availability(entry, machine) for entry in self.registry]
+
+
+def _available(snapshot: ModelSnapshot, found: Availability | None, detail: str) -> ModelSnapshot:
+    """``snapshot`` with what was found of its availability (None: nothing); a loaded model is ready."""
+    if snapshot.state is ModelState.READY:
+        found, detail = Availability.READY, ""
+    return replace(snapshot, availability=found, availability_detail=detail)
 
 
 def _reason(exc: BaseException) -> str:
