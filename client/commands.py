@@ -87,9 +87,18 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
         add_connection_flags(parser, environ)
         return parser
 
-    models = command("models", "the server's models as a table: name, backend, state, availability, load time")
+    models = command(
+        "models",
+        "the server's models as a table: name, backend, state, availability, load time, memory (ESTIMATE before "
+        "loading; MEASURED once loaded: N/params the bytes of its tensors on the CPU, N/cuda the CUDA memory its "
+        "load allocated, or estimate where the model is out of reach; RSS the server process's growth across the "
+        "load, imports included, for information only)",
+    )
     models.add_argument(
         "--available", action="store_true", help="only the models that can run on the server now (ready or can load)"
+    )
+    models.add_argument(
+        "--memory", action="store_true", help="after the table, the memory budget and each GPU's figures"
     )
     command("health", "is the server SERVING?")
     generate = command("generate", "one reply from a model; prints the response text")
@@ -145,15 +154,16 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def _models(args: argparse.Namespace) -> int:
-    import clemserve.client as backends
-
     rows = [
         [
-            "NAME", "BACKEND", "STATE", "AVAILABILITY", "LOAD S", "IN FLIGHT", "QUEUED", "LEASES", "MEMORY MIB",
-            "SOURCE", "AVAILABILITY DETAIL",
+            "NAME", "BACKEND", "STATE", "AVAILABILITY", "LOAD S", "IN FLIGHT", "QUEUED", "LEASES",
+            "ESTIMATE MIB", "MEASURED MIB", "RSS MIB", "SOURCE", "AVAILABILITY DETAIL",
         ]
     ]  # fmt: skip
-    for status in backends.list_models(address=args.address, timeout=args.timeout):
+    from clemserve.client.admin import list_models_and_budget
+
+    statuses, budget = list_models_and_budget(address=args.address, timeout=args.timeout)
+    for status in statuses:
         if args.available and not status.runnable:
             continue
         spec = status.model_spec
@@ -168,20 +178,51 @@ def _models(args: argparse.Namespace) -> int:
                 str(status.requests_in_flight),
                 str(status.requests_queued),
                 str(status.leases),
-                _mib(status),
+                _mib(status.estimated_memory_bytes),
+                _measured(status),
+                _mib(status.rss_delta_bytes),
                 str(spec.get("lookup_source", "")),
                 status.availability_detail,
             ]
         )
     print(_table(rows))
+    if args.memory:
+        print(_budget_lines(budget))
     return EXIT_OK
 
 
-def _mib(status: Any) -> str:
-    """Measured once loaded, else the estimate (marked ~); - when unknown."""
-    if status.measured_memory_bytes:
-        return f"{status.measured_memory_bytes / 2**20:.0f}"
-    return f"~{status.estimated_memory_bytes / 2**20:.0f}" if status.estimated_memory_bytes else "-"
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f}" if size else "-"
+
+
+def _measured(status: Any) -> str:
+    """What the loaded model holds, and how that was measured: /params the bytes of its tensors on the CPU,
+    /cuda CUDA memory its load allocated; "estimate": not measurable here (charged its estimate)."""
+    labels = {"parameters and buffers": "params", "cuda allocated": "cuda"}
+    if status.measured_by == "estimate":
+        return "estimate"
+    if not status.measured_memory_bytes:
+        return "-"
+    label = labels.get(status.measured_by, status.measured_by.replace(" ", "-"))
+    return f"{status.measured_memory_bytes / 2**20:.0f}" + (f"/{label}" if label else "")
+
+
+def _budget_lines(budget: Any) -> str:
+    """The budget under the table: its size, its use, where it came from, and each GPU's figures."""
+    if not budget.kind:
+        return "memory budget: not found yet (no local model has asked for it)"
+    lines = [
+        f"memory budget: {budget.used_bytes / 2**20:.0f} of {budget.total_bytes / 2**20:.0f} MiB {budget.kind} used "
+        f"({budget.source}); KV-cache allowance {budget.kv_cache_tokens} tokens per model"
+    ]
+    for gpu in budget.devices:
+        lines.append(
+            f"  cuda:{gpu.index} {gpu.name}: {gpu.total_bytes / 2**30:.1f} GiB, budget {gpu.budget_bytes / 2**30:.1f}, "
+            f"others {gpu.used_by_others_bytes / 2**30:.1f}, this server {gpu.process_bytes / 2**30:.1f} "
+            f"(tensors {gpu.allocated_bytes / 2**30:.1f}, allocator cache {gpu.allocator_cache_bytes / 2**30:.1f}, "
+            f"CUDA context {gpu.cuda_context_bytes / 2**30:.1f})"
+        )
+    return "\n".join(lines)
 
 
 #: grpc.health.v1's HealthCheckResponse.ServingStatus

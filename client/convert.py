@@ -93,49 +93,74 @@ def _check_shapes(messages: Sequence[Any], field: str) -> None:
             raise InvalidArgumentError(f"{field}[{i}].content", "is not valid UTF-8 (it holds a lone surrogate)")
 
 
+#: the message keys that have fields of their own; any other key travels in extra_json
+_MESSAGE_FIELDS = frozenset(("role", "content", "image"))
+
+
+def _merged(messages: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """clembench's merging (``ensure_alternating_roles``). A game sends alternating turns, mostly: then there
+    is nothing to merge or cull, and the messages are read as they are (nothing here changes them)."""
+    first = messages[0]
+    if first["role"] == "system" and not first["content"]:
+        return ensure_alternating_roles([dict(m) for m in messages])
+    for i in range(1, len(messages)):
+        if messages[i - 1]["role"] == messages[i]["role"]:
+            return ensure_alternating_roles([dict(m) for m in messages])
+    return messages
+
+
 def messages_to_proto(messages: Sequence[Mapping[str, Any]], field: str = "messages") -> list[pb.Message]:
     """clembench's message merging (the logged prompt must match in-process clembench), then encoding."""
     _check_shapes(messages, field)
-    merged = ensure_alternating_roles([dict(m) for m in messages]) if messages else []
     result = []
-    for i, message in enumerate(merged):
-        extras = {k: v for k, v in message.items() if k not in ("role", "content", "image")}
-        try:
-            extra_json = json.dumps(extras, ensure_ascii=False) if extras else ""
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgumentError(f"{field}[{i}]", f"extra keys must be JSON values: {exc}") from None
-        if not _is_utf8(extra_json):
-            raise InvalidArgumentError(f"{field}[{i}]", "extra keys are not valid UTF-8 (a lone surrogate)")
-        images = message.get("image") or []
-        if isinstance(images, str):
-            images = [images]
-        result.append(
-            pb.Message(
-                role=message["role"],
-                content=message["content"],
-                images=[read_image(str(ref), f"{field}[{i}].image[{j}]") for j, ref in enumerate(images)],
-                extra_json=extra_json,
-            )
-        )
+    for i, message in enumerate(_merged(messages) if messages else ()):
+        wire = pb.Message(role=message["role"], content=message["content"])
+        if len(message) > 2 or "image" in message:
+            extras = {k: v for k, v in message.items() if k not in _MESSAGE_FIELDS}
+            if extras:
+                try:
+                    extra_json = json.dumps(extras, ensure_ascii=False)
+                except (TypeError, ValueError) as exc:
+                    raise InvalidArgumentError(f"{field}[{i}]", f"extra keys must be JSON values: {exc}") from None
+                if not _is_utf8(extra_json):
+                    raise InvalidArgumentError(f"{field}[{i}]", "extra keys are not valid UTF-8 (a lone surrogate)")
+                wire.extra_json = extra_json
+            images = message.get("image") or []
+            if isinstance(images, str):
+                images = [images]
+            wire.images.extend(read_image(str(ref), f"{field}[{i}].image[{j}]") for j, ref in enumerate(images))
+        result.append(wire)
     return result
+
+
+#: the generation arguments that have fields of their own; the others travel in extra_json
+_ARG_FIELDS = ("temperature", "max_tokens")
+
+
+def _numeric(name: str, value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if name == "max_tokens":
+            raise InvalidArgumentError("args.max_tokens", f"must be an integer, got {value!r}")
+        raise InvalidArgumentError(f"args.{name}", f"must be a number, got {value!r}")
+    return value
 
 
 def gen_args_to_proto(gen_args: Mapping[str, Any]) -> pb.GenerationArgs:
     args = pb.GenerationArgs()
-    extra = {k: v for k, v in gen_args.items() if k not in ("temperature", "max_tokens")}
-    for name in ("temperature", "max_tokens"):
-        if name not in gen_args:
-            continue
-        value = gen_args[name]
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if name == "max_tokens" and not (numeric and float(value).is_integer()):
+    fields = 0
+    if "temperature" in gen_args:
+        fields += 1
+        args.temperature = float(_numeric("temperature", gen_args["temperature"]))
+    if "max_tokens" in gen_args:
+        fields += 1
+        value = _numeric("max_tokens", gen_args["max_tokens"])
+        if not float(value).is_integer():
             raise InvalidArgumentError("args.max_tokens", f"must be an integer, got {value!r}")
-        if not numeric:
-            raise InvalidArgumentError(f"args.{name}", f"must be a number, got {value!r}")
-        if name == "max_tokens" and abs(value) >= 2**63:
+        if abs(value) >= 2**63:
             raise InvalidArgumentError("args.max_tokens", f"is out of range: {value}")
-        setattr(args, name, int(value) if name == "max_tokens" else float(value))
-    if extra:
+        args.max_tokens = int(value)
+    if len(gen_args) > fields:
+        extra = {k: v for k, v in gen_args.items() if k not in _ARG_FIELDS}
         try:
             args.extra_json = json.dumps(extra)
         except (TypeError, ValueError) as exc:

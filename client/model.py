@@ -17,7 +17,7 @@ from clemserve.registry.errors import ClemserveError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
-from .channel import ServerWait, aio_channel_for, channel_for, default_address
+from .channel import ServerWait, aio_channel_for, channel_for, channel_key, default_address
 from .convert import (
     Selector,
     Triple,
@@ -212,11 +212,17 @@ def _raise_first(outcomes: list[Triple | ClemserveError]) -> list[Triple]:
 
 
 def _call(
-    address: str, method: Callable[..., T], request: object, timeout: float | None, token: str | None = None
+    address: str,
+    method: Callable[..., T],
+    request: object,
+    timeout: float | None,
+    token: str | None = None,
+    key: Any = None,
 ) -> T:
     """A unary call; while the server is briefly away it is sent again (none of its reply reached the caller).
-    ``token``: the one the channel was made with (None: the address's default)."""
-    wait = ServerWait(address, timeout, token)
+    ``token``: the one the channel was made with (None: the address's default); ``key``: that channel's
+    channel_key, where the caller holds it."""
+    wait = ServerWait(address, timeout, token, key=key)
     while True:
         try:
             reply: T = method(request, timeout=wait.timeout(), metadata=wait.metadata)
@@ -258,9 +264,12 @@ class Model(_ModelBase):
     """A model served by clemserve, with clembench's ``Model`` methods (blocking calls)."""
 
     _sync_stub: pb_grpc.ModelServiceStub | None = None
+    #: the channel_key of the stub's channel: each call is told it instead of reading it again
+    _channel_key: Any = None
 
     def _stub(self) -> pb_grpc.ModelServiceStub:
         if self._sync_stub is None:
+            self._channel_key = channel_key(self.address, self._token)
             self._sync_stub = pb_grpc.ModelServiceStub(channel_for(self.address, self._token))
         return self._sync_stub
 
@@ -291,7 +300,10 @@ class Model(_ModelBase):
     def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         """``(prompt, response_object, response_text)``, exactly as in-process clembench returns them."""
         self._keep_lease()
-        reply = _call(self.address, self._stub().Generate, self._request(messages), self.timeout, self._token)
+        stub = self._stub()
+        reply = _call(
+            self.address, stub.Generate, self._request(messages), self.timeout, self._token, self._channel_key
+        )
         return triple_from_proto(reply)
 
     def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[StreamEvent]:

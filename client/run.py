@@ -8,6 +8,11 @@ read it unchanged. The coordinator (this process) selects games and instances as
 ``run.json`` with clemcore's own ``RunFileSaver``, shows progress, and records where the answers came from
 (``clemserve.json``).
 
+The workers live for the whole run: forked from a fork server that imported clemcore once, each sets up once
+(models, callbacks, game masters) and then plays the episodes it is sent, one at a time (``run_worker``). A
+worker that dies (SIGKILL, the OOM killer, a crash) fails only the episode it was playing: that episode is
+recorded as failed with the signal, and a fresh worker takes its place.
+
 An episode is complete when clemcore wrote its ``completed.json`` (last, after interactions and requests). A
 rerun plays only the episodes without one, after removing what an earlier, interrupted or failed try left in
 their folders. Ctrl-C terminates the workers and removes the folders of the episodes they were playing.
@@ -20,32 +25,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
+import importlib
 import importlib.metadata
+import importlib.util
 import json
-import logging
 import multiprocessing
 import os
-import queue
 import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .commands import EXIT_OK, EXIT_USAGE, add_connection_flags, report
+from .run_episodes import LOCK, Episode, Outcome, WorkerConfig, defer_openenv, game_spec
 
 #: some episodes failed; the others were played and recorded
 EXIT_FAILED = 1
 #: stopped by Ctrl-C; the same command resumes
 EXIT_INTERRUPTED = 130
-#: clemcore's marker of an episode that finished without an error (SignalFileSaver writes it last)
-COMPLETED = "completed.json"
 PROVENANCE = "clemserve.json"
-LOCK = ".clemserve-run.lock"
 
 
 def add_parser(commands: Any, environ: Mapping[str, str]) -> None:
@@ -86,29 +89,6 @@ def add_parser(commands: Any, environ: Mapping[str, str]) -> None:
     add_connection_flags(parser, environ)
 
 
-@dataclass(frozen=True)
-class Episode:
-    """One instance of one experiment of one game, and the folder its results go to."""
-
-    game: str
-    experiment: str
-    game_id: int
-    folder: Path
-
-    def __str__(self) -> str:
-        return f"{self.game}/{self.experiment}/{self.folder.name}"
-
-    @property
-    def complete(self) -> bool:
-        return (self.folder / COMPLETED).is_file()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    episode: Episode
-    error: str | None = None
-
-
 @dataclass
 class Game:
     """One selected game: its spec (as a plain dict, for the workers) and its episodes in instance order."""
@@ -119,14 +99,6 @@ class Game:
     @property
     def name(self) -> str:
         return str(self.spec["game_name"])
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    models: list[str]
-    gen_args: dict[str, Any]
-    results_dir: Path
-    games: dict[str, dict[str, Any]]
 
 
 class UsageError(Exception):
@@ -156,18 +128,20 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         print("clemserve: run: --jobs must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        import clemcore  # noqa: F401  # configures clemcore's logging (clembench.log), as clem does
-    except ImportError:
+    if importlib.util.find_spec("clemcore") is None:
         print("clemserve: run needs clemcore on this machine: pip install clemcore", file=sys.stderr)
         return EXIT_USAGE
     import clemserve.client as client
 
     sys.dont_write_bytecode = True  # loading a game's master writes no __pycache__ into the user's checkout
     _export_connection(args)
+    start_fork_server()  # first: its import of clemcore runs beside ours and the set-up below
+    defer_openenv()
+    import clemcore  # noqa: F401  # configures clemcore's logging (clembench.log), as clem does
+
     try:
         return _run(args)
-    except KeyboardInterrupt:  # before any episode started (while episodes run, Workers.play's caller handles it)
+    except KeyboardInterrupt:  # before any episode started (while episodes run, _run handles it)
         print("interrupted before any episode started", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UsageError as exc:
@@ -182,6 +156,8 @@ def _run(args: argparse.Namespace) -> int:
     from clemcore.backends import Model
     from clemcore.clemgame import GameBenchmark, ResultsFolder, RunFileSaver
 
+    import clemserve.client as client
+
     gen_args = {"temperature": args.temperature, "max_tokens": args.max_tokens}
     try:
         models = backends.load_models(backends.ModelSpec.from_strings(args.models), gen_args)
@@ -190,37 +166,53 @@ def _run(args: argparse.Namespace) -> int:
             raise
         raise UsageError(str(exc)) from None
     results = ResultsFolder(args.results_dir, run_dir=Model.to_identifier(models))
+    run_dir = results.to_run_dir_path()
     games = select(args, results)
-    start_fork_server()  # the server answered and there are episodes: the workers will be needed
-    write_provenance(results.to_run_dir_path(), models)
-    run_file = RunFileSaver(results, player_model_infos=Model.to_infos(models))  # creates run.json, as clem run
     config = WorkerConfig(args.models, gen_args, args.results_dir, {game.name: game.spec for game in games})
     progress = Progress([episode for game in games for episode in game.episodes])
     failed: list[Outcome] = []
     with (
-        _lock_removed(results.to_run_dir_path() / LOCK),
+        _lock_removed(run_dir / LOCK),
         Workers(config, min(args.jobs, max(1, progress.todo))) as workers,
+        contextlib.ExitStack() as loaded,
     ):
+        write_provenance(run_dir, models)  # while the workers set up
+        run_file = _RunFile(RunFileSaver(results, player_model_infos=Model.to_infos(models)))  # run.json
+        benchmarks = {
+            game.name: loaded.enter_context(GameBenchmark.load_from_spec(game_spec(game.spec))) for game in games
+        }
+        left = {game.name: sum(not episode.complete for episode in game.episodes) for game in games}
         for game in games:
-            spec = _game_spec(game.spec)
-            with GameBenchmark.load_from_spec(spec) as benchmark:
-                run_file.on_benchmark_start(benchmark)
-                for _ in game.episodes:
-                    run_file.on_game_start(None, {})  # counts every episode of the game, those played before too
-                try:
-                    failed += workers.play([e for e in game.episodes if not e.complete], progress)
-                except KeyboardInterrupt:
-                    progress.close()
-                    cancelled = workers.cancel()
-                    print(
-                        f"interrupted: {progress.done} episodes complete, {len(cancelled)} cancelled and removed; "
-                        "run the same command again to resume",
-                        file=sys.stderr,
-                    )
-                    return EXIT_INTERRUPTED
-                run_file.on_benchmark_end(benchmark)
+            run_file.start(benchmarks[game.name], len(game.episodes))  # every episode, those played before too
+            if not left[game.name]:
+                run_file.end(benchmarks[game.name])
+
+        def finished(outcome: Outcome) -> None:
+            progress.finished(outcome)
+            if outcome.error is not None:
+                failed.append(outcome)
+            name = outcome.episode.game
+            left[name] -= 1
+            if not left[name]:
+                run_file.end(benchmarks[name])
+
+        try:
+            workers.play([e for e in progress.episodes if not e.complete], progress, finished)
+        except KeyboardInterrupt:
+            progress.close()
+            cancelled = workers.cancel()
+            print(
+                f"interrupted: {progress.done} episodes complete, {len(cancelled)} cancelled and removed; "
+                "run the same command again to resume",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
     progress.close()
-    print(progress.summary(results.to_run_dir_path()))
+    try:  # again, now that the server has loaded the models: the dtype and device their engines really use
+        write_provenance(run_dir, models)
+    except client.ClemserveError as exc:
+        print(f"clemserve.json keeps what the server told at the start: {exc}", file=sys.stderr)
+    print(progress.summary(run_dir))
     if failed:
         print(f"{len(failed)} episodes failed (clembench.log has their tracebacks):")
         for outcome in failed:
@@ -230,15 +222,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def start_fork_server() -> None:
-    """The workers' parent, started early so that its import of clemcore (seconds) overlaps our remaining set-up.
+    """The workers' parent, started first so that its import of clemcore overlaps our own set-up.
 
     Not a plain fork: the coordinator holds gRPC channels, which do not survive one. The fork server imports
-    clemcore once, holds no channel, and forks each worker from that clean process. It inherits the
-    environment now: the runner's per-episode bar is off there (tqdm reads TQDM_DISABLE when imported), not here.
+    clemcore once (``run_worker``), holds no channel, and forks each worker from that clean process. It
+    inherits the environment now: the runner's per-episode bar is off there (tqdm reads TQDM_DISABLE when
+    imported), not here.
     """
     from multiprocessing import forkserver
 
-    forkserver.set_forkserver_preload(["clemcore.clemgame.runners.sequential", __name__])
+    forkserver.set_forkserver_preload([f"{__package__}.run_worker"])
     os.environ["TQDM_DISABLE"] = "1"
     try:
         forkserver.ensure_running()
@@ -286,54 +279,152 @@ def select(args: argparse.Namespace, results: Any) -> list[Game]:
     return games
 
 
+class _RunFile:
+    """clemcore's RunFileSaver (run.json) for games played side by side: the saver follows one game at a time
+    (its start, its episode count), so each started game's state is kept here until the game ends."""
+
+    def __init__(self, saver: Any) -> None:
+        self.saver = saver
+        self.started: dict[str, tuple[Any, Any, int]] = {}
+
+    def start(self, benchmark: Any, episodes: int) -> None:
+        self.saver.on_benchmark_start(benchmark)
+        for _ in range(episodes):
+            self.saver.on_game_start(None, {})
+        self.started[benchmark.game_name] = (self.saver.game_info, self.saver.benchmark_start, self.saver.num_instances)
+        self.saver.num_instances = 0
+
+    def end(self, benchmark: Any) -> None:
+        saver = self.saver
+        saver.game_info, saver.benchmark_start, saver.num_instances = self.started.pop(benchmark.game_name)
+        saver.on_benchmark_end(benchmark)
+
+
+@dataclass
+class _Slot:
+    """One worker process, its pipe, and the episode it is playing (None while idle or setting up)."""
+
+    process: Any
+    connection: Any
+    episode: Episode | None = None
+
+
 class Workers:
-    """JOBS spawned processes that play episodes; Ctrl-C reaches them only through ``cancel``."""
+    """JOBS long-lived worker processes (``run_worker.serve``), fed one episode at a time through a pipe each.
+
+    A worker's death is seen on its process sentinel: the episode it held fails with the signal, and a new
+    worker takes the slot if episodes are left. Ctrl-C reaches the workers only through ``cancel``.
+    """
 
     def __init__(self, config: WorkerConfig, jobs: int) -> None:
         self.config = config
         self.jobs = jobs
-        self.pool: Any = None
-        self.in_flight: set[Episode] = set()
+        self.slots: list[_Slot | None] = [None] * jobs
 
     def __enter__(self) -> Workers:
-        context = multiprocessing.get_context("forkserver")  # started early by start_fork_server
-        self.calls = context.Value("q", 0, lock=True)
-        self.pool = context.Pool(self.jobs, initializer=_start_worker, initargs=(self.config, self.calls))
+        self.context = multiprocessing.get_context("forkserver")  # started early by start_fork_server
+        # calls per slot: each written by its worker alone, so no lock a killed worker could leave held
+        self.calls = self.context.RawArray("q", self.jobs)
+        for index in range(self.jobs):
+            self._start(index)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        self._stop_all()
 
-    def play(self, episodes: Sequence[Episode], progress: Progress) -> list[Outcome]:
-        """Every episode played; the failed ones' outcomes. Returns when all are done."""
-        finished: queue.Queue[Outcome] = queue.Queue()
-        for episode in episodes:
+    def _start(self, index: int) -> _Slot:
+        from .run_worker import serve
+
+        mine, theirs = self.context.Pipe()
+        process = self.context.Process(
+            target=serve, args=(theirs, self.config, index, self.calls), name=f"clemserve-run-{index}", daemon=True
+        )
+        process.start()
+        theirs.close()
+        slot = self.slots[index] = _Slot(process, mine)
+        return slot
+
+    def calls_made(self) -> int:
+        return sum(self.calls)
+
+    def play(self, episodes: Sequence[Episode], progress: Progress, finished: Callable[[Outcome], None]) -> None:
+        """Every episode played; ``finished`` is told each outcome as it comes. Returns when all are done."""
+        from multiprocessing.connection import wait
+
+        todo = deque(episodes)
+        for episode in todo:
             _discard(episode.folder)  # what an interrupted or failed earlier try left
-            self.in_flight.add(episode)
-            self.pool.apply_async(_play, (episode,), callback=finished.put)
-        failed = []
-        while self.in_flight:
-            try:
-                outcome = finished.get(timeout=0.5)
-            except queue.Empty:
-                progress.show(self.calls.value)
-                continue
-            self.in_flight.discard(outcome.episode)
-            if outcome.error is not None:
-                failed.append(outcome)
-            progress.finished(outcome, self.calls.value)
-        return failed
+        while True:
+            for index, slot in enumerate(self.slots):
+                if todo and (slot is None or slot.episode is None):
+                    if slot is None or not slot.process.is_alive():
+                        slot = self._start(index)
+                    slot.episode = todo.popleft()
+                    slot.connection.send(slot.episode)
+            busy = [slot for slot in self.slots if slot is not None and slot.episode is not None]
+            if not busy:
+                return
+            ready = wait([s.connection for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
+            progress.show(self.calls_made())
+            for slot in busy:
+                if slot.connection in ready or slot.process.sentinel in ready:
+                    outcome = self._outcome(slot)
+                    if outcome is not None:
+                        progress.calls = self.calls_made()
+                        finished(outcome)
+
+    def _outcome(self, slot: _Slot) -> Outcome | None:
+        """The outcome of the slot's episode when there is one now: the worker's answer, or its death."""
+        episode = slot.episode
+        assert episode is not None
+        try:
+            if slot.connection.poll():
+                outcome: Outcome = slot.connection.recv()
+                slot.episode = None
+                return outcome
+        except (EOFError, OSError):  # the pipe closed: the worker is gone
+            pass
+        if slot.process.is_alive():
+            return None
+        slot.process.join()
+        slot.episode = None
+        _discard(episode.folder)  # whatever it wrote was cut short
+        slot.connection.close()
+        return Outcome(episode, _death(slot.process.exitcode))
 
     def cancel(self) -> list[Episode]:
         """Stop every worker now; remove the folders of the episodes they had not completed."""
-        self.pool.terminate()
-        self.pool.join()
-        cancelled = [episode for episode in self.in_flight if not episode.complete]
+        in_flight = [slot.episode for slot in self.slots if slot is not None and slot.episode is not None]
+        for slot in self.slots:
+            if slot is not None:
+                slot.process.terminate()
+        self._stop_all()
+        cancelled = [episode for episode in in_flight if not episode.complete]
         for episode in cancelled:
             _discard(episode.folder)
-        self.in_flight.clear()
         return cancelled
+
+    def _stop_all(self) -> None:
+        for slot in self.slots:
+            if slot is not None and slot.process.is_alive():
+                with contextlib.suppress(OSError):
+                    slot.connection.send(None)  # idle: it returns
+        for slot in self.slots:
+            if slot is not None:
+                slot.process.join(timeout=5)
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join()
+                slot.connection.close()
+        self.slots = [None] * self.jobs
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        why = " (the out-of-memory killer sends it, as does kill -9)" if name == "SIGKILL" else ""
+        return f"worker process killed by {name}{why}"
+    return f"worker process exited with code {exitcode} while playing it"
 
 
 def _discard(folder: Path) -> None:
@@ -368,8 +459,7 @@ class Progress:
         self.calls = calls
         self._postfix()
 
-    def finished(self, outcome: Outcome, calls: int) -> None:
-        self.calls = calls
+    def finished(self, outcome: Outcome) -> None:
         if outcome.error is None:
             self.done += 1
         else:
@@ -453,109 +543,6 @@ def _version(distribution: str) -> str:
         return "unknown"
 
 
-def _game_spec(spec: dict[str, Any]) -> Any:
-    from clemcore.clemgame import GameSpec
-
-    return GameSpec(**spec)
-
-
-# -- the worker side: one process plays one episode at a time ---------------------------------------------------
-
-
-class _Worker:
-    def __init__(self, config: WorkerConfig, calls: Any) -> None:
-        from clemcore import backends
-        from clemcore.backends import Model
-        from clemcore.clemgame import (
-            GameBenchmarkCallbackList,
-            InstanceFileSaver,
-            InteractionsFileSaver,
-            ResultsFolder,
-        )
-        from clemcore.clemgame.callbacks.files import PlayerFileSaver, SignalFileSaver
-
-        _quiet_console()
-        self.config = config
-        self.models = backends.load_models(backends.ModelSpec.from_strings(config.models), config.gen_args)
-        for model in self.models:
-            _count_calls(model, calls)
-        results = ResultsFolder(config.results_dir, run_dir=Model.to_identifier(self.models))
-        infos = Model.to_infos(self.models)
-        # clem run's callbacks, less RunFileSaver (the coordinator keeps run.json)
-        self.callbacks = GameBenchmarkCallbackList(
-            [
-                InstanceFileSaver(results),
-                _experiment_file_saver(results, infos),
-                InteractionsFileSaver(results, player_model_infos=infos),
-                PlayerFileSaver(results),
-                SignalFileSaver(results),
-            ]
-        )
-        self.games: dict[str, tuple[Any, dict[tuple[str, int], dict[str, Any]]]] = {}
-        self.failure = _FailureCapture()
-        logging.getLogger("clemcore.clemgame.runners.sequential").addHandler(self.failure)
-
-    def game(self, name: str) -> tuple[Any, dict[tuple[str, int], dict[str, Any]]]:
-        if name not in self.games:
-            from clemcore.clemgame import GameBenchmark, GameInstances
-
-            spec = _game_spec(self.config.games[name])
-            benchmark = GameBenchmark.load_from_spec(spec).__enter__()  # kept for the worker's life
-            rows = {
-                (row["experiment"]["name"], row["game_instance"]["game_id"]): row
-                for row in GameInstances.from_game_spec(spec)
-            }
-            self.games[name] = (benchmark, rows)
-        return self.games[name]
-
-    def play(self, episode: Episode) -> Outcome:
-        from clemcore.clemgame import GameInstances
-        from clemcore.clemgame.runners import sequential
-
-        benchmark, rows = self.game(episode.game)
-        row = rows[(episode.experiment, episode.game_id)]
-        self.failure.error = None
-        sequential.run(benchmark, GameInstances(episode.game, [row]), self.models, callbacks=self.callbacks)
-        if episode.complete:
-            return Outcome(episode)
-        return Outcome(episode, self.failure.error or "no completed.json written (see clembench.log)")
-
-
-def _quiet_console() -> None:
-    """clemcore logs each episode's start to the console; in JOBS workers that buries the progress bar. The
-    records still reach clembench.log through the root logger, as clem run's do."""
-    for name in ("clemcore.run", "clemcore.cli", "clemcore.backends", "clemcore.clemgame.envs"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            if type(handler) is logging.StreamHandler:  # the console; FileHandler is a subclass and stays
-                logger.removeHandler(handler)
-
-
-class _FailureCapture(logging.Handler):
-    """The sequential runner logs, and swallows, an episode's exception: keep its last one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.error: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            self.error = f"{type(exc).__name__}: {exc}"
-
-
-def _experiment_file_saver(results: Any, infos: Any) -> Any:
-    """clemcore's ExperimentFileSaver writes experiment.json when absent; workers check and write under a lock."""
-    from clemcore.clemgame import ExperimentFileSaver
-
-    class LockedExperimentFileSaver(ExperimentFileSaver):  # type: ignore[misc]
-        def on_game_start(self, game_master: Any, game_instance: dict[str, Any]) -> None:
-            with _locked(results.to_run_dir_path() / LOCK):
-                super().on_game_start(game_master, game_instance)
-
-    return LockedExperimentFileSaver(results, player_model_infos=infos)
-
-
 @contextlib.contextmanager
 def _lock_removed(path: Path) -> Iterator[None]:
     """The workers' lock file goes when the run ends: the folder holds what clem run writes, and clemserve.json."""
@@ -563,55 +550,3 @@ def _lock_removed(path: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _count_calls(model: Any, calls: Any) -> None:
-    """Every generate call of the worker's models adds one to the coordinator's counter."""
-
-    def counted(method: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return method(*args, **kwargs)
-            finally:
-                with calls.get_lock():
-                    calls.value += 1
-
-        return call
-
-    model.generate_response = counted(model.generate_response)
-
-
-_worker: _Worker | None = None
-
-
-_worker_error: str | None = None
-
-
-def _start_worker(config: WorkerConfig, calls: Any) -> None:
-    global _worker, _worker_error
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator, which terminates us
-    sys.dont_write_bytecode = True  # no __pycache__ in the user's game checkout
-    try:
-        _worker = _Worker(config, calls)
-    except Exception as exc:  # a pool restarts a worker whose start raises, forever: report it per episode
-        _worker_error = f"worker could not start: {type(exc).__name__}: {exc}"
-
-
-def _play(episode: Episode) -> Outcome:
-    try:
-        if _worker is None:
-            return Outcome(episode, _worker_error or "worker not started")
-        return _worker.play(episode)
-    except Exception as exc:  # an episode fails alone; the worker goes on with the next
-        return Outcome(episode, f"{type(exc).__name__}: {exc}")

@@ -75,8 +75,6 @@ def availability(spec: ModelSpec, machine: Machine) -> tuple[Availability, str]:
     missing = [name for name in needs.packages if not machine.has_package(name)]
     if missing:
         return Availability.NEEDS_EXTRA, f"pip install 'clemserve[{needs.extra}]' (missing: {', '.join(missing)})"
-    if backend == "huggingface_local" and config.get("multimodal"):
-        return Availability.NOT_SERVED, f"a multimodal model; clemserve serves text models only on {backend}"
     for flag in _GPU_FLAGS:
         if config.get(flag):
             if not machine.has_gpu:
@@ -121,6 +119,17 @@ def _weights(spec: ModelSpec, config: dict[str, Any], machine: Machine) -> tuple
     source = str(spec.get("huggingface_id", ""))
     if not source:
         return Availability.NOT_SERVED, "the registry entry has no huggingface_id"
+    if spec.get("backend") == "llamacpp" and isinstance(config.get("filename"), str):
+        # a GGUF repository has no config.json: look for the one file the entry's glob names
+        from .backends.llamacpp import model_file
+
+        try:
+            model_file(spec, config)
+        except ClemserveError as exc:
+            if machine.offline:
+                return Availability.NEEDS_WEIGHTS, exc.message
+            return Availability.CAN_LOAD, f"the first load downloads {source} from the Hugging Face hub"
+        return Availability.CAN_LOAD, ""
     if Path(source).is_dir() or machine.cached_snapshot(source) is not None:
         return Availability.CAN_LOAD, ""
     if machine.offline:

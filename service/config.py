@@ -45,8 +45,11 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
-    #: nice increment of local models' generation threads (0: the server's own priority)
-    compute_nice: int = 10
+    #: nice increment of the generation threads of local models on the CPU (0: the server's own priority);
+    #: 5 bounds what other busy processes can take from generation (README, "Many game processes")
+    compute_nice: int = 5
+    #: let a huggingface_local model meant for GPUs run some layers on the CPU or disk when it does not fit
+    allow_offload: bool = False
 
     @property
     def address(self) -> str:
@@ -146,9 +149,18 @@ _OPTIONS = (
     _Option(
         "--compute-nice",
         "CLEMSERVE_COMPUTE_NICE",
-        "lower the CPU priority of local models' generation threads by this many nice steps (0 to 19), so "
-        "new requests, refusals and health checks are not held up behind generation on a busy CPU; 0: off",
-        "10",
+        "lower the CPU priority of the generation threads of local models on the CPU by this many nice steps "
+        "(0 to 19), so new requests, refusals and health checks are not held up behind generation; 0: off. "
+        "Models on a GPU keep the server's priority",
+        "5",
+    ),
+    _Option(
+        "--allow-offload",
+        "CLEMSERVE_ALLOW_OFFLOAD",
+        "let a huggingface_local model that does not fit on its GPUs run some layers on the CPU or disk (slow); "
+        "without it such a load fails with RESOURCE_EXHAUSTED",
+        None,
+        switch=True,
     ),
     # residency: which models stay loaded (service/memory.py, the README's "Residency")
     _Option(
@@ -164,6 +176,14 @@ _OPTIONS = (
         "1800",
     ),
     _Option("--max-concurrent-loads", "CLEMSERVE_MAX_CONCURRENT_LOADS", "model loads running at once", "1"),
+    _Option(
+        "--kv-cache-tokens",
+        "CLEMSERVE_KV_CACHE_TOKENS",
+        "KV-cache tokens (rows x (prompt + max_tokens)) a huggingface_local model's memory estimate allows its "
+        "batches, capped by --max-batch rows at its whole context; a batch needing more borrows free budget or "
+        "runs in smaller batches",
+        "32768",
+    ),
     _Option(
         "--load-timeout",
         "CLEMSERVE_LOAD_TIMEOUT",
@@ -314,6 +334,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_wait_s=max(0.0, number("max_wait_ms", args.max_wait_ms, float) / 1000),
         ),
         compute_nice=_compute_nice(int(number("compute_nice", args.compute_nice, int))),
+        allow_offload=_switch(args.allow_offload),
         limits=limits_from_args(args),
         security=security_from_args(args),
         metrics=MetricsSettings(
@@ -341,7 +362,18 @@ def residency_from_args(args: argparse.Namespace, number: Callable[[str, str, ty
         max_concurrent_loads=max(1, int(number("max_concurrent_loads", args.max_concurrent_loads, float))),
         load_timeout_s=number("load_timeout", args.load_timeout, float),
         lease_timeout_s=lease_timeout,
+        kv_cache_tokens=_kv_cache_tokens(args.kv_cache_tokens),
     )
+
+
+def _kv_cache_tokens(value: str) -> int:
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens <= 0:
+        raise SystemExit(f"clemserve: --kv-cache-tokens must be a positive number of tokens, got {value!r}")
+    return tokens
 
 
 def _compute_nice(increment: int) -> int:

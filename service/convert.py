@@ -14,12 +14,15 @@ from .domain import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     CacheSnapshot,
+    FinishReason,
     GenArgs,
     Generation,
+    GpuMemory,
     ImagePart,
     LeaseEvent,
     Message,
     ModelSnapshot,
+    ModelState,
     TokenCount,
 )
 from .streaming import StreamEvent, TextDelta
@@ -41,6 +44,11 @@ def _json_object(text: str, field: str, limits: Limits = DEFAULT_LIMITS) -> dict
     return parse_json_object(text, field, limits)
 
 
+#: json.dumps(..., ensure_ascii=False), its encoder made once
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
+
+
+_FINISH_REASONS = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.name}") for reason in FinishReason}
 _CHECKED_SPECS_SIZE = 1024
 _checked_specs: dict[tuple[str, str, Limits], dict[str, Any]] = {}
 
@@ -72,12 +80,14 @@ def messages_from_proto(
     validate_message_count(len(messages), limits, field)
     result: list[Message] = []
     for i, message in enumerate(messages):
-        converted: Message = _json_object(message.extra_json, f"{field}[{i}].extra_json", limits)
-        clash = {"role", "content", "image"} & converted.keys()
-        if clash:
-            raise InvalidArgumentError(
-                f"{field}[{i}].extra_json", f"must not repeat the fields {', '.join(sorted(clash))}"
-            )
+        converted: Message = {}
+        if message.extra_json:
+            converted = _json_object(message.extra_json, f"{field}[{i}].extra_json", limits)
+            clash = {"role", "content", "image"} & converted.keys()
+            if clash:
+                raise InvalidArgumentError(
+                    f"{field}[{i}].extra_json", f"must not repeat the fields {', '.join(sorted(clash))}"
+                )
         converted["role"] = message.role
         converted["content"] = message.content
         if message.images:
@@ -118,11 +128,11 @@ def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
 
 def generation_to_proto(generation: Generation, spec: ModelSpec, request_id: str) -> pb.GenerateResponse:
     return pb.GenerateResponse(
-        prompt_json=json.dumps(generation.prompt, ensure_ascii=False),
-        response_json=json.dumps(generation.response, ensure_ascii=False),
+        prompt_json=_json_text(generation.prompt),
+        response_json=_json_text(generation.response),
         response_text=generation.text,
         usage=pb.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
-        finish_reason=pb.FinishReason.Value(f"FINISH_REASON_{generation.finish_reason.name}"),
+        finish_reason=_FINISH_REASONS[generation.finish_reason],
         model_spec=spec_to_proto(spec),
         request_id=request_id,
     )
@@ -158,6 +168,15 @@ def model_status_to_proto(model: ModelSnapshot) -> pb.ModelStatus:
         leases=model.leases,
         estimated_memory_bytes=model.estimated_bytes,
         measured_memory_bytes=model.measured_bytes,
+        estimated_weights_bytes=model.memory.estimated_weights_bytes,
+        estimated_kv_cache_bytes=model.memory.estimated_kv_cache_bytes,
+        estimate_source=model.memory.estimate_source,
+        measured_by=model.memory.measured_by if model.state is ModelState.READY else "",
+        rss_delta_bytes=model.memory.rss_delta_bytes if model.state is ModelState.READY else 0,
+        charged_memory_bytes=model.charged_bytes,
+        devices=[pb.DeviceShare(index=i, bytes=n) for i, n in model.memory.devices]
+        if model.state is ModelState.READY
+        else [],
         load_progress=model.progress,
         idle_seconds=model.idle_seconds,
         availability=_availability_to_proto(model),
@@ -178,6 +197,27 @@ def cache_to_proto(cache: CacheSnapshot) -> pb.ListModelsResponse:
         memory_budget_bytes=cache.budget_bytes,
         memory_used_bytes=cache.used_bytes,
         memory_kind=cache.memory_kind,
+        devices=[_device_to_proto(d) for d in cache.devices],
+        memory_source=cache.memory_source,
+        kv_cache_tokens=cache.kv_cache_tokens,
+    )
+
+
+def _device_to_proto(device: GpuMemory) -> pb.DeviceBudget:
+    """A GPU of the budget, with what this process holds there split into tensors, cache and the rest."""
+    cache = max(0, device.reserved_bytes - device.allocated_bytes)
+    context = max(0, device.process_bytes - device.reserved_bytes) if device.process_bytes else 0
+    return pb.DeviceBudget(
+        index=device.index,
+        name=device.name,
+        uuid=device.uuid,
+        total_bytes=device.total_bytes,
+        budget_bytes=device.budget_bytes,
+        used_by_others_bytes=device.used_by_others_bytes,
+        process_bytes=device.process_bytes,
+        allocated_bytes=device.allocated_bytes,
+        allocator_cache_bytes=cache,
+        cuda_context_bytes=context,
     )
 
 

@@ -89,6 +89,38 @@ class Availability(enum.Enum):
 
 
 @dataclass(frozen=True)
+class MemoryFigures:
+    """A model's memory beyond its two headline figures, each labelled (service/memory.py says how each is
+    found): the estimate's parts and source, how the measurement was made, the process's RSS growth across
+    the load (for the operator, never charged), and the GPUs the load allocated on (index, bytes)."""
+
+    estimated_weights_bytes: int = 0
+    estimated_kv_cache_bytes: int = 0
+    estimate_source: str = ""
+    measured_by: str = ""
+    rss_delta_bytes: int = 0
+    devices: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU the server may use, read when asked: its size, its part of the budget, and who holds what."""
+
+    index: int
+    name: str = ""
+    uuid: str = ""
+    total_bytes: int = 0
+    budget_bytes: int = 0
+    #: other processes and the driver
+    used_by_others_bytes: int = 0
+    #: this process in all, as the driver counts it (0: not known)
+    process_bytes: int = 0
+    #: torch's tensors and its allocator's reservation (the cache is the difference)
+    allocated_bytes: int = 0
+    reserved_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class ModelSnapshot:
     """One model's place in the cache at one moment, as ListModels and the metrics read it."""
 
@@ -105,6 +137,9 @@ class ModelSnapshot:
     estimated_bytes: int = 0
     #: what the load took, measured when it finished (0 until the model is ready)
     measured_bytes: int = 0
+    #: what it holds in the memory budget now
+    charged_bytes: int = 0
+    memory: MemoryFigures = MemoryFigures()
     #: the load's fraction done, 0 to 1
     progress: float = 0.0
     #: seconds since the model last finished a request or a load (0 while busy or not ready)
@@ -131,6 +166,11 @@ class CacheSnapshot:
     used_bytes: int = 0
     #: what the budget counts: "gpu" or "ram" ("" while no local model has asked for it)
     memory_kind: str = ""
+    #: the GPUs the budget covers (empty for a RAM budget), where the budget's size came from, and the
+    #: KV-cache tokens an estimate allows a model's batches
+    devices: tuple[GpuMemory, ...] = ()
+    memory_source: str = ""
+    kv_cache_tokens: int = 0
 
 
 @dataclass(frozen=True)

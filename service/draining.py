@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Iterator
 
 from clemserve.registry.errors import ShuttingDownError
 
@@ -31,20 +30,20 @@ class Drain:
     def __len__(self) -> int:
         return len(self._calls)
 
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """One call, from its handler's start to its end; refused once the server is stopping."""
+    def enter(self) -> asyncio.Task[object] | None:
+        """A call starts (its handler's task, returned for :meth:`leave`); refused once the server is stopping.
+        Outside a task (nothing to end later) it is not counted."""
         if self.stopping:
             raise ShuttingDownError("clemserve is shutting down (stopped or restarting) and takes no new calls")
         task = asyncio.current_task()
-        if task is None:  # not served by the event loop: nothing to end later
-            yield
-            return
-        self._calls.add(task)
-        self._idle.clear()
-        try:
-            yield
-        finally:
+        if task is not None:
+            self._calls.add(task)
+            self._idle.clear()
+        return task
+
+    def leave(self, task: asyncio.Task[object] | None) -> None:
+        """The call that :meth:`enter` returned ``task`` for has ended."""
+        if task is not None:
             self._calls.discard(task)
             if not self._calls:
                 self._idle.set()

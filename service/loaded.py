@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from clemserve.registry import ModelSpec
 
 from .backends import Backend
-from .domain import ModelSnapshot, ModelState
+from .domain import MemoryFigures, ModelSnapshot, ModelState
 from .scheduler import Scheduler
 from .streaming import StreamObserver
 
@@ -40,6 +40,8 @@ class LoadedModel:
     measured_bytes: int = 0
     #: what this model holds in the memory budget: its estimate while loading, then the larger of the two
     charged_bytes: int = 0
+    #: the other memory figures (the estimate's parts, how the measurement was made, RSS, devices)
+    memory: MemoryFigures = field(default_factory=MemoryFigures)
     #: when it last finished a request or a load (time.monotonic), for idle unloading and eviction order
     last_used: float = field(default_factory=time.monotonic)
 
@@ -74,6 +76,8 @@ class LoadedModel:
             leases=leases,
             estimated_bytes=self.estimated_bytes,
             measured_bytes=self.measured_bytes if self.ready else 0,
+            charged_bytes=self.charged_bytes,
+            memory=self.memory,
             progress=self.progress,
             idle_seconds=time.monotonic() - self.last_used if self.ready and not self.in_flight else 0.0,
         )

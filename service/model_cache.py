@@ -26,13 +26,14 @@ from .domain import (
     GenArgs,
     Generation,
     LeaseEvent,
+    MemoryFigures,
     Message,
     ModelSnapshot,
     ModelState,
     TokenCount,
 )
 from .loaded import LoadedModel
-from .memory import ResidencyPolicy, free_memory, memory_in_use
+from .memory import ResidencyPolicy, free_memory, measure, reading
 from .metrics import MetricsSink, NoMetrics
 from .residency import Residency
 from .resolver import Resolver, Selector, cache_key
@@ -112,14 +113,13 @@ class ModelManager:
         self.residency.start_idle_unloader()
         async with self.residency.load_slots:
             try:
-                model.estimated_bytes = await asyncio.to_thread(self.residency.estimate, key, model.spec)
                 await self.residency.admit(key, model)
             except BaseException as exc:
                 model.state, model.reason = ModelState.FAILED, _reason(exc)
                 raise
-            return await self._load_admitted(model)
+            return await self._load_admitted(key, model)
 
-    async def _load_admitted(self, model: LoadedModel) -> Backend:
+    async def _load_admitted(self, key: str, model: LoadedModel) -> Backend:
         name = model.name
         model.reason = "starting"
         model.loads += 1
@@ -138,8 +138,7 @@ class ModelManager:
             loop.call_soon_threadsafe(tell, line, model.progress)
 
         started = time.perf_counter()
-        kind = self.residency.budget.kind
-        before = memory_in_use(kind)
+        before = reading()
         backend: Backend | None = None
         timeout = self.residency.policy.load_timeout_s
         try:
@@ -162,8 +161,9 @@ class ModelManager:
             if isinstance(exc, LoadTimeoutError):
                 raise exc from None
             raise
-        model.measured_bytes = max(0, memory_in_use(kind) - before)
+        model.measured_bytes, model.memory = measure(before, backend, self.residency.estimate_parts(key, model.spec))
         model.charged_bytes = max(model.estimated_bytes, model.measured_bytes)
+        self.residency.attach(key, model, backend)
         model.backend = backend
         model.scheduler = Scheduler(
             name,
@@ -177,11 +177,13 @@ class ModelManager:
         model.state, model.reason, model.progress = ModelState.READY, "", 1.0
         model.last_used = time.monotonic()
         log.info(
-            "loaded %s in %.2f s: estimated %.1f MiB, measured %.1f MiB",
+            "loaded %s in %.2f s: estimated %.1f MiB, measured %.1f MiB (%s), process RSS grew %.1f MiB",
             name,
             model.load_seconds,
             model.estimated_bytes / 2**20,
             model.measured_bytes / 2**20,
+            model.memory.measured_by or "nothing to measure",
+            model.memory.rss_delta_bytes / 2**20,
         )
         self.metrics.load(name, None)
         await self._health(name, True)
@@ -245,7 +247,8 @@ class ModelManager:
                 model.scheduler = None
             if model.backend is not None:
                 await _quietly_unload(model.backend)
-                free_memory()
+                if model.charged_bytes or model.measured_bytes:
+                    free_memory()  # a full collection takes up to a second: only where a model held memory
                 log.info("unloaded %s", model.name)
                 await self._health(model.name, False)
         finally:
@@ -274,10 +277,10 @@ class ModelManager:
     ) -> tuple[ModelSpec, Generation]:
         """One reply; ``caller`` (a game process) gets its fair turn among the model's waiting callers.
         ``observer`` (a streamed request) is told of the load, the queue and the text as they happen; a
-        backend that streams nothing (remote APIs) has its whole text sent as one piece when it arrives."""
+        backend that streams nothing has its whole text sent as one piece when it arrives."""
         spec, key = self.resolver.servable(selector)
         validate_messages(messages)
-        merged = ensure_alternating_roles(list(messages))
+        merged = _alternating(messages)
         model = await self._ready(spec, key, observer)
         scheduler = model.scheduler
         assert model.backend is not None and scheduler is not None
@@ -351,7 +354,15 @@ class ModelManager:
             budget_bytes=budget.total if budget else 0,
             used_bytes=self.residency.used(),
             memory_kind=budget.kind if budget else "",
+            devices=budget.devices if budget else (),
+            memory_source=budget.source if budget else "",
+            kv_cache_tokens=self.residency.policy.kv_cache_tokens,
         )
+
+    def engine_of(self, spec: ModelSpec) -> Backend | None:
+        """The loaded backend serving ``spec``, or None while it is not loaded and ready."""
+        model = self._models.get(cache_key(spec))
+        return model.backend if model is not None and model.ready else None
 
     def loaded_names(self) -> list[str]:
         """The names of the models in the cache (loading, ready or failed)."""
@@ -360,8 +371,8 @@ class ModelManager:
     async def list_models(self) -> CacheSnapshot:
         """Every registry entry (with its cache state when loaded, its estimate always), then loaded models
         no entry names, and the budget."""
+        budget = await self.residency.find_budget()
         await asyncio.to_thread(self.residency.estimate_all, self.registry)
-        budget = self.residency.budget
         found = await asyncio.to_thread(self._availability, budget.kind == "gpu")
         listed: list[ModelSnapshot] = []
         seen: set[str] = set()
@@ -372,7 +383,9 @@ class ModelManager:
             if loaded is not None:
                 snapshot = loaded.snapshot(leases, spec=entry)
             else:
-                snapshot = ModelSnapshot(entry, leases=leases, estimated_bytes=self.residency.estimate(key, entry))
+                parts = self.residency.estimate_parts(key, entry)
+                memory = MemoryFigures(parts.weights, parts.kv_cache, parts.source if parts.total else "")
+                snapshot = ModelSnapshot(entry, leases=leases, estimated_bytes=parts.total, memory=memory)
             listed.append(_available(snapshot, available, detail))
             seen.add(key)
         listed.extend(
@@ -380,7 +393,15 @@ class ModelManager:
             for k, m in self._models.items()
             if k not in seen
         )
-        return CacheSnapshot(tuple(listed), budget.total, self.residency.used(), budget.kind)
+        return CacheSnapshot(
+            tuple(listed),
+            budget.total,
+            self.residency.used(),
+            budget.kind,
+            devices=await self.residency.devices(),
+            memory_source=budget.source,
+            kv_cache_tokens=self.residency.policy.kv_cache_tokens,
+        )
 
     def _availability(self, has_gpu: bool) -> list[tuple[Availability, str]]:
         """Each registry entry's availability (reads installed packages and the Hugging Face cache)."""
@@ -416,6 +437,19 @@ async def _wait_for_load(model: LoadedModel, observer: StreamObserver | None) ->
         await asyncio.shield(model.load_task)
     finally:
         model.load_observers.discard(observer)
+
+
+def _alternating(messages: Sequence[Message]) -> list[Message]:
+    """``ensure_alternating_roles(messages)``: a copy in which no two neighbours share a role. Clients merge
+    before they send (clembench's format), so there is mostly nothing to merge or cull: then a copy of each
+    message does, without the deep copy that merging needs (a request's messages are its own)."""
+    first = messages[0]
+    if first["role"] == "system" and not first["content"]:
+        return ensure_alternating_roles(list(messages))
+    for i in range(1, len(messages)):
+        if messages[i - 1]["role"] == messages[i]["role"]:
+            return ensure_alternating_roles(list(messages))
+    return [dict(message) for message in messages]
 
 
 async def _quietly_unload(backend: Backend) -> None:

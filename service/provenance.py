@@ -38,7 +38,9 @@ class Provenance:
     device: str = ""
 
 
-def describe(spec: ModelSpec) -> Provenance:
+def describe(spec: ModelSpec, engine: object | None = None) -> Provenance:
+    """``engine``: the model's loaded backend, when it is loaded; its dtype and device are then what the engine
+    really runs in, not what the registry entry and the model's config ask for."""
     try:
         needs = requirements(str(spec.get("backend") or ""))
     except Exception:  # a backend not served here: resolving it still answers, as before
@@ -48,7 +50,31 @@ def describe(spec: ModelSpec) -> Provenance:
         return Provenance(_version("clemserve"), versions)
     config = spec.get("model_config") or {}
     folder, revision = _weights(spec, config)
-    return Provenance(_version("clemserve"), versions, revision, _dtype(config, folder), _device())
+    dtype, device = engine_facts(engine) if engine is not None else ("", "")
+    return Provenance(_version("clemserve"), versions, revision, dtype or _dtype(config, folder), device or _device())
+
+
+def engine_facts(engine: object) -> tuple[str, str]:
+    """The dtype and device a loaded backend's engine runs in, where it can tell ("" where it cannot): a
+    transformers model's own dtype and the devices its weights were placed on, a vLLM engine's model config."""
+    model = getattr(engine, "model", None)
+    dtype = getattr(model, "dtype", None)
+    if dtype is None:  # vLLM: AsyncLLM's model config
+        dtype = getattr(getattr(getattr(engine, "engine", None), "model_config", None), "dtype", None)
+    placed = getattr(model, "hf_device_map", None)
+    if isinstance(placed, dict) and placed:
+        devices = sorted({_device_name(where) for where in placed.values()})
+    else:
+        where = getattr(engine, "device", None) or getattr(model, "device", None)
+        devices = [_device_name(where)] if where is not None else []
+    return (str(dtype).removeprefix("torch.") if dtype is not None else ""), "+".join(devices)
+
+
+def _device_name(where: object) -> str:
+    """A device's kind: cuda for cuda:0 or the integer 0 (a device map's GPU index), cpu, disk, meta."""
+    if isinstance(where, int):
+        return "cuda"
+    return str(getattr(where, "type", where)).split(":")[0]
 
 
 def library_versions(modules: Iterable[str]) -> dict[str, str]:

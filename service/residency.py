@@ -2,6 +2,8 @@
 
 A load is admitted when its estimate fits the budget beside what loaded and loading models hold; room is
 made by unloading the least recently used idle models (loaded, nothing in flight or queued, no lease).
+The budget is found (GPUs read through NVML or torch, see service/gpus.py) off the event loop, at the first
+load or listing. Each batch of a model is admitted again against its KV-cache room (memory.KvRoom).
 Models idle past the keep-alive are unloaded in the background. A lease holds a model resident for its
 holder until the holder leaves, the lease expires, or the server stops.
 
@@ -17,18 +19,24 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ResourceExhaustedError
 
+from .domain import GpuMemory
 from .loaded import LoadedModel
 from .memory import (
+    GPU_BACKENDS,
     Budget,
     Estimate,
+    KvRoom,
     ResidencyPolicy,
     available_ram,
     budget_from_setting,
     estimate,
+    read_devices,
+    tensor_parallel_size,
     weight_files_bytes,
 )
 from .resolver import cache_key
@@ -72,6 +80,8 @@ class Residency:
         self._cache_dir = cache_dir
         self._max_batch = max_batch
         self._budget: Budget | None = None
+        #: whether torch was allowed to look for GPUs when the budget was found (a GPU backend loading)
+        self._torch_asked = False
         self._estimates: dict[str, Estimate] = {}
         #: active leases by cache key: lease id -> lease; kept apart from the cache entry, which a reload replaces
         self._leases: dict[str, dict[str, Lease]] = {}
@@ -89,11 +99,41 @@ class Residency:
 
     @property
     def budget(self) -> Budget:
-        """Found on first use, so that a server that never loads a local model never asks a GPU."""
+        """The budget found already (``find_budget``), else found now, on the calling thread."""
         if self._budget is None:
-            self._budget = budget_from_setting(self.policy.memory_budget)
-            log.info("memory budget: %.2f GiB of %s", self._budget.total / 2**30, self._budget.kind)
+            self._set_budget(budget_from_setting(self.policy.memory_budget))
+        assert self._budget is not None
         return self._budget
+
+    async def find_budget(self, loading: ModelSpec | None = None) -> Budget:
+        """The budget, found off the event loop on first use, so that a server that never loads a local
+        model never asks a GPU. A GPU backend's load (``loading``) may ask torch when nothing else found a
+        GPU (no NVML, no driver entries in /proc): once."""
+        gpu_load = loading is not None and loading.get("backend") in GPU_BACKENDS
+        if self._budget is None or (gpu_load and not self._torch_asked and self._budget.kind != "gpu"):
+            self._torch_asked = gpu_load
+            found = await asyncio.to_thread(budget_from_setting, self.policy.memory_budget, may_import_torch=gpu_load)
+            if self._budget is None or found != self._budget:
+                self._set_budget(found)
+        return self.budget
+
+    def _set_budget(self, budget: Budget) -> None:
+        if self._budget is not None and budget.kind != self._budget.kind:
+            self._estimates.clear()  # vLLM's estimate depends on the GPUs
+        self._budget = budget
+        where = ", ".join(f"cuda:{d.index} {d.budget_bytes / 2**30:.2f} GiB" for d in budget.devices)
+        log.info(
+            "memory budget: %.2f GiB of %s (%s)%s",
+            budget.total / 2**30,
+            budget.kind,
+            budget.source,
+            f": {where}" if where else "",
+        )
+
+    async def devices(self) -> tuple[GpuMemory, ...]:
+        """The budget's GPUs as they stand now (read off the event loop); none for a RAM budget."""
+        budget = self._budget
+        return await asyncio.to_thread(read_devices, budget) if budget is not None and budget.kind == "gpu" else ()
 
     @property
     def known_budget(self) -> Budget | None:
@@ -107,8 +147,20 @@ class Residency:
     def _estimate(self, key: str, spec: ModelSpec) -> Estimate:
         found = self._estimates.get(key)
         if found is None:
-            found = self._estimates[key] = estimate(spec, self._cache_dir, max_batch=self._max_batch)
+            budget = self._budget
+            gpu = budget.devices[0].total_bytes if budget is not None and budget.devices else 0
+            found = self._estimates[key] = estimate(
+                spec,
+                self._cache_dir,
+                max_batch=self._max_batch,
+                kv_tokens=self.policy.kv_cache_tokens,
+                gpu_bytes=gpu,
+            )
         return found
+
+    def estimate_parts(self, key: str, spec: ModelSpec) -> Estimate:
+        """The estimate with its parts (weights, KV allowance, source)."""
+        return self._estimate(key, spec)
 
     def estimate_all(self, specs: Iterable[ModelSpec]) -> None:
         """Estimate every spec not estimated yet (file headers: run it off the event loop)."""
@@ -117,7 +169,8 @@ class Residency:
 
     def used(self) -> int:
         """What loaded and loading models hold in the budget, models still unloading included."""
-        return sum(m.charged_bytes for m in self._models.values()) + self._draining
+        # a copy first: a model's generation thread asks too (KvRoom), while the loop may add a model
+        return sum(m.charged_bytes for m in list(self._models.values())) + self._draining
 
     def drain(self, model: LoadedModel) -> int:
         """``model`` is being unloaded: its bytes move from its charge to the draining count, where they stay
@@ -133,10 +186,11 @@ class Residency:
 
     async def admit(self, key: str, model: LoadedModel) -> None:
         """Reserve the model's estimate in the budget, evicting least recently used idle models as needed;
-        refuse a model whose weights the machine's memory cannot take now, whatever the budget says."""
-        need, budget = model.estimated_bytes, self.budget
+        refuse a model whose weights the memory they go to cannot take now, whatever the budget says."""
+        budget = await self.find_budget(model.spec)
+        model.estimated_bytes = need = await asyncio.to_thread(self.estimate, key, model.spec)
         async with self._admission:
-            self._check_available(key, model)
+            await self._check_available(key, model, budget)
             if need > budget.total:
                 raise self._exhausted(model, "it is larger than the whole budget")
             while budget.total - self.used() < need:
@@ -151,26 +205,83 @@ class Residency:
                     model.name,
                 )
                 await self._unload(victim)
+            if model.spec["backend"] == "vllm" and budget.kind == "gpu":
+                await self._check_engine_share(model, budget)
             model.charged_bytes = need
 
-    def _check_available(self, key: str, model: LoadedModel) -> None:
-        """The weights (with the loader's overhead) against the memory available now: a first, coarse check
-        that catches a machine whose memory other processes hold. A local folder's weights are the size of
-        its weight files; others' (a hub id, a GGUF file) the estimate's."""
+    async def _check_available(self, key: str, model: LoadedModel, budget: Budget) -> None:
+        """The weights (with the loader's overhead) against the memory they go to, available now: free GPU
+        memory when the budget counts GPUs (the model goes there), else the machine's available RAM. A first,
+        coarse check that catches memory other processes hold. A local folder's weights are the size of its
+        weight files; others' (a hub id, a GGUF file), and quantised ones, the estimate's."""
         if model.spec["backend"] not in RAM_CHECKED_BACKENDS:
             return
         source, found = str(model.spec.get("huggingface_id") or ""), self._estimates.get(key)
-        if source and Path(source).is_dir():
+        config = model.spec.get("model_config", {})
+        quantised = isinstance(config, dict) and (config.get("load_in_4bit") or config.get("load_in_8bit"))
+        if source and Path(source).is_dir() and not quantised:
             weights = int(weight_files_bytes(Path(source)) * LOAD_OVERHEAD)
         else:
             weights = int(found.weights * LOAD_OVERHEAD) if found is not None else 0
-        available = available_ram() if weights else 0
-        if weights and available and weights > available:
+        if not weights:
+            return
+        if budget.kind == "gpu":
+            devices = await self.devices()
+            available, where = sum(_free(d) for d in devices), f"free on {len(devices)} GPU(s)"
+        else:
+            available, where = await asyncio.to_thread(available_ram), "available"
+        if available and weights > available:
             raise ResourceExhaustedError(
-                f"{model.name} needs about {weights / 2**30:.1f} GiB to load; {available / 2**30:.1f} GiB is available",
+                f"{model.name} needs about {weights / 2**30:.1f} GiB to load; {available / 2**30:.1f} GiB is {where}",
                 required_bytes=weights,
                 available_bytes=available,
+                metadata={"memory_kind": budget.kind},
             )
+
+    async def _check_engine_share(self, model: LoadedModel, budget: Budget) -> None:
+        """vLLM takes its ``gpu_memory_utilization`` share (0.9 unless set) of each of its GPUs at start and refuses
+        to start when a GPU has less free: whatever the budget says, what this process already holds there (its
+        CUDA context, other models, other engines) and what other processes hold must leave it that share."""
+        config = model.spec.get("model_config", {})
+        config = config if isinstance(config, dict) else {}
+        found = config.get("vllm_args")
+        args: dict[str, Any] = found if isinstance(found, dict) else {}
+        gpus = tensor_parallel_size(config)
+        devices = await self.devices()
+        if not devices or args.get("kv_cache_memory_bytes"):  # a KV cache of a given size: no share is taken
+            return
+        share = float(args.get("gpu_memory_utilization", 0.9))
+        wanted = [int(d.total_bytes * share) for d in devices[:gpus]]
+        short = [(d, w) for d, w in zip(devices, wanted, strict=False) if _free(d) < w]
+        if len(devices) < gpus or short:
+            device, want = short[0] if short else (devices[-1], wanted[-1])
+            raise ResourceExhaustedError(
+                f"cannot start {model.name}'s vLLM engine: it takes {share:g} of each of its {gpus} GPU(s) "
+                f"({want / 2**30:.1f} GiB on cuda:{device.index}), and cuda:{device.index} has "
+                f"{_free(device) / 2**30:.1f} GiB free: this server holds {device.process_bytes / 2**30:.1f} GiB "
+                f"there (its CUDA context and loaded models) and other processes "
+                f"{device.used_by_others_bytes / 2**30:.1f} GiB. Lower model_config.vllm_args.gpu_memory_utilization "
+                "or unload models",
+                required_bytes=want,
+                available_bytes=_free(device),
+                metadata={"field": "model_config.vllm_args.gpu_memory_utilization", "memory_kind": "gpu"},
+            )
+
+    # -- the KV cache of running batches --------------------------------------------------------------
+
+    def attach(self, key: str, model: LoadedModel, backend: Any) -> None:
+        """Hand a loaded backend that checks its batches' KV cache (one with a ``kv`` attribute) its room."""
+        found = self._estimates.get(key)
+        if found is None or not found.kv_per_token or not hasattr(backend, "kv"):
+            return
+
+        def free() -> int:
+            return self.budget.total - self.used()
+
+        def charge(delta: int) -> None:
+            model.charged_bytes = max(0, model.charged_bytes + delta)
+
+        backend.kv = KvRoom(model.name, found, free, charge)
 
     def evictable(self, key: str, model: LoadedModel) -> bool:
         """Loaded, with no request in flight or queued and no lease."""
@@ -183,13 +294,19 @@ class Residency:
 
     def _exhausted(self, model: LoadedModel, why: str) -> ResourceExhaustedError:
         budget, free = self.budget, max(0, self.budget.total - self.used())
+        parts = self._estimates.get(cache_key(model.spec))
+        split = (
+            f" ({parts.weights / 2**20:.0f} MiB of weights, {parts.kv_cache / 2**20:.0f} MiB of KV-cache allowance)"
+            if parts is not None and parts.kv_cache
+            else ""
+        )
         holders = [
             f"{m.name} ({m.charged_bytes / 2**20:.0f} MiB, {self._pinned_by(key, m)})"
             for key, m in self._models.items()
             if m.charged_bytes
         ]
         return ResourceExhaustedError(
-            f"cannot load {model.name}: it needs about {model.estimated_bytes / 2**20:.0f} MiB, "
+            f"cannot load {model.name}: it needs about {model.estimated_bytes / 2**20:.0f} MiB{split}, "
             f"{free / 2**20:.0f} MiB of the {budget.total / 2**20:.0f} MiB {budget.kind} budget is free and {why}"
             + (f"; held by {', '.join(holders)}" if holders else ""),
             required_bytes=model.estimated_bytes,
@@ -262,3 +379,8 @@ class Residency:
             return False
         except asyncio.TimeoutError:  # Python 3.10: not yet the builtin
             return True
+
+
+def _free(device: GpuMemory) -> int:
+    """What a GPU has free now: its memory less what this process and others hold on it."""
+    return max(0, device.total_bytes - device.used_by_others_bytes - max(device.process_bytes, device.reserved_bytes))

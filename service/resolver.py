@@ -22,6 +22,7 @@ Selector = str | Mapping[str, Any]
 
 _PLAYER_BACKENDS = ("_player_human", "_player_programmed")
 RESOLVE_CACHE_SIZE = 4096
+SELECTORS_HELD = 64
 #: the spec fields that decide what a load produces (weights, engine, context); others, such as
 #: temperature or lookup_source, do not, so selectors differing only there share one loaded copy
 ENGINE_FIELDS = ("model_name", "backend", "huggingface_id", "model_id", "model_config", "context_size")
@@ -42,6 +43,9 @@ class Resolver:
         #: let selectors add fields that choose what is loaded or called (security/client_specs.py); off by default
         self.allow_client_specs = allow_client_specs
         self._resolved: OrderedDict[str, tuple[ModelSpec, str]] = OrderedDict()
+        #: spec selectors by identity (each held, so that its id is not reused): the servicer hands the same
+        #: object, never changed, for the same spec text on every turn; found here, it is not encoded again
+        self._by_object: dict[int, tuple[Selector, tuple[ModelSpec, str]]] = {}
         #: the names of the registry's entries
         self.names = frozenset(str(entry["model_name"]) for entry in registry)
 
@@ -50,6 +54,9 @@ class Resolver:
 
     def resolved(self, selector: Selector) -> tuple[ModelSpec, str]:
         """The unified spec and its cache key."""
+        held = self._by_object.get(id(selector))
+        if held is not None and held[0] is selector:
+            return held[1]
         # key order matters (it orders the result's keys), so the lookup key keeps it
         lookup = selector if isinstance(selector, str) else "\0" + json.dumps(selector, default=repr)
         found = self._resolved.get(lookup)
@@ -60,6 +67,10 @@ class Resolver:
             found = self._resolved[lookup] = (spec, cache_key(spec))
             if len(self._resolved) > RESOLVE_CACHE_SIZE:
                 self._resolved.popitem(last=False)
+        if not isinstance(selector, str):
+            if len(self._by_object) >= SELECTORS_HELD:
+                del self._by_object[next(iter(self._by_object))]
+            self._by_object[id(selector)] = (selector, found)
         return found
 
     def servable(self, selector: Selector) -> tuple[ModelSpec, str]:

@@ -92,7 +92,7 @@ class Scheduler:
         self.policy = policy
         self.run_one = run_one
         self.run_batch = run_batch
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = _Slots(concurrency)
         self._callers: dict[str, deque[Ticket]] = {}
         self._turns: deque[str] = deque()
         self._arrived = asyncio.Event()
@@ -113,15 +113,14 @@ class Scheduler:
     async def submit(
         self, messages: Sequence[Message], args: GenArgs, caller: str, observer: StreamObserver | None = None
     ) -> Generation:
-        if self.queued >= self.policy.max_queue:
+        queued = self.queued if self._callers else 0
+        if queued >= self.policy.max_queue:
             raise ResourceExhaustedError(
                 f"{self.name} has {self.queued} requests waiting, its queue's limit; try again shortly",
                 retry_after_s=self._retry_after(),
             )
         self._last_seen[caller] = time.monotonic()
         if self.run_batch is None and not self._callers and not self._slots.locked():
-            if observer is not None:
-                observer.ready()
             return await self._run_now(messages, args, observer)  # nobody waits and a slot is free: no queue trip
         ticket = Ticket(messages, args, caller, asyncio.get_running_loop().create_future(), observer=observer)
         if observer is not None and (ahead := self.queued + (self.running if self._slots.locked() else 0)):
@@ -142,16 +141,20 @@ class Scheduler:
             raise
 
     async def _run_now(self, messages: Sequence[Message], args: GenArgs, observer: StreamObserver | None) -> Generation:
-        """Run in the caller's own task (backends without batching); cancelling the caller cancels it."""
-        async with self._slots:
-            self.running += 1
-            started = time.monotonic()
+        """Run in the caller's own task (backends without batching) on a slot that is free now (nothing awaited
+        since the caller looked); cancelling the caller cancels it."""
+        self._slots.take_now()
+        self.running += 1
+        started = time.monotonic()
+        try:
+            if observer is not None:
+                observer.ready()
             self.metrics.queued(self.name, 0.0)  # the fast path: no queue, no batch
-            try:
-                return await self.run_one(messages, args, _sink(observer))
-            finally:
-                self.running -= 1
-                self._recent_s.append(time.monotonic() - started)
+            return await self.run_one(messages, args, _sink(observer))
+        finally:
+            self.running -= 1
+            self._recent_s.append(time.monotonic() - started)
+            self._slots.give()
 
     def _in_play(self) -> int:
         """Callers seen in the last second (a submission or a reply) with nothing running now."""
@@ -218,13 +221,13 @@ class Scheduler:
             await self._arrived.wait()
             self._arrived.clear()
             while self.queued:
-                await self._slots.acquire()
+                await self._slots.take()
                 limit = self.policy.max_batch if self.run_batch is not None else 1
                 if self.run_batch is not None and self.policy.max_wait_s > 0:
                     await self._fill(limit)
                 batch = self._take(limit)
                 if not batch:
-                    self._slots.release()
+                    self._slots.give()
                     break
                 task = asyncio.create_task(self._run(batch))
                 if self.run_batch is None:
@@ -279,7 +282,7 @@ class Scheduler:
                 if not self._running_callers[ticket.caller]:
                     del self._running_callers[ticket.caller]
             self._recent_s.append((ended - started) / len(batch))
-            self._slots.release()
+            self._slots.give()
 
     async def close(self) -> None:
         self._dispatcher.cancel()
@@ -289,6 +292,34 @@ class Scheduler:
                     ticket.future.cancel()
         self._turns.clear()
         await asyncio.gather(self._dispatcher, *self._tasks, return_exceptions=True)
+
+
+class _Slots:
+    """How many requests may run at once. A request that finds the queue empty takes a free slot at once,
+    without a trip through the event loop (the fast path, most calls); the dispatcher, the only one that
+    waits, waits for one to be given back."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._given = asyncio.Event()
+
+    def locked(self) -> bool:
+        return self.free <= 0
+
+    def take_now(self) -> None:
+        """Take a slot that is free (the caller made sure)."""
+        assert self.free > 0, "no slot free"
+        self.free -= 1
+
+    async def take(self) -> None:
+        while self.free <= 0:
+            self._given.clear()
+            await self._given.wait()
+        self.free -= 1
+
+    def give(self) -> None:
+        self.free += 1
+        self._given.set()
 
 
 def _sink(observer: StreamObserver | None) -> TextSink | None:

@@ -42,7 +42,12 @@ def build_manager(config: ServerConfig) -> ModelManager:
         redactor.add(token)
     redact_logs(redactor)
     context = BackendContext(
-        keys=keys, cache_dir=config.cache_dir, retry=config.retry, redactor=redactor, compute_nice=config.compute_nice
+        keys=keys,
+        cache_dir=config.cache_dir,
+        retry=config.retry,
+        redactor=redactor,
+        compute_nice=config.compute_nice,
+        allow_offload=config.allow_offload,
     )
     return ModelManager(
         registry,

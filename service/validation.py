@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import re
@@ -35,6 +37,14 @@ class Limits:
     total_image_bytes: int = 40 * MiB
     #: nesting of JSON objects and lists in a model spec, extra_json and generation arguments
     json_depth: int = 16
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        """Computed once: the conversions key their caches on the server's Limits, on every call."""
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
 
 DEFAULT_LIMITS = Limits()
@@ -79,6 +89,8 @@ def validate_request_id(value: str) -> str:
 
 def reject_unsupported_args(extra: dict[str, Any], supported: Sequence[str], backend: str) -> None:
     """Ignore nothing silently: a generation argument the backend cannot honour is an error."""
+    if not extra:
+        return
     unknown = sorted(set(extra) - set(supported))
     if unknown:
         allowed = ", ".join(("temperature", "max_tokens", *supported))
@@ -210,6 +222,8 @@ _INT64 = 2**63 - 1
 
 def validate_extra_args(extra: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """The generation arguments besides temperature and max_tokens (which have fields of their own)."""
+    if not extra:
+        return extra
     repeated = sorted({"temperature", "max_tokens"} & extra.keys())
     if repeated:
         raise InvalidArgumentError(

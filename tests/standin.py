@@ -1,7 +1,10 @@
 """A stand-in for a provider's HTTP API on loopback: it records every request and answers as scripted.
 
 Tests point an SDK's base_url at it and assert the exact requests the SDK sends. Replies can be delayed,
-fail with any status, carry any headers, or be malformed, for fault injection.
+fail with any status, carry any headers, or be malformed, for fault injection. A reply with ``chunks`` is
+streamed (chunked transfer encoding, as providers stream server-sent events): each chunk is written and
+flushed on its own, ``chunk_delay_s`` after the one before, and ``cut`` drops the connection after the
+last one instead of ending the body (a stream that breaks).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    #: a streamed body (``body`` is not used): str or bytes pieces, each written as it is due
+    chunks: list[str | bytes] | None = None
+    chunk_delay_s: float = 0.0
+    #: drop the connection after the chunks, without the end of the chunked body
+    cut: bool = False
 
 
 @dataclass
@@ -125,6 +133,9 @@ class StandIn:
                             standin.abandoned += 1
                         return
                     standin.release.wait(timeout=60)
+                    if reply.chunks is not None:
+                        self._stream(reply)
+                        return
                     body = reply.body
                     if isinstance(body, (dict, list)):
                         data = json.dumps(body).encode()
@@ -145,6 +156,31 @@ class StandIn:
                 finally:
                     with standin._lock:
                         standin.in_flight -= 1
+
+            def _stream(self, reply: Reply) -> None:
+                self.send_response(reply.status)
+                self.send_header("content-type", reply.headers.get("content-type", "text/event-stream"))
+                self.send_header("transfer-encoding", "chunked")
+                for name, value in reply.headers.items():
+                    if name.lower() != "content-type":
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.flush()
+                for i, chunk in enumerate(reply.chunks or []):
+                    if i and reply.chunk_delay_s and self._client_left_within(reply.chunk_delay_s):
+                        with standin._lock:
+                            standin.abandoned += 1
+                        self.close_connection = True
+                        return
+                    data = chunk.encode() if isinstance(chunk, str) else chunk
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                if reply.cut:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
 
             def _client_left_within(self, seconds: float) -> bool:
                 """Wait ``seconds``, watching the connection: True as soon as the client closes it."""

@@ -23,10 +23,14 @@ _BACKENDS: dict[str, str] = {
     "mistral": f"{_PACKAGE}.mistral:MistralBackend",
     "cohere": f"{_PACKAGE}.cohere:CohereBackend",
     "vllm": f"{_PACKAGE}.vllm_engine:VLLMBackend",
+    "llamacpp": f"{_PACKAGE}.llamacpp:LlamaCppBackend",
 }
 
-#: clembench backends that this server does not serve (yet); a clear error beats "unknown backend"
-_NOT_SERVED = {"llamacpp", "slurk"}
+#: clembench backends that this server does not serve, and why; a clear error beats "unknown backend"
+_NOT_SERVED = {
+    "slurk": "its player is a person in a slurk chat room, which the game machine's clemcore reaches with its "
+    "own slurk key; like human and programmatic players, keep its entry in the game's model_registry.json",
+}
 #: every backend name clemserve knows, served or not: a bounded set (metric labels)
 KNOWN_BACKENDS = frozenset(_BACKENDS) | frozenset(_NOT_SERVED)
 
@@ -52,6 +56,7 @@ _REQUIREMENTS: dict[str, Requirements] = {
     "fault": Requirements(),
     "huggingface_local": Requirements("hf", _HF, weights=True),
     "vllm": Requirements("vllm", ("vllm", "transformers"), weights=True),
+    "llamacpp": Requirements("llamacpp", ("llama_cpp", "huggingface_hub"), weights=True),
     "openai": Requirements("remote", ("openai",), "openai"),
     "openai_compatible": Requirements("remote", ("openai",), "openai_compatible"),
     "openrouter": Requirements("remote", ("openai",), "openrouter"),
@@ -83,8 +88,7 @@ def backend_class(name: str) -> type[Backend]:
     if target is None:
         if name in _NOT_SERVED:
             raise FailedPreconditionError(
-                f"backend {name} is not available in this clemserve version; available: {', '.join(sorted(_BACKENDS))}",
-                subject=f"backend {name}",
+                f"backend {name} is not served: {_NOT_SERVED[name]}", subject=f"backend {name}"
             )
         raise FailedPreconditionError(
             f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}", subject=f"backend {name}"

@@ -28,15 +28,17 @@ from typing import Any
 
 from clemserve.registry import Key
 
-from ..domain import GenArgs, ImagePart, Message
+from ..domain import GenArgs, ImagePart, Message, TextSink
 from ..validation import reject_unsupported_args
 from .remote import (
+    STREAM_ERROR_STATUS,
     RemoteBackend,
     UpstreamFailure,
     context_numbers,
     flag,
     image_base64,
     image_mime,
+    incomplete_stream,
     looks_like_context_error,
     retry_after_seconds,
 )
@@ -106,6 +108,9 @@ class AnthropicBackend(RemoteBackend):
     async def send(self, request: dict[str, Any]) -> Any:
         return await self.client.messages.create(**request)
 
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        return await stream_message(self.client, request, piece)
+
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         return parse_message(response)
 
@@ -124,11 +129,68 @@ def parse_message(response: Any) -> tuple[dict[str, Any], str]:
     return response.model_dump(mode="json"), text or ""
 
 
+async def stream_message(client: Any, request: dict[str, Any], piece: TextSink) -> Any:
+    """One streamed message: the first text block's text to ``piece`` as it arrives; returns the ``Message``
+    that ``messages.create`` returns for the same request, put together from the stream's events as the
+    API would have sent it whole (blocks, stop reason, usage). Shared with Azure's Claude route."""
+    from anthropic.types import Message as AnthropicMessage
+
+    message: dict[str, Any] | None = None
+    text_block: int | None = None  # the index of the first text block: the reply's text (parse_message)
+    partial_json: dict[int, str] = {}
+    complete = False
+    stream = await client.messages.create(**request, stream=True)
+    async with stream:
+        async for event in stream:
+            kind = event.type
+            if kind == "message_start":
+                message = event.message.model_dump(mode="json")
+                message["content"] = []
+            elif message is None:
+                continue
+            elif kind == "content_block_start":
+                block = event.content_block.model_dump(mode="json")
+                while len(message["content"]) <= event.index:
+                    message["content"].append(None)
+                message["content"][event.index] = block
+                if block.get("type") == "text" and text_block is None:
+                    text_block = event.index
+                    piece(block.get("text") or "")
+            elif kind == "content_block_delta":
+                block, delta = message["content"][event.index], event.delta
+                if delta.type == "text_delta":
+                    block["text"] = (block.get("text") or "") + delta.text
+                    if event.index == text_block:
+                        piece(delta.text)
+                elif delta.type == "thinking_delta":
+                    block["thinking"] = (block.get("thinking") or "") + delta.thinking
+                elif delta.type == "signature_delta":
+                    block["signature"] = delta.signature
+                elif delta.type == "input_json_delta":
+                    partial_json[event.index] = partial_json.get(event.index, "") + delta.partial_json
+                elif delta.type == "citations_delta":
+                    block["citations"] = [*(block.get("citations") or []), delta.citation.model_dump(mode="json")]
+            elif kind == "content_block_stop" and event.index in partial_json:
+                message["content"][event.index]["input"] = json.loads(partial_json.pop(event.index) or "{}")
+            elif kind == "message_delta":
+                message["stop_reason"] = event.delta.stop_reason
+                message["stop_sequence"] = event.delta.stop_sequence
+                usage = event.usage.model_dump(mode="json", exclude_none=True)
+                message["usage"] = {**(message.get("usage") or {}), **usage}
+            elif kind == "message_stop":
+                complete = True
+    if message is None or not complete:
+        raise incomplete_stream()
+    return AnthropicMessage.model_validate(message)
+
+
 def classify_anthropic(sdk: Any, exc: Exception) -> UpstreamFailure | None:
     """The anthropic SDK's exceptions as UpstreamFailures (``sdk`` is the imported module). Shared with
     Azure's Claude route."""
     if isinstance(exc, sdk.APIStatusError):
         status = exc.status_code
+        if 200 <= status < 300:  # an error event inside a stream: its type says what the status would be
+            status = STREAM_ERROR_STATUS.get(str(exc.type), 500)
         reason = _reason(exc)
         retry_after = retry_after_seconds(exc.response.headers)
         if status == OVERLOADED:

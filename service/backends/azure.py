@@ -27,9 +27,9 @@ from typing import Any
 from clemserve.registry import Key, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError
 
-from ..domain import GenArgs, ImagePart, Message
+from ..domain import GenArgs, ImagePart, Message, TextSink
 from ..validation import reject_unsupported_args
-from .anthropic import API_VERSION, classify_anthropic, parse_message
+from .anthropic import API_VERSION, classify_anthropic, parse_message, stream_message
 from .base import BackendContext
 from .openai import (
     MalformedAnswer,
@@ -39,6 +39,7 @@ from .openai import (
     classify_openai,
     create_chat,
     encode_messages,
+    stream_chat,
 )
 from .remote import (
     RemoteBackend,
@@ -46,6 +47,8 @@ from .remote import (
     flag,
     image_base64,
     image_mime,
+    incomplete_stream,
+    stream_error,
 )
 
 #: clembench sends this one deployment to the Responses API (by model_name)
@@ -121,6 +124,28 @@ class AzureGPTBackend(AzureBackend):
             raise MalformedAnswer("the answer is not a Responses API response")
         return response
 
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        if "input" not in request:
+            return await stream_chat(self.client, request, piece)
+        # the Responses API streams typed events; its last one carries the whole Response, as send's
+        try:
+            stream = await self.client.responses.create(**request, stream=True)
+            async with stream:
+                async for event in stream:
+                    kind = getattr(event, "type", "")
+                    if kind == "response.output_text.delta":
+                        piece(event.delta)
+                    elif kind in ("response.completed", "response.incomplete"):
+                        return event.response
+                    elif kind == "response.failed":
+                        error = event.response.error
+                        raise stream_error(getattr(error, "code", None), getattr(error, "message", "failed"))
+                    elif kind == "error":
+                        raise stream_error(getattr(event, "code", None), event.message)
+        except json.JSONDecodeError as exc:
+            raise MalformedAnswer(f"a streamed event is not valid JSON ({exc})") from None
+        raise incomplete_stream()
+
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         if not hasattr(response, "choices"):  # the Responses API
             return response.model_dump(mode="json"), (response.output_text or "").strip()
@@ -176,6 +201,12 @@ class AzureClaudeBackend(AzureBackend):
         if getattr(response, "content", None) is None:
             raise MalformedAnswer("the answer is not an Anthropic message")
         return response
+
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        try:
+            return await stream_message(self.client, request, piece)
+        except json.JSONDecodeError as exc:
+            raise MalformedAnswer(f"a streamed event is not valid JSON ({exc})") from None
 
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         return parse_message(response)

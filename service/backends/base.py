@@ -67,8 +67,11 @@ class BackendContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: scrubs the keys above out of any text that leaves the server
     redactor: Redactor = field(default_factory=Redactor)
-    #: how much lower the CPU priority of local generation threads is than the server's (a nice increment)
+    #: how much lower the CPU priority of local generation threads is than the server's (a nice increment);
+    #: models on the CPU only (a GPU model's thread launches kernels and keeps the server's priority)
     compute_nice: int = 0
+    #: let a model meant for GPUs run some layers on the CPU or disk when it does not fit (--allow-offload)
+    allow_offload: bool = False
 
 
 def lower_thread_priority(increment: int) -> None:

@@ -7,14 +7,22 @@ sends no images: a registry entry that enables multimodality for a Cohere model 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from clemserve.registry import Key
 
-from ..domain import GenArgs, Message
-from .remote import RemoteBackend, UpstreamFailure, context_numbers, retry_after_seconds
+from ..domain import GenArgs, Message, TextSink
+from .remote import (
+    RemoteBackend,
+    UpstreamFailure,
+    context_numbers,
+    incomplete_stream,
+    retry_after_seconds,
+    stream_error,
+)
 
 #: Cohere's context errors (HTTP 400) all begin "too many tokens:"; the numbers come in two wordings
 _TOO_MANY_TOKENS = re.compile(r"^\s*too many tokens", re.I)
@@ -50,6 +58,59 @@ class CohereBackend(RemoteBackend):
 
     async def send(self, request: dict[str, Any]) -> Any:
         return await self.client.chat(**request)
+
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        """The events put together into the ``V2ChatResponse`` that ``chat`` returns; the first text
+        item's text goes to ``piece`` (the reply's text, as ``parse`` takes it)."""
+        from cohere.v2.types import V2ChatResponse
+
+        reply: dict[str, Any] = {}
+        message: dict[str, Any] = {"role": "assistant"}
+        content: list[dict[str, Any]] = []
+        logprobs: list[Any] = []
+        text_item: int | None = None
+        complete = False
+        async with contextlib.aclosing(self.client.chat_stream(**request)) as stream:
+            async for event in stream:
+                kind = getattr(event, "type", None)
+                delta = getattr(event, "delta", None)
+                said = getattr(getattr(delta, "message", None), "content", None)
+                if kind == "message-start":
+                    reply["id"] = event.id
+                    message["role"] = getattr(getattr(delta, "message", None), "role", None) or "assistant"
+                elif kind == "content-start":
+                    while len(content) <= event.index:
+                        content.append({})
+                    content[event.index] = said.model_dump(mode="json", exclude_none=True) if said else {}
+                    content[event.index].setdefault("type", "text")
+                    if content[event.index]["type"] == "text" and text_item is None:
+                        text_item = event.index
+                        piece(content[event.index].get("text") or "")
+                elif kind == "content-delta" and said is not None:
+                    item = content[event.index]
+                    for name in ("text", "thinking"):
+                        added = getattr(said, name, None)
+                        if added:
+                            item[name] = (item.get(name) or "") + added
+                            if name == "text" and event.index == text_item:
+                                piece(added)
+                    if getattr(event, "logprobs", None) is not None:
+                        logprobs.append(event.logprobs.model_dump(mode="json", exclude_none=True))
+                elif kind == "message-end":
+                    error, usage = getattr(delta, "error", None), getattr(delta, "usage", None)
+                    if error:
+                        raise stream_error(None, error)
+                    reply["finish_reason"] = getattr(delta, "finish_reason", None)
+                    if usage is not None:
+                        reply["usage"] = usage.model_dump(mode="json", exclude_none=True)
+                    complete = True
+        if not complete:
+            raise incomplete_stream()
+        if content:
+            message["content"] = content
+        if logprobs:
+            reply["logprobs"] = logprobs
+        return V2ChatResponse.model_validate({**reply, "message": message})
 
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         message = response.message

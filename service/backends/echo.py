@@ -40,8 +40,15 @@ class EchoBackend(Backend):
 
     async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
         reject_unsupported_args(args.extra, self.supported_args, self.name)
-        count = await self.count_tokens(messages)
-        tokens_used = count.prompt_tokens + args.max_tokens
+        # count_tokens' figure without building its prompt: "role:" and the words of each message
+        prompt_tokens, last_user = 0, ""
+        words: list[str] = []
+        for message in messages:
+            split = message["content"].split()
+            prompt_tokens += 1 + len(split)
+            if message["role"] == "user":
+                last_user, words = message["content"], split
+        tokens_used = prompt_tokens + args.max_tokens
         if tokens_used > self.context_size:
             raise ContextExceededError(
                 f"Context token limit for {self.model_name} exceeded",
@@ -49,8 +56,6 @@ class EchoBackend(Backend):
                 self.context_size - tokens_used,
                 self.context_size,
             )
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        words = last_user.split()
         truncated = len(words) > args.max_tokens
         text = " ".join(words[: args.max_tokens]) if truncated else last_user
         stream_words(text, sink)
@@ -58,7 +63,7 @@ class EchoBackend(Backend):
             prompt=[_loggable(m) for m in messages],
             response={"response": text},
             text=text,
-            prompt_tokens=count.prompt_tokens,
+            prompt_tokens=prompt_tokens,
             completion_tokens=min(len(words), args.max_tokens),
             finish_reason=FinishReason.LENGTH if truncated else FinishReason.STOP,
         )

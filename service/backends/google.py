@@ -26,6 +26,7 @@ another on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from typing import Any
 
 from clemserve.registry import FailedPreconditionError, Key
 
-from ..domain import GenArgs, ImagePart, Message
+from ..domain import GenArgs, ImagePart, Message, TextSink
 from ..validation import reject_unsupported_args
 from .remote import (
     RemoteBackend,
@@ -41,6 +42,7 @@ from .remote import (
     context_numbers,
     flag,
     image_mime,
+    incomplete_stream,
     json_ready,
     looks_like_context_error,
     retry_after_seconds,
@@ -147,6 +149,64 @@ class GoogleBackend(RemoteBackend):
     async def send(self, request: dict[str, Any]) -> Any:
         return await self.client.aio.models.generate_content(**request)
 
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        """The chunks put together into the ``GenerateContentResponse`` that ``generate_content`` returns:
+        the first candidate's parts joined (adjacent text parts of the same kind, thought or answer, as
+        one), everything else from the last chunk that says it. ``sdk_http_response`` holds the headers of
+        the streamed HTTP reply."""
+        chunks: list[Any] = []
+        async with contextlib.aclosing(await self.client.aio.models.generate_content_stream(**request)) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+                for part in _parts(chunk):
+                    if isinstance(part.text, str) and not part.thought:
+                        piece(part.text)
+        return self.joined(chunks)
+
+    def joined(self, chunks: list[Any]) -> Any:
+        if not chunks:
+            raise incomplete_stream()
+        final = chunks[-1].model_copy(deep=True)
+        for name in type(final).model_fields:
+            if getattr(final, name) is None:
+                said = next((getattr(c, name) for c in reversed(chunks) if getattr(c, name) is not None), None)
+                setattr(final, name, said)
+        if final.automatic_function_calling_history is None:
+            # generate_content records its function-calling history, empty here (no tools are sent);
+            # the streaming call leaves it unset
+            final.automatic_function_calling_history = []
+        with_candidates = [c for c in chunks if c.candidates]
+        blocked = final.prompt_feedback is not None and final.prompt_feedback.block_reason is not None
+        if not with_candidates:
+            if blocked:
+                return final
+            raise incomplete_stream()
+        candidate = with_candidates[-1].candidates[0].model_copy(deep=True)
+        if candidate.finish_reason is None and not blocked:
+            raise incomplete_stream()
+        parts: list[Any] = []
+        for chunk in with_candidates:
+            for part in _parts(chunk):
+                last = parts[-1] if parts else None
+                if (
+                    last is not None
+                    and _text_only(last)
+                    and _text_only(part)
+                    and bool(last.thought) == bool(part.thought)
+                ):
+                    last.text += part.text
+                    last.thought_signature = part.thought_signature or last.thought_signature
+                else:
+                    parts.append(part.model_copy(deep=True))
+        if candidate.content is None:
+            candidate.content = self.types.Content(role="model")
+        candidate.content.role = candidate.content.role or next(
+            (c.candidates[0].content.role for c in with_candidates if c.candidates[0].content), None
+        )
+        candidate.content.parts = parts or None
+        final.candidates = [candidate]
+        return final
+
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         candidates = response.candidates or []
         content = candidates[0].content if candidates else None
@@ -175,6 +235,18 @@ class GoogleBackend(RemoteBackend):
             # usually gone on the next try, so a transient 502 rather than INTERNAL
             return UpstreamFailure(502, f"a reply that is not JSON ({exc.msg})")
         return None
+
+
+def _parts(chunk: Any) -> list[Any]:
+    candidates = chunk.candidates or []
+    content = candidates[0].content if candidates else None
+    return list(getattr(content, "parts", None) or [])
+
+
+def _text_only(part: Any) -> bool:
+    """A part that is text and nothing else (a thought signature aside), which a following one extends."""
+    fields = part.model_dump(exclude_none=True, exclude={"text", "thought", "thought_signature"})
+    return isinstance(part.text, str) and not fields
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -9,21 +9,24 @@ model, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from clemserve.registry.errors import ContextExceededError, InvalidArgumentError, ResourceExhaustedError
+from clemserve.registry import ModelSpec
+from clemserve.registry.errors import ContextExceededError, InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, Outcome, Row, TokenCount
+from ..memory import KvRoom, free_memory
 from ..validation import reject_unsupported_args
-from . import gguf
-from .base import BatchingBackend, Progress, RowDone, lower_thread_priority, missing_dependency
+from . import gguf, placement
+from .base import BackendContext, BatchingBackend, Progress, RowDone, missing_dependency
 from .chat import (
     CHAT_CONFIG,
     ChatTokenizer,
@@ -33,6 +36,7 @@ from .chat import (
     refuse_images,
     weights_missing,
 )
+from .huggingface_multimodal import HuggingfaceMultimodalBackend, is_multimodal
 from .stream_decoding import BatchStreamer, on_loop
 
 log = logging.getLogger(__name__)
@@ -40,25 +44,27 @@ log = logging.getLogger(__name__)
 #: model_config keys this backend reads
 KNOWN_CONFIG = CHAT_CONFIG | {
     "padding_side", "load_in_8bit", "load_in_4bit", "attn_implementation", "peft_model", "multimodal", "gguf",
+    "number_gpus",
 }  # fmt: skip
 _ENCODER_ONLY = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta"}
 
 
-class HuggingfaceLocalBackend(BatchingBackend):
+class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
     name = "huggingface_local"
     # one generate call at a time (the worker thread); the scheduler merges waiting requests into it
     concurrency = 1
+    #: the KV cache its batches may hold (residency hands it over once the model is loaded; None: unchecked)
+    kv: KvRoom | None = None
+
+    def __new__(cls, spec: ModelSpec, context: BackendContext) -> Any:
+        """clembench picks its class by ``model_config.multimodal``; so does this constructor."""
+        if cls is HuggingfaceLocalBackend and is_multimodal(spec.get("model_config")):
+            return HuggingfaceMultimodalBackend(spec, context)
+        return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # the worker (and torch's threads, started from it) yields the CPU to the request path: on a busy
-        # CPU machine, refusals and new requests are then not held up behind generation
-        self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix=f"hf-{self.model_name}",
-            initializer=lower_thread_priority,
-            initargs=(self.context.compute_nice,),
-        )
+        self._start_worker()
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -71,17 +77,11 @@ class HuggingfaceLocalBackend(BatchingBackend):
             import transformers  # noqa: F401
         except ImportError as exc:
             raise missing_dependency(self.name, "hf", exc) from None
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load_blocking, config, progress)
+        await self._load_placed(config, functools.partial(self._load_blocking, config, progress))
 
     def _check_config(self, config: dict[str, Any]) -> None:
         """Refuse what cannot be honoured here at load time, instead of at the first call."""
         check_chat_config(self.spec, config, self.name, KNOWN_CONFIG)
-        if config.get("multimodal"):
-            raise precondition(
-                f"{self.model_name} is a multimodal model; clemserve serves text models only on {self.name}",
-                "model_config.multimodal",
-            )
         quantized = config.get("load_in_8bit") or config.get("load_in_4bit")
         if quantized and importlib.util.find_spec("bitsandbytes") is None:
             raise precondition(
@@ -112,7 +112,7 @@ class HuggingfaceLocalBackend(BatchingBackend):
         chat = ChatTokenizer(tokenizer, config, self.model_name)
         tokenizer.padding_side = self._padding_side(config, hf_config)
 
-        model_kwargs: dict[str, Any] = {"device_map": "auto", "dtype": "auto", **token_kwargs}
+        model_kwargs: dict[str, Any] = {**self.placement.kwargs, "dtype": "auto", **token_kwargs}
         if config.get("load_in_8bit") or config.get("load_in_4bit"):
             from transformers import BitsAndBytesConfig
 
@@ -126,20 +126,22 @@ class HuggingfaceLocalBackend(BatchingBackend):
 
         progress("loading weights", 0.4)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+            model = placement.load_placed(
+                self.model_name,
+                self.placement,
+                self.context.allow_offload,
+                lambda: AutoModelForCausalLM.from_pretrained(source, **model_kwargs),
+            )
         except OSError as exc:
             raise weights_missing(self.model_name, source, exc) from None
-        except (MemoryError, RuntimeError) as exc:
-            if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-                raise ResourceExhaustedError(f"out of memory while loading {self.model_name}") from None
-            raise
+        device_map = getattr(model, "hf_device_map", None)
         if config.get("peft_model"):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, config["peft_model"])
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.eos_token_id
-        model.eval()  # type: ignore[no-untyped-call]
+        model.eval()
 
         self.chat = chat
         self.tokenizer = tokenizer
@@ -147,7 +149,8 @@ class HuggingfaceLocalBackend(BatchingBackend):
         self.device = next(model.parameters()).device
         self.context_size = context_size(hf_config, tokenizer, self.spec)
         self.eos_ids = _eos_ids(model, tokenizer)
-        progress(f"ready: context size {self.context_size}, device {self.device}", 1.0)
+        where = placement.describe(device_map) if device_map and len(device_map) > 1 else str(self.device)
+        progress(f"ready: context size {self.context_size}, device {where}", 1.0)
 
     def _padding_side(self, config: dict[str, Any], hf_config: Any) -> str:
         side = config.get("padding_side")
@@ -175,8 +178,7 @@ class HuggingfaceLocalBackend(BatchingBackend):
 
             gc.collect()
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, drop)
-        self._executor.shutdown(wait=False)
+        await self._stop_worker(drop)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -195,7 +197,7 @@ class HuggingfaceLocalBackend(BatchingBackend):
             def ended(row: int, generation: Generation) -> None:
                 loop.call_soon_threadsafe(done, row, generation)
 
-        return await loop.run_in_executor(self._executor, self._generate_blocking, rows, args, ended)
+        return await loop.run_in_executor(self._executor, self._generate_on_device, rows, args, ended)
 
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
         loop = asyncio.get_running_loop()
@@ -205,44 +207,67 @@ class HuggingfaceLocalBackend(BatchingBackend):
         prompt = self.chat.render([messages])[0]
         return TokenCount(len(self.chat.token_ids(prompt)), self.context_size, prompt)
 
+    def _generate_on_device(
+        self, rows: Sequence[Row], args: GenArgs, ended: Callable[[int, Generation], None] | None
+    ) -> list[Outcome]:
+        """``_generate_blocking``, with a failure of the device made what it means for the model: a CUDA error
+        kills the backend (the server unloads it; the next request loads it again), out of memory fails this
+        call with RESOURCE_EXHAUSTED and hands torch's cached blocks back."""
+        generate = functools.partial(self._generate_blocking, rows, args, ended)
+        return placement.on_device(self.model_name, "generating", generate, free_memory)
+
     def _generate_blocking(
         self, rows: Sequence[Row], args: GenArgs, ended: Callable[[int, Generation], None] | None
     ) -> list[Outcome]:
         """One ``model.generate`` call for the rows that pass their checks; the others get their errors.
-        ``ended`` is told a row's result (by its index in ``rows``) as soon as that row has ended."""
-        live, encoded, errors = self._encode(rows, args)
+        ``ended`` is told a row's result (by its index in ``rows``) as soon as that row has ended. The batch is
+        admitted against the model's KV-cache room (``kv``) first: rows that do not fit together run as
+        smaller batches, one after the other; a row that does not fit alone gets RESOURCE_EXHAUSTED."""
+        prompts, lengths, errors = self._check(rows, args)
         outcomes: dict[int, Outcome] = dict(errors)
-        if live:
+        new_tokens = self.context_size if self.model_config.get("cot_output") else args.max_tokens
+        runs, refused = self.kv.groups(lengths, new_tokens) if self.kv else ([list(prompts)] if prompts else [], {})
+        outcomes.update(refused)
+        for live in runs:
+            encoded = self._encode([prompts[i] for i in live])
             watch = None
             if ended is not None:
 
-                def watch(n: int, sequence: Any) -> None:  # n: the row's place among the live rows
-                    outcomes[live[n]] = generation = self._decode(encoded, n, sequence, args)
+                def watch(n: int, sequence: Any, live: list[int] = live, encoded: Any = encoded) -> None:
+                    outcomes[live[n]] = generation = self._decode(encoded, n, sequence, args)  # n: among live
                     ended(live[n], generation)
 
-            sequences = self._run(encoded, args, [rows[i] for i in live], watch)
+            tokens = max(lengths[i] for i in live) + new_tokens
+            with self.kv.holding(len(live), tokens) if self.kv else contextlib.nullcontext():
+                sequences = self._run(encoded, args, [rows[i] for i in live], watch)
             for n, i in enumerate(live):
                 if i not in outcomes:  # an early result stands
                     outcomes[i] = self._decode(encoded, n, sequences[n], args)
         return [outcomes[i] for i in range(len(rows))]
 
-    def _encode(self, rows: Sequence[Row], args: GenArgs) -> tuple[list[int], Any, dict[int, BaseException]]:
-        """Each row's checks (text only; its prompt and max_tokens fit the context), then the prompts of those
-        that pass as one padded batch on the model's device -> (their indices, the batch, the others' errors)."""
+    def _check(
+        self, rows: Sequence[Row], args: GenArgs
+    ) -> tuple[dict[int, str], dict[int, int], dict[int, BaseException]]:
+        """Each row's checks (text only; its prompt and max_tokens fit the context) -> the prompts of those that
+        pass and their lengths in tokens (by row index), and the others' errors."""
         prompts: dict[int, str] = {}
+        lengths: dict[int, int] = {}
         errors: dict[int, BaseException] = {}
         for i, row in enumerate(rows):
             try:
                 refuse_images(row.messages, self.model_name)
                 prompt = self.chat.render([row.messages])[0]
-                self.chat.check_context(len(self.chat.token_ids(prompt)), args.max_tokens, self.context_size)
-                prompts[i] = prompt
+                length = len(self.chat.token_ids(prompt))
+                self.chat.check_context(length, args.max_tokens, self.context_size)
+                prompts[i], lengths[i] = prompt, length
             except (InvalidArgumentError, ContextExceededError) as exc:
                 errors[i] = exc
-        if not prompts:
-            return [], None, errors
-        encoded = self.tokenizer(list(prompts.values()), add_special_tokens=False, padding=True, return_tensors="pt")
-        return list(prompts), encoded.to(self.device), errors
+        return prompts, lengths, errors
+
+    def _encode(self, prompts: list[str]) -> Any:
+        """The prompts as one padded batch on the model's device."""
+        encoded = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        return encoded.to(self.device)
 
     def _run(self, encoded: Any, args: GenArgs, rows: Sequence[Row], ended: Callable[[int, Any], None] | None) -> Any:
         """``model.generate`` on the encoded rows -> each row's tokens (its padded prompt, then what was
@@ -258,18 +283,13 @@ class HuggingfaceLocalBackend(BatchingBackend):
         sampling["stopping_criteria"] = _stop_on([row.cancel for row in rows], self.eos_ids, ended)
         if any(row.sink is not None for row in rows):
             sampling["streamer"] = BatchStreamer(self.tokenizer, rows, self.eos_ids)
-        try:
-            output = model.generate(
-                encoded["input_ids"],
-                attention_mask=encoded["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                return_dict_in_generate=True,
-                **sampling,
-            )
-        except (MemoryError, RuntimeError) as exc:
-            if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-                raise ResourceExhaustedError(f"out of memory while generating with {self.model_name}") from None
-            raise
+        output = model.generate(
+            encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            **sampling,
+        )
         sequences = output.sequences
         if gone := sum(row.cancel.is_set() for row in rows):
             steps = int(sequences.shape[1]) - length

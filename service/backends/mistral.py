@@ -13,8 +13,15 @@ from typing import Any
 
 from clemserve.registry import Key
 
-from ..domain import GenArgs, Message
-from .remote import RemoteBackend, UpstreamFailure, context_numbers, looks_like_context_error, retry_after_seconds
+from ..domain import GenArgs, Message, TextSink
+from .remote import (
+    RemoteBackend,
+    UpstreamFailure,
+    context_numbers,
+    incomplete_stream,
+    looks_like_context_error,
+    retry_after_seconds,
+)
 
 
 class MistralBackend(RemoteBackend):
@@ -53,6 +60,38 @@ class MistralBackend(RemoteBackend):
             if role is not None and role != "assistant":
                 raise RuntimeError(f"Mistral's response message role is {role!r} but should be 'assistant'") from None
             raise
+
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        """The chunks put together into the ``ChatCompletionResponse`` that ``complete_async`` returns."""
+        from mistralai.client.models import ChatCompletionResponse
+
+        head: dict[str, Any] = {}
+        choices: dict[int, dict[str, Any]] = {}
+        stream = await self.client.chat.stream_async(**request)
+        async with stream:
+            async for event in stream:
+                chunk = event.data.model_dump(mode="json")
+                head.update({k: v for k, v in chunk.items() if k != "choices" and v is not None})
+                for choice in chunk.get("choices") or []:
+                    index = choice["index"]
+                    into = choices.setdefault(index, {"index": index, "message": {}, "finish_reason": None})
+                    if choice.get("finish_reason") is not None:
+                        into["finish_reason"] = choice["finish_reason"]
+                    delta = choice.get("delta") or {}
+                    message = into["message"]
+                    if delta.get("role"):
+                        message["role"] = delta["role"]
+                    if delta.get("tool_calls"):
+                        message["tool_calls"] = [*(message.get("tool_calls") or []), *delta["tool_calls"]]
+                    added = _add_content(message, delta.get("content"))
+                    if index == 0:
+                        piece(added)
+        if not choices or any(choice["finish_reason"] is None for choice in choices.values()):
+            raise incomplete_stream()
+        for choice in choices.values():
+            choice["message"].setdefault("role", "assistant")
+        head["object"] = "chat.completion"
+        return ChatCompletionResponse.model_validate({**head, "choices": [choices[i] for i in sorted(choices)]})
 
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         message = response.choices[0].message
@@ -120,6 +159,32 @@ def _is_transport_error(exc: Exception) -> bool:
     """httpx2's connection errors and timeouts (the SDK's HTTP client), without importing it here."""
     names = {cls.__name__ for cls in type(exc).__mro__}
     return "TransportError" in names or "TimeoutException" in names
+
+
+def _add_content(message: dict[str, Any], content: Any) -> str:
+    """Add a delta's content to the message's (text concatenated; reasoning models' chunk lists extended,
+    adjacent text chunks joined); returns the text it adds."""
+    if content is None:
+        return ""
+    held = message.get("content")
+    if isinstance(content, str):
+        if isinstance(held, list):
+            content = [{"type": "text", "text": content}]
+        else:
+            message["content"] = (held or "") + content
+            return content
+    chunks: list[dict[str, Any]] = [{"type": "text", "text": held}] if isinstance(held, str) and held else []
+    chunks = held if isinstance(held, list) else chunks
+    added = ""
+    for chunk in content:
+        if chunk.get("type") == "text":
+            added += chunk.get("text") or ""
+            if chunks and chunks[-1].get("type") == "text":
+                chunks[-1] = {**chunks[-1], "text": (chunks[-1].get("text") or "") + (chunk.get("text") or "")}
+                continue
+        chunks.append(chunk)
+    message["content"] = chunks
+    return added
 
 
 def _text(content: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from clemserve.registry import Key
 from clemserve.registry.errors import FailedPreconditionError, InvalidArgumentError
 
-from ..domain import GenArgs, ImagePart, Message
+from ..domain import GenArgs, ImagePart, Message, TextSink
 from ..validation import reject_unsupported_args
 from .remote import (
     RemoteBackend,
@@ -25,8 +25,10 @@ from .remote import (
     context_numbers,
     flag,
     image_data_url,
+    incomplete_stream,
     looks_like_context_error,
     retry_after_seconds,
+    stream_error,
 )
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -34,7 +36,9 @@ OPENROUTER_URL = "https://openrouter.ai/api/v1"
 #: clembench's OpenRouter default when the registry entry names no extra_body
 OPENROUTER_EXTRA_BODY: dict[str, Any] = {"provider": {"quantizations": ["fp8"]}}
 #: keyword arguments of the SDK call that a generation argument must not replace
-SDK_OPTIONS = frozenset({"model", "messages", "stream", "extra_body", "extra_headers", "extra_query", "timeout"})
+SDK_OPTIONS = frozenset(
+    {"model", "messages", "stream", "stream_options", "extra_body", "extra_headers", "extra_query", "timeout"}
+)
 REASON_CHARS = 300
 _VLLM_OUTPUT_OVER_CONTEXT = re.compile(r"\w+=(\d+) cannot be greater than max_model_len=(\d+)")
 
@@ -115,6 +119,105 @@ async def create_chat(client: Any, request: dict[str, Any]) -> Any:
     return response
 
 
+async def stream_chat(client: Any, request: dict[str, Any], piece: TextSink) -> Any:
+    """One streamed chat completion: the first choice's text to ``piece`` as it arrives; returns the
+    ``ChatCompletion`` that ``create_chat`` returns for the same request, rebuilt from the chunks (usage
+    included: the request asks for it with ``stream_options``)."""
+    from openai.types.chat import ChatCompletion
+
+    built = ChatCompletionBuilder()
+    try:
+        stream = await client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+        async with stream:
+            async for chunk in stream:
+                piece(built.add(chunk))
+    except json.JSONDecodeError as exc:
+        raise MalformedAnswer(f"a streamed chunk is not valid JSON ({exc})") from None
+    return ChatCompletion.model_validate(built.completion())
+
+
+class ChatCompletionBuilder:
+    """A chat completion put together from its stream of chunks, as the API would have sent it whole:
+    each choice's deltas concatenated (string fields, providers' own ones such as ``reasoning_content``
+    included), lists extended, the finish reason and usage from the chunks that carry them."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: Any = None
+
+    def add(self, chunk: Any) -> str:
+        """Take one chunk; returns the text it adds to the first choice."""
+        for name in ("id", "created", "model", "system_fingerprint", "service_tier"):
+            value = getattr(chunk, name, None)
+            if value is not None:
+                self.head[name] = value
+        if chunk.usage is not None:
+            self.usage = chunk.usage.model_dump(mode="json")
+        added = ""
+        for choice in chunk.choices or []:
+            into = self.choices.setdefault(
+                choice.index, {"index": choice.index, "message": {"role": "assistant"}, "finish_reason": None}
+            )
+            if choice.finish_reason is not None:
+                into["finish_reason"] = choice.finish_reason
+            if choice.logprobs is not None:
+                logprobs = into.setdefault("logprobs", {})
+                for name, value in choice.logprobs.model_dump(mode="json").items():
+                    _merge(logprobs, name, value)
+            delta = choice.delta.model_dump(mode="json", exclude_none=True) if choice.delta is not None else {}
+            for name, value in delta.items():
+                if name == "tool_calls":
+                    _merge_tool_calls(into["message"], value)
+                elif name == "role":
+                    into["message"]["role"] = value
+                else:
+                    _merge(into["message"], name, value)
+            if choice.index == 0:
+                added += delta.get("content") or ""
+        return added
+
+    def completion(self) -> dict[str, Any]:
+        if not self.choices:
+            raise MalformedAnswer("the streamed answer holds no chat completion choices")
+        if any(choice["finish_reason"] is None for choice in self.choices.values()):
+            raise incomplete_stream()
+        for choice in self.choices.values():
+            choice["message"].setdefault("content", None)
+        return {
+            **self.head,
+            "object": "chat.completion",
+            "choices": [self.choices[i] for i in sorted(self.choices)],
+            "usage": self.usage,
+        }
+
+
+def _merge(into: dict[str, Any], name: str, value: Any) -> None:
+    """Strings concatenate, lists extend, anything else is replaced."""
+    held = into.get(name)
+    if isinstance(held, str) and isinstance(value, str):
+        into[name] = held + value
+    elif isinstance(held, list) and isinstance(value, list):
+        held.extend(value)
+    else:
+        into[name] = value
+
+
+def _merge_tool_calls(message: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
+    calls: list[dict[str, Any]] = message.setdefault("tool_calls", [])
+    for delta in deltas:
+        index = delta.pop("index", len(calls))
+        while len(calls) <= index:
+            calls.append({"function": {"name": "", "arguments": ""}})
+        call = calls[index]
+        for name, value in delta.items():
+            if name == "function":
+                for key, part in value.items():
+                    _merge(call["function"], key, part)
+            else:
+                call[name] = value
+
+
 def chat_result(response: Any) -> tuple[dict[str, Any], str]:
     """(``model_dump(mode="json")``, the first choice's text stripped; "" when the content is None)."""
     message = response.choices[0].message
@@ -148,6 +251,9 @@ def classify_openai(exc: Exception) -> UpstreamFailure | None:
     if isinstance(exc, openai.APIConnectionError):  # timeouts included
         cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
         return UpstreamFailure(None, f"{exc.message}{cause}")
+    if isinstance(exc, openai.APIError):  # an error sent inside a stream (OpenRouter, vLLM, ...)
+        body = exc.body if isinstance(exc.body, dict) else {}
+        return stream_error(body.get("type"), exc.message, body.get("code"))
     return None
 
 
@@ -211,6 +317,9 @@ class OpenAIBackend(RemoteBackend):
 
     async def send(self, request: dict[str, Any]) -> Any:
         return await create_chat(self.client, request)
+
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        return await stream_chat(self.client, request, piece)
 
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         return chat_result(response)

@@ -1,13 +1,20 @@
 """What every remote backend shares: keys, retries, error mapping, images, redaction.
 
-A provider module subclasses :class:`RemoteBackend` and supplies four things: the client (``connect``),
-the request (``build_request``), the call (``send``) and the result (``parse``), plus ``classify``, which
-turns its SDK's exceptions into an :class:`UpstreamFailure`. Everything else lives here, once.
+A provider module subclasses :class:`RemoteBackend` and supplies five things: the client (``connect``),
+the request (``build_request``), the call (``send``), the streamed call (``send_stream``) and the result
+(``parse``), plus ``classify``, which turns its SDK's exceptions into an :class:`UpstreamFailure`.
+Everything else lives here, once.
 
 Retries: transient failures (HTTP 408, 429, 500, 502, 503, 504, connection errors, timeouts) are retried
 with exponential backoff and full jitter, honouring ``Retry-After``, and never past the caller's gRPC
 deadline. Deterministic failures come back at once. The SDKs' own retries are switched off so there is
 one policy, this one.
+
+Streaming: a streamed request (one with a text sink) is sent with the SDK's streaming call
+(``send_stream``); each piece of the reply's text goes to the sink as the provider sends it, and the
+provider module rebuilds from the stream the response ``send`` would have returned, so that ``parse``,
+the response object, the text and the usage are Generate's. A stream that has sent text is never
+retried: a failure after it ends the call with the status the failure maps to.
 """
 
 from __future__ import annotations
@@ -232,6 +239,13 @@ class RemoteBackend(Backend):
         """One SDK call."""
 
     @abc.abstractmethod
+    async def send_stream(self, request: dict[str, Any], piece: TextSink) -> Any:
+        """One streamed SDK call: each piece of the reply's text, before any cleaning, goes to ``piece`` as
+        it arrives; returns the response ``send`` returns for the same request (the same SDK type, rebuilt
+        from the stream). A stream that ends before the provider said the reply is complete raises an
+        :class:`UpstreamFailure` (no status: a broken connection)."""
+
+    @abc.abstractmethod
     def parse(self, response: Any) -> tuple[dict[str, Any], str]:
         """(the response object as a JSON-ready dict, the response text), as clembench builds them."""
 
@@ -242,10 +256,13 @@ class RemoteBackend(Backend):
     # -- shared -----------------------------------------------------------------------------------
 
     async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
-        """The provider's whole reply in one piece (``sink`` is not used: the manager sends the text)."""
+        """The provider's reply; with a ``sink`` (a streamed request), streamed as the provider sends it."""
         check_images(messages, self.model_config, self.model_name)
         prompt, request = self.build_request(messages, args)
-        response = await self.call(lambda: self.send(request))
+        if sink is None:
+            response = await self.call(lambda: self.send(request))
+        else:
+            response = await self.call_streaming(request, sink)
         response_object, text = self.parse(response)
         usage = _usage(response_object)
         return Generation(
@@ -283,8 +300,21 @@ class RemoteBackend(Backend):
             subject=f"backend {self.name}",
         )
 
-    async def call(self, attempt: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``attempt`` under the retry policy and the caller's deadline."""
+    async def call_streaming(self, request: dict[str, Any], sink: TextSink) -> Any:
+        """``send_stream`` under the retry policy until its first piece of text; never retried after it."""
+        sent = False
+
+        def piece(text: str) -> None:
+            nonlocal sent
+            if text:
+                sent = True
+                sink(text)
+
+        return await self.call(lambda: self.send_stream(request, piece), committed=lambda: sent)
+
+    async def call(self, attempt: Callable[[], Awaitable[Any]], committed: Callable[[], bool] | None = None) -> Any:
+        """Run ``attempt`` under the retry policy and the caller's deadline. Once ``committed()`` says the
+        attempt has delivered something to the caller (streamed text), a failure is not retried."""
         policy: RetryPolicy = self.context.retry
         deadline = deadline_var.get()
         failure: UpstreamFailure | None = None
@@ -299,16 +329,20 @@ class RemoteBackend(Backend):
                 return await asyncio.wait_for(attempt(), timeout=timeout)
             except TimeoutError:
                 if cut_by_deadline:
+                    said = "was still streaming its reply" if committed and committed() else "had not answered"
                     raise DeadlineExceededError(
-                        f"the caller's deadline passed while {self.provider} had not answered "
-                        f"(try {made} of {policy.attempts})"
+                        f"the caller's deadline passed while {self.provider} {said} (try {made} of {policy.attempts})"
                     ) from None
                 failure = UpstreamFailure(None, f"no answer within {timeout:.1f} s")
+            except UpstreamFailure as exc:  # raised by send_stream for what its stream said
+                failure = exc
             except Exception as exc:
-                classified = self.classify(exc)
+                classified = self.classify(exc) or transport_failure(exc)
                 if classified is None:
                     raise
                 failure = classified
+            if committed is not None and committed():
+                raise self.broken_off(failure)
             if not failure.transient or failure.context_exceeded:
                 raise self.error_for(failure)
             if number + 1 == policy.attempts:
@@ -362,7 +396,19 @@ class RemoteBackend(Backend):
 
     def exhausted(self, failure: UpstreamFailure, attempts: int) -> ClemserveError:
         said = f"HTTP {failure.status}" if failure.status else "no answer"
-        message = f"{self.provider} failed {attempts} time(s), last with {said}: {failure.reason}"
+        return self.transient_error(failure, f"{self.provider} failed {attempts} time(s), last with {said}: ")
+
+    def broken_off(self, failure: UpstreamFailure) -> ClemserveError:
+        """The error for a failure after a stream sent text: mapped as for Generate, never retried."""
+        if not failure.transient or failure.context_exceeded:
+            return self.error_for(failure)
+        said = f"HTTP {failure.status}" if failure.status else "a broken stream"
+        return self.transient_error(
+            failure, f"{self.provider} broke off its streamed reply after text was sent (not retried), with {said}: "
+        )
+
+    def transient_error(self, failure: UpstreamFailure, prefix: str) -> ClemserveError:
+        message = prefix + failure.reason
         metadata = {"upstream_status": str(failure.status or 0), "provider": self.provider}
         retry_after = failure.retry_after_s or 0.0
         if failure.status == 429:
@@ -398,6 +444,49 @@ def _usage(response: dict[str, Any]) -> tuple[int, int]:
         usage.get("completion_tokens") or usage.get("output_tokens") or usage.get("candidates_token_count") or 0
     )
     return int(prompt or 0), int(completion or 0)
+
+
+def transport_failure(exc: Exception) -> UpstreamFailure | None:
+    """A connection that broke (an HTTP library's transport error or timeout, which some SDKs let through
+    unwrapped while a streamed body is read) as a failure with no answer; None for anything else."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"TransportError", "TimeoutException", "ClientPayloadError", "ClientConnectionError"}:
+        return UpstreamFailure(None, f"{type(exc).__name__}: {exc}"[:300])
+    return None
+
+
+#: the HTTP status each provider's error type stands for, for errors sent inside a stream (whose HTTP
+#: status is the 200 the stream began with): OpenAI's and Anthropic's names, with Mistral's and Cohere's
+STREAM_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "internal_error": 500,
+    "service_unavailable": 503,
+    "overloaded_error": 503,
+}
+
+
+def stream_error(kind: Any, message: Any, code: Any = None) -> UpstreamFailure:
+    """An error a provider sent inside a stream: its HTTP status from a numeric ``code``, else from its type
+    (unknown types: no status, a broken stream, transient)."""
+    status: int | None = None
+    if isinstance(code, int) or (isinstance(code, str) and code.isdigit()):
+        status = int(code)
+    elif isinstance(kind, str):
+        status = STREAM_ERROR_STATUS.get(kind)
+    reason = f"{kind}: {message}" if kind else str(message)
+    return UpstreamFailure(status, reason[:300])
+
+
+def incomplete_stream() -> UpstreamFailure:
+    return UpstreamFailure(None, "the stream ended before the provider said the reply was complete")
 
 
 def json_ready(value: Any) -> Any:

@@ -16,7 +16,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from clemserve.registry.errors import InvalidArgumentError
+from clemserve.registry.errors import (
+    ClemserveError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
 from .base import Backend, BackendDeadError, Progress, missing_dependency
@@ -36,6 +41,12 @@ class VLLMBackend(Backend):
     async def load(self, progress: Progress) -> None:
         config = self.model_config
         check_chat_config(self.spec, config, self.name, KNOWN_CONFIG)
+        if config.get("multimodal"):  # rather than a vision-language model that silently never sees an image
+            raise FailedPreconditionError(
+                f"{self.model_name}: the vllm backend serves text models only; serve this multimodal entry on "
+                "huggingface_local",
+                subject="model_config.multimodal",
+            )
         try:
             from transformers import AutoConfig, AutoTokenizer
             from vllm import AsyncEngineArgs, SamplingParams
@@ -65,8 +76,8 @@ class VLLMBackend(Backend):
         try:
             # building the engine profiles memory and warms up: seconds to minutes, so not on the event loop
             self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**engine_args))
-        except (OSError, ValueError) as exc:
-            raise weights_missing(self.model_name, source, exc) from None
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise engine_start_failure(self.model_name, source, exc) from None
         self.context_size = min(self.context_size, int(engine_args.get("max_model_len") or self.context_size))
         progress(f"ready: context size {self.context_size}", 1.0)
 
@@ -180,6 +191,41 @@ class VLLMBackend(Backend):
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount:
         prompt, ids = await asyncio.to_thread(self._prompt, messages)
         return TokenCount(len(ids), self.context_size, prompt)
+
+
+#: what vLLM says when the engine's memory does not fit: its KV cache, or its share of a GPU
+_OUT_OF_MEMORY = (
+    "kv cache",
+    "cache blocks",
+    "gpu memory utilization",
+    "gpu_memory_utilization",
+    "out of memory",
+    "free memory on device",
+)
+
+
+def engine_start_failure(model_name: str, source: str, exc: BaseException) -> ClemserveError:
+    """What a failed engine start is: memory that does not fit (RESOURCE_EXHAUSTED, with vLLM's numbers),
+    weights that cannot be read (an OSError: FAILED_PRECONDITION naming huggingface_id), engine arguments vLLM
+    refused, or an engine core that died starting (its own error is in the server log, just before)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if any(marker in str(exc).lower() for marker in _OUT_OF_MEMORY):
+        return ResourceExhaustedError(
+            f"the vLLM engine of {model_name} does not fit: {first} (set model_config.vllm_args: a lower "
+            "max_model_len, a higher gpu_memory_utilization, or more GPUs with tensor_parallel_size)",
+            metadata={"field": "model_config.vllm_args"},
+        )
+    if isinstance(exc, OSError):
+        return weights_missing(model_name, source, exc)
+    if isinstance(exc, ValueError):
+        return FailedPreconditionError(
+            f"vLLM refused the engine of {model_name}: {first}", subject="model_config.vllm_args"
+        )
+    return FailedPreconditionError(
+        f"the vLLM engine of {model_name} failed to start: {first}; the engine's own error is in the server log "
+        "just before this line (often its KV cache or its GPU share does not fit: see model_config.vllm_args)",
+        subject="model_config.vllm_args",
+    )
 
 
 def _sampling_fields(sampling_params: Any) -> frozenset[str]:

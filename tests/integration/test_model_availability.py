@@ -68,7 +68,7 @@ def test_list_models_says_what_can_run(server: ServerProcess) -> None:
         "the server is offline (HF_HUB_OFFLINE) and clemserve-test/not-cached-xyz is not in its Hugging Face cache",
     )
     assert found["vllm-model"][0] == "needs_extra" and "clemserve[vllm]" in found["vllm-model"][1]
-    assert found["llamacpp-model"][0] == "not_served" and "llamacpp" in found["llamacpp-model"][1]
+    assert found["llamacpp-model"][0] == "needs_extra" and "clemserve[llamacpp]" in found["llamacpp-model"][1]
     # listing loaded nothing; a model that loads is ready
     assert {s.state for s in backends.list_models(address=server.address)} == {"not_loaded"}
     model = backends.get_model_for("echo-here", address=server.address)
@@ -98,9 +98,9 @@ def test_clemserve_models_has_an_availability_column_and_filters(server: ServerP
     assert {entry["model_name"] for entry in ENTRIES} <= set(by_name)
     gpt = by_name["gpt-4o-2024-08-06"]
     assert gpt[3] == "needs_key"
-    assert " ".join(gpt[10:]) == "the server's key.json has no `openai` entry and OPENAI_API_KEY is not set"
+    assert " ".join(gpt[12:]) == "the server's key.json has no `openai` entry and OPENAI_API_KEY is not set"
     assert by_name["hub-not-cached"][3] == "needs_weights"
-    assert by_name["claude-keyed"][3] == "can_load" and len(by_name["claude-keyed"]) == 10
+    assert by_name["claude-keyed"][3] == "can_load" and len(by_name["claude-keyed"]) == 12
     available = clemserve_models(server, "--available")
     assert available[0] == rows[0]
     names = [row[0] for row in available[1:]]

@@ -37,7 +37,8 @@ def fault(name: str, **config: Any) -> dict[str, Any]:
 def _server(tmp: Path, entries: list[dict[str, Any]], *flags: str) -> ServerProcess:
     registry = tmp / "registry.json"
     registry.write_text(json.dumps(entries))
-    return start_server(tmp, "--registry", str(registry), *flags)
+    # the budget in RAM on every machine (these tests check its rules); tests/gpu checks a GPU's budget
+    return start_server(tmp, "--registry", str(registry), *flags, env={"CUDA_VISIBLE_DEVICES": ""})
 
 
 def _status(address: str, name: str) -> backends.ModelStatus:
@@ -216,35 +217,43 @@ def test_loads_are_bounded_and_timed(tmp_path: Path) -> None:
         assert proc.stop() == 0, proc.log()
 
 
-def test_list_models_reports_memory_and_activity(tmp_path: Path, tiny_model_dir: Path) -> None:
-    entries = [hf_entry("tiny", tiny_model_dir), fault("busy", sleep_s=SLEEP_S)]
-    proc = _server(tmp_path, entries)
-    try:
-        stub = pb_grpc.ModelServiceStub(channel_for(proc.address, None))
-        before = stub.ListModels(pb.ListModelsRequest())
-        assert before.memory_kind == "ram" and before.memory_budget_bytes > 0 and before.memory_used_bytes == 0
-        tiny = _status(proc.address, "tiny")
-        assert tiny.state == "not_loaded" and tiny.estimated_memory_bytes > 0 and tiny.measured_memory_bytes == 0
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """Two tiny Llamas (about 4 MiB each by their estimates) and a slow fault model, in a 10 MiB budget."""
+    entries = [hf_entry("tiny-a", tiny_model_dir), hf_entry("tiny-b", tiny_model_dir), fault("busy", sleep_s=SLEEP_S)]
+    proc = _server(tmp_path_factory.mktemp("tiny"), entries, "--memory-budget", "10MiB", "--keep-alive", "0")
+    yield proc
+    assert proc.stop() == 0, proc.log()
 
-        loaded = backends.preload("tiny", address=proc.address)
-        assert loaded.measured_memory_bytes > 0 and loaded.load_progress == 1.0
-        after = stub.ListModels(pb.ListModelsRequest())
-        assert after.memory_used_bytes >= loaded.estimated_memory_bytes
 
-        model = backends.get_model_for("busy", address=proc.address)
-        model.generate_response(USER)  # takes the lease
-        answers = [threading.Thread(target=model.generate_response, args=(USER,)) for _ in range(2)]
-        for answer in answers:
-            answer.start()
-        _eventually(lambda: _status(proc.address, "busy").requests_in_flight == 2)
-        assert _status(proc.address, "busy").leases == 1
-        for answer in answers:
-            answer.join()
-        model.close()
-        busy = _status(proc.address, "busy")
-        assert busy.requests_in_flight == 0 and busy.idle_seconds >= 0
-    finally:
-        assert proc.stop() == 0, proc.log()
+def test_list_models_reports_memory_and_activity(tiny_server: ServerProcess) -> None:
+    address = tiny_server.address
+    for name in ("tiny-a", "tiny-b"):
+        backends.unload(name, address=address)
+    stub = pb_grpc.ModelServiceStub(channel_for(address, None))
+    before = stub.ListModels(pb.ListModelsRequest())
+    assert before.memory_kind == "ram" and before.memory_budget_bytes > 0 and before.memory_used_bytes == 0
+    tiny = _status(address, "tiny-a")
+    assert tiny.state == "not_loaded" and tiny.estimated_memory_bytes > 0 and tiny.measured_memory_bytes == 0
+    assert tiny.measured_by == "" and tiny.rss_delta_bytes == 0 and tiny.estimated_kv_cache_bytes > 0
+
+    loaded = backends.preload("tiny-a", address=address)
+    assert loaded.measured_memory_bytes > 0 and loaded.load_progress == 1.0
+    after = stub.ListModels(pb.ListModelsRequest())
+    assert after.memory_used_bytes >= loaded.estimated_memory_bytes
+
+    model = backends.get_model_for("busy", address=address)
+    model.generate_response(USER)  # takes the lease
+    answers = [threading.Thread(target=model.generate_response, args=(USER,)) for _ in range(2)]
+    for answer in answers:
+        answer.start()
+    _eventually(lambda: _status(address, "busy").requests_in_flight == 2)
+    assert _status(address, "busy").leases == 1
+    for answer in answers:
+        answer.join()
+    model.close()
+    busy = _status(address, "busy")
+    assert busy.requests_in_flight == 0 and busy.idle_seconds >= 0
 
 
 def test_harmless_selector_keys_reuse_the_loaded_copy(tmp_path: Path) -> None:
@@ -319,3 +328,48 @@ def test_concurrent_loads_do_not_share_the_same_free_memory(tmp_path: Path) -> N
         assert "loading" in refused[0].metadata["held_by"]
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_two_tiny_models_that_fit_the_budget_together_both_stay_loaded_whichever_loads_first(
+    tiny_server: ServerProcess,
+) -> None:
+    """Each tiny Llama is estimated at about 4 MiB (its weights and a 4096-token KV allowance) and holds its
+    tensors' bytes once loaded; the process grows by far more on the first load (it imports torch), which is
+    reported as RSS, never charged, so the second load evicts nothing."""
+    proc = tiny_server
+    for first, second in (("tiny-a", "tiny-b"), ("tiny-b", "tiny-a")):
+        backends.unload(first, address=proc.address)
+        backends.unload(second, address=proc.address)
+        backends.preload(first, address=proc.address)
+        backends.preload(second, address=proc.address)
+        a, b = _status(proc.address, first), _status(proc.address, second)
+        assert (a.state, b.state) == ("ready", "ready"), proc.log()
+        for status in (a, b):
+            assert status.measured_by == "parameters and buffers"
+            assert 0 < status.measured_memory_bytes < status.estimated_weights_bytes * 1.05
+            assert status.charged_memory_bytes == max(status.estimated_memory_bytes, status.measured_memory_bytes)
+            assert status.estimated_memory_bytes == status.estimated_weights_bytes + status.estimated_kv_cache_bytes
+            assert status.estimate_source == "safetensors headers" and status.devices == ()
+    assert "evicting" not in proc.log()
+    first_load = next(line for line in proc.log().splitlines() if "loaded tiny-" in line)
+    rss = float(first_load.rsplit("process RSS grew ", 1)[1].split()[0])
+    assert rss > 50, first_load  # torch's import, reported beside the model, never charged to it
+
+    stub = pb_grpc.ModelServiceStub(channel_for(proc.address, None))
+    listed = stub.ListModels(pb.ListModelsRequest())
+    assert listed.memory_kind == "ram" and listed.memory_source == "--memory-budget"
+    assert listed.memory_budget_bytes == 10 * 2**20 and listed.kv_cache_tokens == 32768
+    assert listed.memory_used_bytes == sum(s.charged_memory_bytes for s in listed.models)
+
+    table = subprocess.run(
+        [sys.executable, "-m", "clemserve.client.cli", "models", "--memory", "--address", proc.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert "ESTIMATE MIB  MEASURED MIB  RSS MIB" in header
+    tiny = next(row.split() for row in rows if row.startswith("tiny-a "))
+    assert tiny[9].endswith("/params"), tiny
+    assert rows[-1].startswith("memory budget: ") and "10 MiB ram used (--memory-budget)" in rows[-1]

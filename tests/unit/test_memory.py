@@ -134,12 +134,19 @@ def test_residency_flags_and_their_environment_twins() -> None:
 
     assert parse_server_config([], {}).residency == ResidencyPolicy()
     config = parse_server_config(
-        ["--memory-budget", "8GiB", "--keep-alive", "0", "--load-timeout", "5"],
+        ["--memory-budget", "8GiB", "--keep-alive", "0", "--load-timeout", "5", "--kv-cache-tokens", "4096"],
         {"CLEMSERVE_MAX_CONCURRENT_LOADS": "2", "CLEMSERVE_LEASE_TIMEOUT": "60"},
     )
     assert config.residency == ResidencyPolicy(
-        memory_budget="8GiB", keep_alive_s=0, max_concurrent_loads=2, load_timeout_s=5, lease_timeout_s=60
+        memory_budget="8GiB",
+        keep_alive_s=0,
+        max_concurrent_loads=2,
+        load_timeout_s=5,
+        lease_timeout_s=60,
+        kv_cache_tokens=4096,
     )
+    twin = parse_server_config([], {"CLEMSERVE_KV_CACHE_TOKENS": "1000"})
+    assert twin.residency.kv_cache_tokens == 1000
 
 
 @pytest.mark.parametrize(
@@ -148,6 +155,8 @@ def test_residency_flags_and_their_environment_twins() -> None:
         (["--memory-budget", "lots"], "--memory-budget"),
         (["--lease-timeout", "0"], "--lease-timeout"),
         (["--keep-alive", "soon"], "--keep-alive"),
+        (["--kv-cache-tokens", "0"], "--kv-cache-tokens"),
+        (["--kv-cache-tokens", "lots"], "--kv-cache-tokens"),
     ],
 )
 def test_bad_residency_flags_stop_the_start(flags: list[str], message: str) -> None:
@@ -161,7 +170,6 @@ def test_vllm_on_cpu_counts_its_kv_cache_space(tmp_path: Path, monkeypatch: pyte
     import clemserve.service.memory as memory
 
     folder = build_tiny_llama(tmp_path / "model")
-    monkeypatch.setattr(memory, "_has_gpu", lambda: False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     spec = ModelSpec(model_name="v", backend="vllm", huggingface_id=str(folder), model_config={})
     weights = memory.safetensors_bytes(folder)
@@ -226,3 +234,229 @@ def test_admission_refuses_weights_the_machine_cannot_take_now(tmp_path: Path, m
 
     residency = Residency(ResidencyPolicy(memory_budget="100GiB"), models, unload, cache_dir=tmp_path)
     asyncio.run(check())
+
+
+# -- real models' configs: what an 80 GiB GPU admits ------------------------------------------------
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}  # fmt: skip
+QWEN25_14B = {
+    "architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 5120, "intermediate_size": 13824,
+    "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}  # fmt: skip
+LLAMA_31_70B = {
+    **LLAMA_31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+}  # fmt: skip
+
+
+def _config_only(tmp_path: Path, name: str, config: dict[str, object], **model_config: object) -> ModelSpec:
+    """An entry whose folder holds config.json alone: the estimate reads nothing else."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return ModelSpec(
+        model_name=name, backend="huggingface_local", huggingface_id=str(folder), model_config=model_config
+    )
+
+
+def _residency(tmp_path: Path, budget: str, models: dict[str, LoadedModel], **policy: object) -> Residency:
+    async def unload(key: str) -> bool:
+        return models.pop(key, None) is not None
+
+    return Residency(
+        ResidencyPolicy(memory_budget=budget, **policy),  # type: ignore[arg-type]
+        models,
+        unload,
+        cache_dir=tmp_path,
+        max_batch=8,
+    )
+
+
+def test_an_80_gib_budget_admits_an_8b_and_a_14b_model_and_refuses_a_70b_with_the_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import clemserve.service.residency as residency_module
+    from clemserve.registry.errors import ResourceExhaustedError
+
+    monkeypatch.setattr(residency_module, "available_ram", lambda: 2**40)  # the machine's memory is not tested
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "80GiB", models)
+    specs = [_config_only(tmp_path, n, c) for n, c in (("8b", LLAMA_31_8B), ("14b", QWEN25_14B), ("70b", LLAMA_31_70B))]
+
+    async def admit(spec: ModelSpec) -> LoadedModel:
+        key = cache_key(spec)
+        model = models[key] = LoadedModel(spec, state=ModelState.LOADING)
+        await residency.admit(key, model)
+        return model
+
+    async def check() -> None:
+        eight, fourteen = await admit(specs[0]), await admit(specs[1])
+        # 8.03e9 bf16 parameters, and 32768 tokens of 128 KiB: 4 GiB, not 128k x 8 rows (128 GiB)
+        assert 14.9 * 2**30 < residency.estimate_parts(cache_key(specs[0]), specs[0]).weights < 15.1 * 2**30
+        assert residency.estimate_parts(cache_key(specs[0]), specs[0]).kv_cache == 32768 * 128 * 2**10
+        assert residency.estimate_parts(cache_key(specs[1]), specs[1]).kv_cache == 32768 * 192 * 2**10
+        assert eight.charged_bytes + fourteen.charged_bytes < 80 * 2**30
+        with pytest.raises(ResourceExhaustedError) as caught:
+            await admit(specs[2])
+        message = str(caught.value)
+        # 70.6e9 bf16 parameters (131 GiB), and 32768 tokens of 320 KiB
+        assert "cannot load 70b: it needs about 144811 MiB (134571 MiB of weights, 10240 MiB of KV-cache" in message
+        assert "of the 81920 MiB ram budget is free and it is larger than the whole budget" in message
+        assert round(caught.value.required_bytes / 2**20) == 144811
+
+    asyncio.run(check())
+
+
+def test_quantised_entries_are_estimated_at_their_quantised_size(tmp_path: Path) -> None:
+    plain = estimate(_config_only(tmp_path, "plain", LLAMA_31_70B), tmp_path)
+    eight = estimate(_config_only(tmp_path, "eight", LLAMA_31_70B, load_in_8bit=True), tmp_path)
+    four = estimate(_config_only(tmp_path, "four", LLAMA_31_70B, load_in_4bit=True), tmp_path)
+    embeddings = 2 * 128256 * 8192 * 2  # input and output embeddings stay bf16
+    assert plain.weights > 131 * 2**30
+    assert abs((eight.weights - embeddings) * 2 - (plain.weights - embeddings)) < 0.01 * plain.weights
+    assert abs((four.weights - embeddings) / (plain.weights - embeddings) - 0.5625 / 2) < 0.01
+    assert four.source == "config.json, linear layers at 4 bits"
+    assert four.kv_cache == plain.kv_cache  # the KV cache is not quantised
+
+
+def _fake_safetensors(folder: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A safetensors file with its header only: what the estimate reads (it never reads tensor data)."""
+    header = {
+        name: {"dtype": dtype, "shape": shape, "data_offsets": [0, 0]} for name, (dtype, shape) in tensors.items()
+    }
+    text = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text)
+
+
+def test_quantised_sizes_from_safetensors_headers(tmp_path: Path) -> None:
+    config = {**LLAMA_31_8B, "num_hidden_layers": 1}
+    spec = _config_only(tmp_path, "m", config, load_in_4bit=True)
+    _fake_safetensors(
+        Path(spec["huggingface_id"]),
+        {
+            "model.embed_tokens.weight": ("BF16", [128256, 4096]),
+            "model.layers.0.mlp.up_proj.weight": ("BF16", [14336, 4096]),
+            "model.layers.0.input_layernorm.weight": ("BF16", [4096]),
+            "lm_head.weight": ("BF16", [128256, 4096]),
+        },
+    )
+    found = estimate(spec, tmp_path)
+    kept = (2 * 128256 * 4096 + 4096) * 2
+    assert found.weights == kept + int(14336 * 4096 * 0.5625)
+    assert found.source == "safetensors headers, linear layers at 4 bits"
+    assert estimate(ModelSpec.from_dict({**spec.to_dict(), "model_config": {}}), tmp_path).weights == (
+        kept + 14336 * 4096 * 2
+    )
+
+
+def test_the_kv_allowance_is_the_setting_capped_by_a_full_batch_at_the_whole_context(tmp_path: Path) -> None:
+    spec = _config_only(tmp_path, "m", {**LLAMA_31_8B, "max_position_embeddings": 1024})
+    per_token = 128 * 2**10
+    assert estimate(spec, tmp_path, max_batch=8).kv_cache == 8 * 1024 * per_token  # capped: 8 rows x 1024
+    assert estimate(spec, tmp_path, max_batch=8, kv_tokens=2048).kv_cache == 2048 * per_token
+    found = estimate(spec, tmp_path, max_batch=8, kv_tokens=2048)
+    assert (found.kv_per_token, found.context) == (per_token, 1024)
+
+
+# -- each batch admitted against its KV room ----------------------------------------------------
+
+
+def _room(allowance_tokens: int, free: int, context: int = 1000) -> tuple[object, list[int]]:
+    from clemserve.service.memory import Estimate, KvRoom
+
+    charges: list[int] = []
+    found = Estimate(weights=0, kv_cache=allowance_tokens * 10, kv_per_token=10, context=context)
+    return KvRoom("m", found, lambda: free, charges.append), charges
+
+
+def test_a_batch_that_fits_runs_whole_and_borrows_nothing() -> None:
+    room, charges = _room(allowance_tokens=800, free=0)
+    runs, refused = room.groups({0: 90, 1: 50, 2: 100, 3: 10}, 100)  # type: ignore[attr-defined]
+    assert runs == [[0, 1, 2, 3]] and refused == {}  # 4 rows x (100 + 100) = 800 tokens
+    with room.holding(4, 200):  # type: ignore[attr-defined]
+        pass
+    assert charges == []
+
+
+def test_a_batch_too_large_for_its_room_runs_as_smaller_batches_and_a_row_too_large_alone_is_refused() -> None:
+    from clemserve.registry.errors import ResourceExhaustedError
+
+    room, charges = _room(allowance_tokens=500, free=100 * 10)  # room: 600 tokens
+    runs, refused = room.groups({0: 100, 1: 200, 2: 900, 3: 50, 4: 10}, 100)  # type: ignore[attr-defined]
+    # rows 0, 1: 2 x 300 = 600 fit; row 3 joins a new run (3 x 300 > 600); row 2 needs 1000 tokens alone
+    assert runs == [[0, 1], [3, 4]]
+    assert list(refused) == [2] and isinstance(refused[2], ResourceExhaustedError)
+    assert refused[2].required_bytes == 1000 * 10 and refused[2].available_bytes == 600 * 10
+    assert "900 prompt + 100 new tokens" in str(refused[2])
+    with room.holding(2, 300):  # type: ignore[attr-defined]
+        assert charges == [100 * 10]  # borrowed beyond its allowance while it runs
+    assert charges == [100 * 10, -100 * 10]
+
+
+def test_the_context_caps_each_row() -> None:
+    room, _ = _room(allowance_tokens=100, free=0, context=50)
+    assert room.need(2, 400) == 2 * 50 * 10  # type: ignore[attr-defined]
+
+
+def test_the_kv_bytes_per_token_are_what_transformers_allocates(tmp_path: Path) -> None:
+    """The formula against a real cache: a batch of 3 rows, padded to 7 prompt tokens, after 5 new tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_llama(tmp_path / "model", hidden=64, layers=2, heads=4, kv_heads=2)
+    spec = ModelSpec(model_name="m", backend="huggingface_local", huggingface_id=str(folder), model_config={})
+    per_token = estimate(spec, tmp_path).kv_per_token
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.ones((3, 7), dtype=torch.long)
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    # the last token's keys are not written until a next step would read them
+    assert held in (per_token * 3 * (7 + 5), per_token * 3 * (7 + 5 - 1)), (held, per_token)
+
+
+# -- measuring what a loaded model holds -----------------------------------------------------------
+
+
+def test_a_cpu_model_is_measured_by_its_tensors_not_the_process_growth(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from clemserve.service.memory import Estimate, measure, reading
+
+    folder = build_tiny_llama(tmp_path / "model", tied=True)
+    before = reading()
+    ballast = bytearray(64 * 2**20)  # the process grows by far more than the model: an import, say
+    ballast[::4096] = b"x" * len(ballast[::4096])
+
+    class Backend:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+
+    measured, figures = measure(before, Backend(), Estimate(weights=1, source="s"))
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in Backend.model.parameters()}
+    buffers = sum(b.numel() * b.element_size() for b in Backend.model.buffers())
+    assert measured == sum(params.values()) + buffers  # the tied embedding once
+    assert figures.measured_by == "parameters and buffers" and figures.devices == ()
+    assert figures.rss_delta_bytes >= 60 * 2**20 > measured
+    del ballast
+
+
+def test_a_gpu_model_is_measured_by_what_its_load_allocated_on_every_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clemserve.service.memory as memory
+    from clemserve.service.memory import Estimate, measure
+
+    allocated = {0: 100, 1: 5000, 2: 7}
+    monkeypatch.setattr(memory.gpu_reader, "allocated_by_device", lambda: dict(allocated))
+    before = memory.reading()
+    allocated.update({0: 3100, 1: 5000, 2: 2007})
+    measured, figures = measure(before, object(), Estimate(weights=10))
+    assert measured == 5000 and figures.devices == ((0, 3000), (2, 2000)) and figures.measured_by == "cuda allocated"
+    # a model out of this process's reach (an engine process) is charged its estimate, and says so
+    measured, figures = measure(memory.reading(), object(), Estimate(weights=10))
+    assert measured == 0 and figures.measured_by == "estimate"

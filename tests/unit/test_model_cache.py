@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
-from clemserve.service.backends import BackendContext
+from clemserve.service.backends import BackendContext, BackendDeadError
 from clemserve.service.domain import GenArgs, ModelState
 from clemserve.service.model_cache import ModelManager
 from clemserve.service.scheduler import SchedulingPolicy
@@ -67,6 +70,54 @@ def test_a_lease_expires_and_ends_when_the_server_stops(tmp_path: Path) -> None:
         manager.end_leases()
         assert [event async for event in stopping] == []  # ended without an expiry message
         assert manager.snapshot().models == ()
+        await manager.shutdown()
+
+    asyncio.run(check())
+
+
+def test_a_dead_backend_is_dropped_and_the_next_request_loads_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a CUDA error makes of a huggingface_local model (BackendDeadError): every call of the failed batch
+    gets UNAVAILABLE, the model is unloaded and reported NOT_SERVING, and the next request loads it again."""
+    from clemserve.service import model_cache
+    from clemserve.service.backends.fault import FaultBackend
+
+    unloads: list[str] = []
+
+    class Poisoned(FaultBackend):
+        loads = 0
+
+        async def load(self, progress: Any) -> None:
+            Poisoned.loads += 1
+            await super().load(progress)
+
+        async def generate(self, messages: Any, args: GenArgs, sink: Any = None) -> Any:
+            if "poison" in messages[-1]["content"]:
+                await asyncio.sleep(0.05)  # the others join while it runs
+                raise BackendDeadError("a CUDA error left its GPU state unusable")
+            return await super().generate(messages, args, sink)
+
+        async def unload(self) -> None:
+            unloads.append(self.model_name)
+
+    monkeypatch.setattr(model_cache, "backend_class", lambda name: Poisoned)
+
+    async def check() -> None:
+        manager = _manager(tmp_path)
+        told: list[tuple[str, bool]] = []
+
+        async def on_health(name: str, serving: bool) -> None:
+            told.append((name, serving))
+
+        manager.on_health = on_health
+        assert (await manager.generate("slow", HI, GenArgs()))[1].text == "hi"
+        with pytest.raises(BackendDeadError) as caught:
+            await manager.generate("slow", [{"role": "user", "content": "poison"}], GenArgs())
+        assert caught.value.code == "UNAVAILABLE"
+        assert manager.snapshot().models == () and unloads == ["slow"] and told == [("slow", True), ("slow", False)]
+        assert (await manager.generate("slow", HI, GenArgs()))[1].text == "hi"
+        assert Poisoned.loads == 2 and told[-1] == ("slow", True)
         await manager.shutdown()
 
     asyncio.run(check())

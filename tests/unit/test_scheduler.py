@@ -277,3 +277,37 @@ def test_without_batching_a_streamed_request_hands_its_sink_to_the_backend() -> 
         TextDelta("after a wait"),
     ]
     assert [[sink is not None for sink in sinks] for sinks in rec.sinks] == [[True], [False], [True]]
+
+
+def test_without_batching_a_call_that_fails_or_is_cancelled_gives_its_slot_back() -> None:
+    """The fast path (no queue, a free slot) takes its slot without the queue: a failure or a caller that
+    leaves must hand it back, or the next request would queue behind a slot nobody holds."""
+
+    async def run() -> list[str]:
+        gate = asyncio.Event()
+
+        async def run_one(messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
+            text = messages[-1]["content"]
+            if text == "fail":
+                raise ValueError("backend failed")
+            if text == "hold":
+                await gate.wait()
+            return Generation(prompt={}, response={}, text=text)
+
+        s = Scheduler("m", SchedulingPolicy(), concurrency=1, run_one=run_one)
+        with pytest.raises(ValueError, match="backend failed"):
+            await s.submit(msg("fail"), GenArgs(), "a")
+        held = asyncio.create_task(s.submit(msg("hold"), GenArgs(), "a"))
+        await asyncio.sleep(0)
+        assert s.running == 1
+        queued = asyncio.create_task(s.submit(msg("queued"), GenArgs(), "b"))  # no slot free: it waits
+        await asyncio.sleep(0.01)
+        assert not queued.done() and s.queued == 1
+        held.cancel()
+        texts = [(await asyncio.wait_for(queued, 5)).text]
+        assert held.cancelled() and s.running == 0
+        texts.append((await s.submit(msg("after"), GenArgs(), "a")).text)  # the fast path again
+        await s.close()
+        return texts
+
+    assert asyncio.run(run()) == ["queued", "after"]

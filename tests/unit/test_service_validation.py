@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -10,6 +12,7 @@ from clemserve.registry.errors import InvalidArgumentError
 from clemserve.service import convert
 from clemserve.service.domain import ImagePart
 from clemserve.service.validation import (
+    Limits,
     reject_unsupported_args,
     validate_max_tokens,
     validate_messages,
@@ -90,3 +93,22 @@ def test_gen_args_defaults_and_extras() -> None:
     args = convert.gen_args_from_proto(pb.GenerationArgs(temperature=0.7, max_tokens=5, extra_json='{"top_k": 3}'))
     assert (args.temperature, args.max_tokens, args.extra) == (0.7, 5, {"top_k": 3})
     assert field_of(convert.gen_args_from_proto, pb.GenerationArgs(max_tokens=-2)) == "args.max_tokens"
+
+
+def test_limits_are_equal_and_hash_alike_by_their_bounds() -> None:
+    """The conversions key their caches on the server's Limits (a hash computed once): Limits with other
+    bounds must not find what equal ones left there."""
+    cache = {Limits(): "default"}
+    assert cache[Limits()] == "default" and hash(Limits()) == hash(Limits())
+    smaller = dataclasses.replace(Limits(), json_depth=2)
+    assert smaller != Limits() and smaller not in cache
+    cache[smaller] = "smaller"
+    assert cache[Limits(json_depth=2)] == "smaller" and cache[Limits()] == "default"
+
+
+def test_reply_json_is_json_dumps() -> None:
+    # the reply's prompt and response objects: the text json.dumps(..., ensure_ascii=False) writes, refusals alike
+    value = {"prompt": [{"role": "user", "content": 'Grüße, 世界 "q"\n'}], "n": 1.5, "none": None, "t": [True]}
+    assert convert._json_text(value) == json.dumps(value, ensure_ascii=False)
+    with pytest.raises(TypeError):
+        convert._json_text({"x": object()})

@@ -8,6 +8,9 @@ import inspect
 import json
 from pathlib import Path
 
+import grpc
+import pytest
+
 from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
 from clemserve.service.backends import BackendContext
 from clemserve.service.model_cache import ModelManager
@@ -62,3 +65,66 @@ def test_resolve_tells_provenance_only_when_asked(tmp_path: Path) -> None:
     assert json.loads(plain.model_spec.json)["model_name"] == "e" and plain.server_version == ""
     assert described.model_spec == plain.model_spec
     assert described.server_version == importlib.metadata.version("clemserve")
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What the servicer reads of a grpc.aio context; abort raises, as grpc's does."""
+
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self.metadata = metadata
+        self.aborted: tuple[object, str] | None = None
+
+    def time_remaining(self) -> None:
+        return None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    async def abort(self, code: object, details: str, trailing_metadata: object = None) -> None:
+        self.aborted = (code, details)
+        raise _Aborted(details)
+
+
+def test_every_call_gets_its_request_id_and_leaves_the_drain_whether_it_succeeds_or_fails(tmp_path: Path) -> None:
+    """The serving path every RPC shares: the request id from the metadata (its last value) on the reply, an
+    invalid one refused naming request_id, and the drain's count of calls in flight back at zero each time."""
+    from clemserve.service.draining import Drain
+    from clemserve.service.draining import current as current_drain
+
+    registry = ModelRegistry([ModelSpec.from_dict({"model_name": "e", "backend": "echo", "model_config": {}})])
+    context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
+    manager = ModelManager(registry, context)
+    servicer = ModelServicer(manager)
+    request = pb.GenerateRequest(
+        model=pb.ModelSelector(name="e"), messages=[pb.Message(role="user", content="hello there")]
+    )
+
+    async def run() -> tuple[pb.GenerateResponse, _Context, _Context, int]:
+        drain = Drain()
+        current_drain.set(drain)
+        given = _Context(("x-request-id", "first"), ("x-request-id", "rid-7"))
+        ok = await servicer.Generate(request, given)  # type: ignore[arg-type]
+        refused = _Context(("x-request-id", "bad\nid"))
+        with pytest.raises(_Aborted):
+            await servicer.Generate(request, refused)  # type: ignore[arg-type]
+        empty = _Context()
+        no_messages = pb.GenerateRequest(model=pb.ModelSelector(name="e"))
+        with pytest.raises(_Aborted):
+            await servicer.Generate(no_messages, empty)  # type: ignore[arg-type]
+        await manager.shutdown()
+        return ok, refused, empty, len(drain)
+
+    ok, refused, empty, in_flight = asyncio.run(run())
+    assert (ok.response_text, ok.request_id) == ("hello there", "rid-7")
+    assert refused.aborted is not None and refused.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in refused.aborted[1]
+    assert empty.aborted is not None and empty.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages" in empty.aborted[1]
+    assert in_flight == 0

@@ -717,6 +717,13 @@ class ModelStatus(_message.Message):
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
     AVAILABILITY_FIELD_NUMBER: _builtins.int
     AVAILABILITY_DETAIL_FIELD_NUMBER: _builtins.int
+    ESTIMATED_WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
+    ESTIMATED_KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    ESTIMATE_SOURCE_FIELD_NUMBER: _builtins.int
+    MEASURED_BY_FIELD_NUMBER: _builtins.int
+    RSS_DELTA_BYTES_FIELD_NUMBER: _builtins.int
+    CHARGED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     state: Global___ModelState.ValueType
     """Whether it is loaded."""
     state_reason: _builtins.str
@@ -745,9 +752,33 @@ class ModelStatus(_message.Message):
     """What is missing, in words: the key entry, the pip extra, the weights; or what a load does first
     (downloading weights). Names files, entries and variables, never a secret.
     """
+    estimated_weights_bytes: _builtins.int
+    """The estimate's weights, at the size they load in (quantised where the entry says so)."""
+    estimated_kv_cache_bytes: _builtins.int
+    """The estimate's KV-cache allowance (see ListModelsResponse.kv_cache_tokens)."""
+    estimate_source: _builtins.str
+    """What the estimate was read from: safetensors headers, config.json, a GGUF header, model_config."""
+    measured_by: _builtins.str
+    """How measured_memory_bytes was found: "parameters and buffers" (CPU: the bytes of the model's tensors,
+    plus a KV cache allocated up front where there is one), "cuda allocated" (the CUDA memory the load
+    allocated, summed over its devices), or "estimate" (a model whose memory this process cannot see, such
+    as an engine in a process of its own).
+    """
+    rss_delta_bytes: _builtins.int
+    """The process's resident set grew by this across the load: approximate, for the operator (it counts
+    imports such as torch, and loads running at the same time), never charged to the model.
+    """
+    charged_memory_bytes: _builtins.int
+    """What the model holds in the memory budget now: the larger of its estimate and its measurement, plus
+    KV cache a running batch borrowed beyond its allowance.
+    """
     @_builtins.property
     def model_spec(self) -> Global___ModelSpec:
         """The registry entry (or, for a model loaded from a narrower selector, the resolved spec)."""
+
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceShare]:
+        """The GPUs the load allocated memory on, and how much on each (empty on a CPU)."""
 
     def __init__(
         self,
@@ -765,14 +796,105 @@ class ModelStatus(_message.Message):
         idle_seconds: _builtins.float = ...,
         availability: Global___ModelAvailability.ValueType = ...,
         availability_detail: _builtins.str = ...,
+        estimated_weights_bytes: _builtins.int = ...,
+        estimated_kv_cache_bytes: _builtins.int = ...,
+        estimate_source: _builtins.str = ...,
+        measured_by: _builtins.str = ...,
+        rss_delta_bytes: _builtins.int = ...,
+        charged_memory_bytes: _builtins.int = ...,
+        devices: _abc.Iterable[Global___DeviceShare] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability", b"availability", "availability_detail", b"availability_detail", "estimated_memory_bytes", b"estimated_memory_bytes", "idle_seconds", b"idle_seconds", "leases", b"leases", "load_progress", b"load_progress", "load_seconds", b"load_seconds", "measured_memory_bytes", b"measured_memory_bytes", "model_spec", b"model_spec", "requests_in_flight", b"requests_in_flight", "requests_queued", b"requests_queued", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability", b"availability", "availability_detail", b"availability_detail", "charged_memory_bytes", b"charged_memory_bytes", "devices", b"devices", "estimate_source", b"estimate_source", "estimated_kv_cache_bytes", b"estimated_kv_cache_bytes", "estimated_memory_bytes", b"estimated_memory_bytes", "estimated_weights_bytes", b"estimated_weights_bytes", "idle_seconds", b"idle_seconds", "leases", b"leases", "load_progress", b"load_progress", "load_seconds", b"load_seconds", "measured_by", b"measured_by", "measured_memory_bytes", b"measured_memory_bytes", "model_spec", b"model_spec", "requests_in_flight", b"requests_in_flight", "requests_queued", b"requests_queued", "rss_delta_bytes", b"rss_delta_bytes", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
+
+@_typing.final
+class DeviceShare(_message.Message):
+    """A model's memory on one GPU."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The CUDA device index as the server process sees it (after CUDA_VISIBLE_DEVICES)."""
+    bytes: _builtins.int
+    """What the load allocated on it."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceShare: _TypeAlias = DeviceShare  # noqa: Y015
+
+@_typing.final
+class DeviceBudget(_message.Message):
+    """One GPU of the memory budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    USED_BY_OTHERS_BYTES_FIELD_NUMBER: _builtins.int
+    PROCESS_BYTES_FIELD_NUMBER: _builtins.int
+    ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
+    ALLOCATOR_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    CUDA_CONTEXT_BYTES_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The CUDA device index as the server process sees it (after CUDA_VISIBLE_DEVICES)."""
+    name: _builtins.str
+    """The device's product name."""
+    uuid: _builtins.str
+    """The device's UUID (GPU-...), as CUDA_VISIBLE_DEVICES may name it."""
+    total_bytes: _builtins.int
+    """The device's memory."""
+    budget_bytes: _builtins.int
+    """This device's part of the budget."""
+    used_by_others_bytes: _builtins.int
+    """What other processes (and the driver) hold on it."""
+    process_bytes: _builtins.int
+    """What this process holds on it in all, as the driver counts it (0 where it cannot be told)."""
+    allocated_bytes: _builtins.int
+    """Of that: tensors allocated now (torch)."""
+    allocator_cache_bytes: _builtins.int
+    """Of that: the allocator's cache, reserved by torch but holding no tensor."""
+    cuda_context_bytes: _builtins.int
+    """Of that: the rest, the CUDA context and libraries' workspaces."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        uuid: _builtins.str = ...,
+        total_bytes: _builtins.int = ...,
+        budget_bytes: _builtins.int = ...,
+        used_by_others_bytes: _builtins.int = ...,
+        process_bytes: _builtins.int = ...,
+        allocated_bytes: _builtins.int = ...,
+        allocator_cache_bytes: _builtins.int = ...,
+        cuda_context_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocator_cache_bytes", b"allocator_cache_bytes", "budget_bytes", b"budget_bytes", "cuda_context_bytes", b"cuda_context_bytes", "index", b"index", "name", b"name", "process_bytes", b"process_bytes", "total_bytes", b"total_bytes", "used_by_others_bytes", b"used_by_others_bytes", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceBudget: _TypeAlias = DeviceBudget  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
@@ -801,15 +923,26 @@ class ListModelsResponse(_message.Message):
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_KIND_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    MEMORY_SOURCE_FIELD_NUMBER: _builtins.int
+    KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
     memory_budget_bytes: _builtins.int
     """The memory budget for loaded models in bytes (GPU memory on a GPU machine, RAM otherwise)."""
     memory_used_bytes: _builtins.int
     """What the loaded models take now, by the measured (else estimated) size of each."""
     memory_kind: _builtins.str
     """"gpu" or "ram": what the budget counts."""
+    memory_source: _builtins.str
+    """Where the budget's size came from: "nvml", "torch", "/proc/meminfo", or "--memory-budget"."""
+    kv_cache_tokens: _builtins.int
+    """The KV-cache tokens a model's batches are allowed in its estimate (--kv-cache-tokens)."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """Every registry entry in lookup order, then loaded models that no entry names verbatim."""
+
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceBudget]:
+        """The GPUs the budget covers (every GPU the server may use), each with its part; empty on a CPU budget."""
 
     def __init__(
         self,
@@ -818,10 +951,13 @@ class ListModelsResponse(_message.Message):
         memory_budget_bytes: _builtins.int = ...,
         memory_used_bytes: _builtins.int = ...,
         memory_kind: _builtins.str = ...,
+        devices: _abc.Iterable[Global___DeviceBudget] | None = ...,
+        memory_source: _builtins.str = ...,
+        kv_cache_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_budget_bytes", b"memory_budget_bytes", "memory_kind", b"memory_kind", "memory_used_bytes", b"memory_used_bytes", "models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "kv_cache_tokens", b"kv_cache_tokens", "memory_budget_bytes", b"memory_budget_bytes", "memory_kind", b"memory_kind", "memory_source", b"memory_source", "memory_used_bytes", b"memory_used_bytes", "models", b"models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

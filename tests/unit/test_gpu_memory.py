@@ -1,0 +1,316 @@
+"""The GPUs of the memory budget, read through a fake NVML (and a fake torch), the checks that use them, and
+vLLM's estimate, admission and start-up errors: what only a GPU machine reaches, tested with fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import clemserve.service.gpus as gpus
+import clemserve.service.memory as memory
+import clemserve.service.residency as residency_module
+from clemserve.registry import ModelSpec
+from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
+from clemserve.service.domain import GpuMemory, ModelState
+from clemserve.service.loaded import LoadedModel
+from clemserve.service.memory import ResidencyPolicy, budget_from_setting, estimate
+from clemserve.service.residency import Residency
+from clemserve.service.resolver import cache_key
+
+GiB = 2**30
+UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-cccc3333"]
+
+
+class FakeNvml(types.ModuleType):
+    """A pynvml module with three 80 GiB GPUs: GPU 1 has 20 GiB held by another process, GPU 2 holds 5 GiB
+    of this process's own (and 1 GiB of another's)."""
+
+    def __init__(self, processes: dict[int, list[tuple[int, int]]] | None = None) -> None:
+        super().__init__("pynvml")
+        self.started = self.stopped = 0
+        pid = __import__("os").getpid()
+        self.processes = processes or {0: [], 1: [(pid + 1, 20 * GiB)], 2: [(pid, 5 * GiB), (pid + 2, 1 * GiB)]}
+
+    def nvmlInit(self) -> None:
+        self.started += 1
+
+    def nvmlShutdown(self) -> None:
+        self.stopped += 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(UUIDS)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> bytes:
+        return UUIDS[handle].encode()
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        return "NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        used = sum(n for _, n in self.processes[handle]) + 512 * 2**20  # the driver's own
+        return types.SimpleNamespace(total=80 * GiB, used=used, free=80 * GiB - used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=n) for p, n in self.processes[handle]]
+
+
+@pytest.fixture
+def nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return fake
+
+
+@pytest.fixture
+def no_gpu_reader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """No NVML, no driver entries in /proc; torch, if asked, is a fake whose calls are recorded."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    monkeypatch.setattr(gpus, "DRIVER_GPUS", tmp_path / "no-driver")
+    asked: list[str] = []
+
+    def fake_torch() -> list[GpuMemory]:
+        asked.append("torch")
+        return [GpuMemory(0, "fake", total_bytes=24 * GiB, used_by_others_bytes=GiB)]
+
+    monkeypatch.setattr(gpus, "read_torch", fake_torch)
+    return asked
+
+
+def test_the_budget_covers_every_visible_gpu_less_what_others_hold(nvml: FakeNvml) -> None:
+    budget = budget_from_setting("auto")
+    assert budget.kind == "gpu" and budget.source == "nvml" and [d.index for d in budget.devices] == [0, 1, 2]
+    driver = 512 * 2**20
+    others = [driver, 20 * GiB + driver, GiB + driver]
+    assert [d.used_by_others_bytes for d in budget.devices] == others
+    assert [d.process_bytes for d in budget.devices] == [0, 0, 5 * GiB]  # this process is not "others"
+    # 90% of each, or what others leave where that is less (the driver's hold fits in the headroom)
+    assert [d.budget_bytes for d in budget.devices] == [int(72 * GiB), 80 * GiB - others[1], int(72 * GiB)]
+    assert budget.total == sum(d.budget_bytes for d in budget.devices)
+    assert nvml.started == nvml.stopped == 1
+    explicit = budget_from_setting("100GiB")
+    assert (explicit.total, explicit.kind, explicit.source, len(explicit.devices)) == (
+        100 * GiB,
+        "gpu",
+        "--memory-budget",
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "physical"),
+    [
+        ("2,0", [2, 0]),
+        ("GPU-cccc3333", [2]),
+        ("GPU-bbbb", [1]),  # a unique prefix, as CUDA takes it
+        ("cccc3333,1", [2, 1]),
+        ("1,7,0", [1]),  # an index that names no device ends the list
+        ("0,0", [0]),
+        ("", []),
+        ("-1", []),
+        ("GPU-", []),  # not unique
+    ],
+)
+def test_cuda_visible_devices_indices_and_uuids(setting: str, physical: list[int]) -> None:
+    assert gpus.visible_order(setting, UUIDS) == physical
+
+
+def test_the_budget_respects_cuda_visible_devices(nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc3333,1")
+    budget = budget_from_setting("auto")
+    assert [(d.index, d.uuid) for d in budget.devices] == [(0, "GPU-cccc3333"), (1, "GPU-bbbb2222")]
+    assert budget.devices[0].process_bytes == 5 * GiB
+
+
+def test_without_nvml_or_driver_entries_torch_is_asked_only_when_a_gpu_backend_loads(
+    no_gpu_reader: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # a server that has not imported it (restored after)
+    assert budget_from_setting("auto").kind == "ram" and no_gpu_reader == []
+    found = budget_from_setting("auto", may_import_torch=True)
+    assert found.kind == "gpu" and found.source == "torch" and no_gpu_reader == ["torch"]
+
+
+def test_the_driver_entries_in_proc_let_torch_be_asked(
+    no_gpu_reader: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    driver = tmp_path / "driver" / "gpus"
+    (driver / "0000:01:00.0").mkdir(parents=True)
+    monkeypatch.setattr(gpus, "DRIVER_GPUS", driver)
+    assert gpus.read_gpus(may_import_torch=False) == (
+        [GpuMemory(0, "fake", total_bytes=24 * GiB, used_by_others_bytes=GiB)],
+        "torch",
+    )
+
+
+def test_residency_finds_the_budget_off_the_loop_and_asks_torch_once_for_a_gpu_backend(
+    no_gpu_reader: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(gpus, "driver_lists_gpus", lambda: False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # the fake reader stands for it
+    threads: list[str] = []
+    real = memory.budget_from_setting
+
+    def recording(setting: str, *, may_import_torch: bool = False) -> memory.Budget:
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return real(setting, may_import_torch=may_import_torch)
+
+    monkeypatch.setattr(residency_module, "budget_from_setting", recording)
+    residency = _residency(tmp_path, "auto", {})
+    echo = ModelSpec(model_name="e", backend="echo", model_config={})
+    local = ModelSpec(model_name="l", backend="huggingface_local", huggingface_id="x", model_config={})
+
+    async def check() -> None:
+        import threading
+
+        assert (await residency.find_budget(echo)).kind == "ram"
+        assert (await residency.find_budget(local)).kind == "gpu"
+        await residency.find_budget(local)
+        assert threading.current_thread().name not in threads
+
+    asyncio.run(check())
+    assert len(threads) == 2 and no_gpu_reader == ["torch"]
+
+
+# -- admission on GPUs --------------------------------------------------------------------------
+
+
+def _residency(tmp_path: Path, budget: str, models: dict[str, LoadedModel]) -> Residency:
+    async def unload(key: str) -> bool:
+        return models.pop(key, None) is not None
+
+    return Residency(ResidencyPolicy(memory_budget=budget), models, unload, cache_dir=tmp_path)
+
+
+def _admit(residency: Residency, models: dict[str, LoadedModel], spec: ModelSpec) -> LoadedModel:
+    key = cache_key(spec)
+    model = models[key] = LoadedModel(spec, state=ModelState.LOADING)
+    asyncio.run(residency.admit(key, model))
+    return model
+
+
+def test_gpu_bound_weights_are_checked_against_free_gpu_memory_not_ram(
+    nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(residency_module, "available_ram", lambda: 1 * GiB)  # a small host: not where it goes
+    monkeypatch.setattr(residency_module, "estimate", lambda *_, **__: memory.Estimate(weights=100 * GiB))
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "1TiB", models)
+    spec = ModelSpec(model_name="big", backend="huggingface_local", huggingface_id="org/big", model_config={})
+    model = _admit(residency, models, spec)  # 120 GiB with the loader's overhead; 212.5 GiB free on 3 GPUs
+    assert model.charged_bytes == 100 * GiB
+    nvml.processes[0].append((1, 70 * GiB))
+    nvml.processes[1].append((1, 50 * GiB))
+    models.clear()
+    with pytest.raises(ResourceExhaustedError, match=r"big needs about 120\.0 GiB to load; 92\.5 GiB is free on 3 GPU"):
+        _admit(residency, models, spec)
+
+
+def _vllm(tmp_path: Path, name: str, **config: Any) -> ModelSpec:
+    folder = tmp_path / "weights"
+    if not folder.exists():  # a safetensors header of one 1 MiB tensor: all the estimate reads
+        folder.mkdir()
+        header = json.dumps({"w": {"dtype": "F32", "shape": [512, 512], "data_offsets": [0, 0]}}).encode()
+        (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return ModelSpec(model_name=name, backend="vllm", huggingface_id=str(folder), model_config=config)
+
+
+def test_the_vllm_estimate_counts_its_share_of_each_tensor_parallel_gpu(tmp_path: Path) -> None:
+    one = estimate(_vllm(tmp_path, "one"), tmp_path, gpu_bytes=80 * GiB)
+    two = estimate(_vllm(tmp_path, "two", number_gpus=2), tmp_path, gpu_bytes=80 * GiB)
+    args = estimate(_vllm(tmp_path, "tp", vllm_args={"tensor_parallel_size": 2}), tmp_path, gpu_bytes=80 * GiB)
+    assert one.total == int(80 * GiB * 0.9) and two.total == args.total == 2 * int(80 * GiB * 0.9)
+    per_gpu = estimate(_vllm(tmp_path, "kv", number_gpus=2, vllm_args={"kv_cache_memory_bytes": 1000}), tmp_path)
+    assert per_gpu.kv_cache == 2000
+
+
+def test_a_tensor_parallel_model_larger_than_one_gpu_is_admitted_when_it_fits_two(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    two_gpus = FakeNvml({0: [], 1: []})
+    two_gpus.nvmlDeviceGetCount = lambda: 2  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "pynvml", two_gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    real = memory.safetensors_bytes
+    monkeypatch.setattr(memory, "safetensors_bytes", lambda folder: 100 * GiB)  # a 100 GiB model
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "auto", models)
+    tp2 = _admit(residency, models, _vllm(tmp_path, "tp2", number_gpus=2))
+    assert tp2.charged_bytes == 2 * int(80 * GiB * 0.9) <= residency.budget.total
+    monkeypatch.setattr(memory, "safetensors_bytes", real)
+
+
+def test_an_engine_with_an_explicit_share_counts_what_this_process_already_holds(
+    nvml: FakeNvml, tmp_path: Path
+) -> None:
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "1TiB", models)
+    pid = __import__("os").getpid()
+    nvml.processes[0].append((pid, 45 * GiB))  # this server's CUDA context and an earlier engine
+    half = {"vllm_args": {"gpu_memory_utilization": 0.5}}
+    with pytest.raises(ResourceExhaustedError) as caught:
+        _admit(residency, models, _vllm(tmp_path, "engine", **half))
+    message = str(caught.value)
+    assert "takes 0.5 of each of its 1 GPU(s) (40.0 GiB on cuda:0), and cuda:0 has 34.5 GiB free" in message
+    assert "this server holds 45.0 GiB there" in message
+    assert caught.value.metadata["field"] == "model_config.vllm_args.gpu_memory_utilization"
+    nvml.processes[0].clear()
+    models.clear()
+    assert _admit(residency, models, _vllm(tmp_path, "engine", **half)).charged_bytes > 0
+    # vLLM's default share (0.9) is checked the same way: a 10 GiB CUDA context leaves 69.5 GiB of 80
+    nvml.processes[0].append((pid, 10 * GiB))
+    models.clear()
+    with pytest.raises(ResourceExhaustedError, match=r"takes 0\.9 of each .* has 69\.5 GiB free"):
+        _admit(residency, models, _vllm(tmp_path, "default-share"))
+
+
+# -- vLLM's start-up errors are what they are ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "words"),
+    [
+        (
+            ValueError(
+                "To serve at least one request with the model's max seq len (131072), (16.0 GiB KV cache is "
+                "needed, which is larger than the available KV cache memory (4.2 GiB)."
+            ),
+            ResourceExhaustedError,
+            "does not fit: To serve at least one request",
+        ),
+        (
+            ValueError("No available memory for the cache blocks. Try increasing"),
+            ResourceExhaustedError,
+            "cache blocks",
+        ),
+        (
+            ValueError("Free memory on device cuda:0 (10.0/79.2 GiB) on startup is less than desired GPU memory"),
+            ResourceExhaustedError,
+            "Free memory on device",
+        ),
+        (OSError("model.safetensors not found"), FailedPreconditionError, "cannot load m from org/m"),
+        (ValueError("max_model_len must be positive"), FailedPreconditionError, "vLLM refused the engine of m"),
+        (
+            RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}"),
+            FailedPreconditionError,
+            "failed to start: Engine core initialization failed",
+        ),
+    ],
+)
+def test_engine_start_failures(error: Exception, kind: type[Exception], words: str) -> None:
+    from clemserve.service.backends.vllm_engine import engine_start_failure
+
+    found = engine_start_failure("m", "org/m", error)
+    assert type(found) is kind and words in str(found)
+    assert "weights" not in str(found) or isinstance(error, OSError)
