@@ -75,6 +75,9 @@ class ModelManager:
         )
         #: told (model name, serving?) when a model becomes ready, dies or is unloaded (the health service)
         self.on_health: Callable[[str, bool], Awaitable[None]] | None = None
+        #: told when a load fails because the process itself can no longer use its GPU (a CUDA error while
+        #: loading: the CUDA context stays broken, so no load in this process can succeed until it restarts)
+        self.on_process_unusable: Callable[[str], Awaitable[None]] | None = None
         self.metrics = metrics or NoMetrics()
         self.metrics.watch(self.snapshot)
         self._background: set[asyncio.Task[None]] = set()
@@ -156,6 +159,8 @@ class ModelManager:
             discarding = self._discard(model, backend)
             if not isinstance(exc, LoadTimeoutError):
                 await discarding
+            if isinstance(exc, BackendDeadError) and self.on_process_unusable is not None:
+                await self.on_process_unusable(f"loading {name}: {exc}")
             if isinstance(exc, MemoryError):
                 raise ResourceExhaustedError(f"out of memory while loading {name}") from exc
             if isinstance(exc, LoadTimeoutError):

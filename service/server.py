@@ -127,6 +127,16 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
         await health_servicer.set(f"{SERVICE_NAME}/{name}", status)
 
     manager.on_health = model_health
+    unusable: list[str] = []
+
+    async def process_unusable(reason: str) -> None:
+        # an orchestrator watching the server's health restarts it; calls are still answered meanwhile
+        log.error("%s; this process cannot use its GPU until it restarts: health is NOT_SERVING", reason)
+        unusable.append(reason)
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    manager.on_process_unusable = process_unusable
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if credentials is not None:
         port = server.add_secure_port(config.address, credentials)
@@ -151,7 +161,8 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
         log.info("preloading %s", name)
         await manager.load(name)
     for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if not unusable:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("SERVING %d registry entries", len(manager.registry))
 
     await stop.wait()

@@ -46,6 +46,19 @@ def _failing(self, rows, args, ended):
 
 
 huggingface_local.HuggingfaceLocalBackend._generate_blocking = _failing
+
+_load = huggingface_local.HuggingfaceLocalBackend._load_blocking
+
+
+def _failing_load(self, config, progress):
+    import os
+
+    if os.path.exists(os.environ["INJECT_LOAD_FAILURE"]):  # the CUDA context stays broken: loads fail too
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    return _load(self, config, progress)
+
+
+huggingface_local.HuggingfaceLocalBackend._load_blocking = _failing_load
 """
 
 
@@ -58,14 +71,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     registry = folder / "registry.json"
     registry.write_text(json.dumps([hf_entry(NAME, tiny_model_dir)]))
     path = os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH", "")) if p)
-    proc = start_server(folder, "--registry", str(registry), env={"PYTHONPATH": path})
+    env = {"PYTHONPATH": path, "INJECT_LOAD_FAILURE": str(folder / "broken")}
+    proc = start_server(folder, "--registry", str(registry), env=env)
     yield proc
     assert proc.stop() == 0, proc.log()
 
 
-def health(server: ServerProcess) -> int:
+def health(server: ServerProcess, service: str = f"clemserve.v1.ModelService/{NAME}") -> int:
     with grpc.insecure_channel(server.address) as channel:
-        service = f"clemserve.v1.ModelService/{NAME}"
         return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status)
 
 
@@ -103,3 +116,22 @@ def test_out_of_memory_fails_only_its_call(server: ServerProcess) -> None:
     assert health(server) == health_pb2.HealthCheckResponse.SERVING
     assert tiny.generate_response(HELLO)[2] == answer
     assert server.log().count(f"loaded {NAME} in") == loads  # not reloaded
+
+
+def test_a_cuda_error_while_loading_marks_the_whole_server_not_serving(server: ServerProcess) -> None:
+    # last in this module: the server stays NOT_SERVING. A CUDA error leaves the process's CUDA context broken,
+    # so the reload after it fails too: only a restart helps, and the server's own health says so.
+    tiny = model(server)
+    assert health(server, "") == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(backends.UnavailableError):
+        tiny.generate_response([{"role": "user", "content": "INJECT-CUDA-ERROR"}])
+    (server.log_path.parent / "broken").touch()
+    with pytest.raises(backends.UnavailableError) as caught:
+        tiny.generate_response(HELLO)
+    assert "while loading" in str(caught.value)
+    assert health(server, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health(server, "clemserve.v1.ModelService") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "cannot use its GPU until it restarts" in server.log()
+    # calls are still answered meanwhile (here, once the injected failure is gone)
+    (server.log_path.parent / "broken").unlink()
+    assert tiny.generate_response(HELLO)[2]
