@@ -96,6 +96,16 @@ def context_size(hf_config: Any, tokenizer: Any, spec: ModelSpec) -> int:
     return _FALLBACK_CONTEXT
 
 
+def check_context(model_name: str, length: int, max_tokens: int, context: int, where: str = "") -> None:
+    """clembench's check: prompt length plus max_tokens must fit, before anything is generated. ``where``
+    ends the message as clembench's backend does (`` at batch index 0`` for its multimodal one)."""
+    tokens_used = length + max_tokens
+    if tokens_used > context:
+        raise ContextExceededError(
+            f"Context token limit for {model_name} exceeded{where}", tokens_used, context - tokens_used, context
+        )
+
+
 class ChatTokenizer:
     """A tokenizer prepared as clembench prepares it, with its rendering and cleaning rules."""
 
@@ -135,15 +145,7 @@ class ChatTokenizer:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def check_context(self, length: int, max_tokens: int, context: int) -> None:
-        """clembench's check: prompt length plus max_tokens must fit, before anything is generated."""
-        tokens_used = length + max_tokens
-        if tokens_used > context:
-            raise ContextExceededError(
-                f"Context token limit for {self.model_name} exceeded",
-                tokens_used,
-                context - tokens_used,
-                context,
-            )
+        check_context(self.model_name, length, max_tokens, context)
 
     def clean(self, output: str, prompt_text: str, max_tokens: int) -> tuple[str, str | None]:
         """clembench's cleaning order; returns the text and, with cot_output, the thinking part."""

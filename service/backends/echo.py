@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from clemserve.registry.errors import ContextExceededError
-
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TextSink, TokenCount
 from ..validation import reject_unsupported_args
 from .base import Backend, Progress, stream_words
+from .chat import check_context
 from .context import parse_context_size
 
 DEFAULT_CONTEXT = 131072
@@ -48,14 +47,7 @@ class EchoBackend(Backend):
             prompt_tokens += 1 + len(split)
             if message["role"] == "user":
                 last_user, words = message["content"], split
-        tokens_used = prompt_tokens + args.max_tokens
-        if tokens_used > self.context_size:
-            raise ContextExceededError(
-                f"Context token limit for {self.model_name} exceeded",
-                tokens_used,
-                self.context_size - tokens_used,
-                self.context_size,
-            )
+        check_context(self.model_name, prompt_tokens, args.max_tokens, self.context_size)
         truncated = len(words) > args.max_tokens
         text = " ".join(words[: args.max_tokens]) if truncated else last_user
         stream_words(text, sink)

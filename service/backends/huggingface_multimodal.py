@@ -29,14 +29,14 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from clemserve.registry.errors import ContextExceededError, InvalidArgumentError
+from clemserve.registry.errors import InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, Row, TextSink, TokenCount
 from ..memory import free_memory
 from ..validation import reject_unsupported_args
 from . import placement
 from .base import Backend, Progress, missing_dependency
-from .chat import context_size, precondition, weights_missing
+from .chat import check_context, context_size, precondition, weights_missing
 from .stream_decoding import BatchStreamer, on_loop
 
 log = logging.getLogger(__name__)
@@ -169,14 +169,7 @@ class HuggingfaceMultimodalBackend(placement.DeviceWorker, Backend):
     def _generate_blocking(self, row: Row, args: GenArgs) -> Generation:
         inputs, prompt = self._inputs(row.messages)
         length = int(inputs["input_ids"].shape[-1])
-        tokens_used = length + args.max_tokens
-        if tokens_used > self.context_size:
-            raise ContextExceededError(
-                f"Context token limit for {self.model_name} exceeded at batch index 0",
-                tokens_used,
-                self.context_size - tokens_used,
-                self.context_size,
-            )
+        check_context(self.model_name, length, args.max_tokens, self.context_size, " at batch index 0")
         sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None}
         if args.temperature > 0.0:
             top_p = getattr(self.model.generation_config, "top_p", None)

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from clemserve.registry import ModelSpec
-from clemserve.registry.errors import ContextExceededError, InvalidArgumentError
+from clemserve.registry.errors import InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
 from ..validation import reject_unsupported_args
 from . import gguf
 from .base import Backend, Progress, lower_thread_priority, missing_dependency
-from .chat import check_chat_config, precondition, refuse_images, weights_missing
+from .chat import check_chat_config, check_context, precondition, refuse_images, weights_missing
 from .stream_decoding import on_loop
 
 log = logging.getLogger(__name__)
@@ -352,14 +352,7 @@ class LlamaCppBackend(Backend):
         if cancel.is_set():
             raise _CallerGone  # it left while this waited for the worker; nobody reads this
         prompt, length = self._prompt(messages)
-        tokens_used = length + args.max_tokens
-        if tokens_used > self.context_size:
-            raise ContextExceededError(
-                f"Context token limit for {self.model_name} exceeded",
-                tokens_used,
-                self.context_size - tokens_used,
-                self.context_size,
-            )
+        check_context(self.model_name, length, args.max_tokens, self.context_size)
         watch = TokenWatch(cancel, sink, lambda ids, before: bytes(self.model.detokenize(ids, prev_tokens=before)))
         output = self.model(
             prompt, temperature=args.temperature, max_tokens=args.max_tokens, stopping_criteria=watch, **args.extra
