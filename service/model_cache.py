@@ -228,7 +228,7 @@ class ModelManager:
         if scheduler is not None:
             await scheduler.close()
         if backend is not None:
-            await _quietly_unload(backend)
+            await _let_go(model, backend)
 
     # -- unloading ----------------------------------------------------------------------------
 
@@ -251,9 +251,7 @@ class ModelManager:
                 await model.scheduler.close()
                 model.scheduler = None
             if model.backend is not None:
-                await _quietly_unload(model.backend)
-                if model.charged_bytes or model.measured_bytes:
-                    free_memory()  # a full collection takes up to a second: only where a model held memory
+                await _let_go(model, model.backend)
                 log.info("unloaded %s", model.name)
                 await self._health(model.name, False)
         finally:
@@ -455,6 +453,14 @@ def _alternating(messages: Sequence[Message]) -> list[Message]:
         if messages[i - 1]["role"] == messages[i]["role"]:
             return ensure_alternating_roles(list(messages))
     return [dict(message) for message in messages]
+
+
+async def _let_go(model: LoadedModel, backend: Backend) -> None:
+    """Unload ``backend`` and hand back what it held; a full collection takes up to a second, so only where
+    the model held memory."""
+    await _quietly_unload(backend)
+    if model.charged_bytes or model.measured_bytes:
+        free_memory()
 
 
 async def _quietly_unload(backend: Backend) -> None:

@@ -171,12 +171,9 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         return "right" if encoder_only else "left"
 
     async def unload(self) -> None:
-        def drop() -> None:
+        def drop() -> None:  # what they held is collected by the server's free_memory, right after
             self.__dict__.pop("model", None)
             self.__dict__.pop("tokenizer", None)
-            import gc
-
-            gc.collect()
 
         await self._stop_worker(drop)
 
