@@ -228,11 +228,12 @@ def tensor_bytes(model: Any) -> int:
     return total
 
 
-def free_memory() -> None:
-    """Hand back what an unloaded model left: Python's garbage, then torch's cached CUDA blocks."""
+def free_memory(*, cuda: bool = True) -> None:
+    """Hand back what an unloaded model left: Python's garbage, then torch's cached CUDA blocks (not after a
+    CUDA error, ``cuda=False``: every CUDA call fails then)."""
     gc.collect()
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if cuda and torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

@@ -228,7 +228,7 @@ class ModelManager:
         if scheduler is not None:
             await scheduler.close()
         if backend is not None:
-            await _let_go(model, backend)
+            await _let_go(model, backend, cuda=False)
 
     # -- unloading ----------------------------------------------------------------------------
 
@@ -455,12 +455,12 @@ def _alternating(messages: Sequence[Message]) -> list[Message]:
     return [dict(message) for message in messages]
 
 
-async def _let_go(model: LoadedModel, backend: Backend) -> None:
+async def _let_go(model: LoadedModel, backend: Backend, *, cuda: bool = True) -> None:
     """Unload ``backend`` and hand back what it held; a full collection takes up to a second, so only where
-    the model held memory."""
+    the model held memory. ``cuda=False``: a dead engine's CUDA state is not touched."""
     await _quietly_unload(backend)
     if model.charged_bytes or model.measured_bytes:
-        free_memory()
+        free_memory(cuda=cuda)
 
 
 async def _quietly_unload(backend: Backend) -> None:
