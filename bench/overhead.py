@@ -11,7 +11,10 @@ model lookup, scheduling, the echo backend and the answer's conversion back).
 server's half (``ModelServicer.Generate`` with a stand-in gRPC context, the packaged ``echo`` entry, the
 same selector, messages and arguments the client sends) and the client's half (``Model.generate_response``
 with a stand-in stub that serializes the request and returns the server's reply). Each half reports its CPU
-time per call and the functions it spends it in.
+time per call, warm (calls back to back) and cold (the CPU caches evicted before each call), and the functions
+it spends it in. The cold figure is the one a live server pays: between two of its calls grpc's C-core, the
+kernel and the other processes run and evict clemserve's code and data from the caches, so the same Python
+costs it several times its warm figure.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ BLOCKS = 10
 PROFILE_ROWS = 25
 #: timed rounds of unprofiled calls per profiled path
 PROFILE_ROUNDS = 5
+#: calls timed one by one with the caches evicted before each (``--profile``)
+COLD_CALLS = 2000
+#: bytes written before each cold call: more than a CPU's last-level cache, as a live server's grpc C-core,
+#: kernel and neighbouring processes touch between two of its calls
+EVICT_BYTES = 16 << 20
 RAW_METHOD = "/bench.Echo/Echo"
 # the start of a typical game prompt, repeated to the requested length
 TEXT = (
@@ -322,22 +330,40 @@ class _Context:
         return "ipv4:127.0.0.1:50000"
 
 
-def _profile(label: str, run: Callable[[int], object], calls: int) -> list[str]:
+Run = Callable[[int, Callable[[], object] | None], list[int]]
+"""``run(count, before)``: ``count`` calls, ``before()`` ahead of each (untimed) where given; returns each call's
+nanoseconds (empty where no ``before`` is given: the calls were run back to back, untimed)."""
+
+
+def evictor() -> Callable[[], None]:
+    """Writes a buffer larger than the CPU's caches: the next call finds its code and data in memory only."""
+    buffer = bytearray(EVICT_BYTES)
+    ones = b"\x01" * (EVICT_BYTES // 64)
+
+    def evict() -> None:
+        buffer[::64] = ones  # one byte per cache line
+
+    return evict
+
+
+def _profile(label: str, run: Run, calls: int) -> list[str]:
     """CPU time per call (unprofiled, after a warm-up; the median of ``PROFILE_ROUNDS`` rounds of ``calls`` calls
-    in all), then the profile of ``calls`` more."""
-    run(WARMUP_CALLS)
+    in all), the same calls with the caches evicted before each (what a live server pays), then the profile of
+    ``calls`` more."""
+    run(WARMUP_CALLS, None)
     per_round = max(1, calls // PROFILE_ROUNDS)
     rounds = []
     for _ in range(PROFILE_ROUNDS):
         gc.collect()
         start = time.thread_time_ns()
-        run(per_round)
+        run(per_round, None)
         rounds.append((time.thread_time_ns() - start) / per_round / 1e3)
     rounds.sort()
     cpu_us = statistics.median(rounds)
+    cold_us = statistics.median(run(COLD_CALLS, evictor())) / 1e3
     profiler = cProfile.Profile()
     profiler.enable()
-    run(calls)
+    run(calls, None)
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime").print_stats(PROFILE_ROWS)
@@ -345,7 +371,8 @@ def _profile(label: str, run: Callable[[int], object], calls: int) -> list[str]:
     rows = [line.rstrip() for line in out.getvalue().splitlines() if line.strip()]
     head = (
         f"## {label}: {cpu_us:.1f} µs CPU per call unprofiled (median of {PROFILE_ROUNDS} rounds, "
-        f"{rounds[0]:.1f} to {rounds[-1]:.1f}); profile of {calls} calls"
+        f"{rounds[0]:.1f} to {rounds[-1]:.1f}); {cold_us:.1f} µs with cold caches (median of {COLD_CALLS} calls, "
+        f"each after {EVICT_BYTES >> 20} MiB were written); profile of {calls} calls, warm"
     )
     return [head, "", "```", *rows, "```", ""]
 
@@ -374,18 +401,27 @@ def profile(calls: int, payload_chars: int) -> None:
         context = _Context(uuid.uuid4().hex)
         current_drain.set(Drain())  # as the server does: every call is counted for the drain
 
-        async def serve(count: int) -> pb.GenerateResponse:
-            reply = pb.GenerateResponse()
+        async def serve(count: int, before: Callable[[], object] | None = None) -> list[int]:
+            if before is None:
+                for _ in range(count):
+                    await servicer.Generate(request, context)
+                return []
+            took = []
             for _ in range(count):
-                reply = await servicer.Generate(request, context)
-            return reply
+                before()
+                start = time.perf_counter_ns()
+                await servicer.Generate(request, context)  # echo answers without suspending: wall time is CPU time
+                took.append(time.perf_counter_ns() - start)
+            return took
 
         loop = asyncio.new_event_loop()
         try:
-            reply = loop.run_until_complete(serve(1))
+            reply = loop.run_until_complete(servicer.Generate(request, context))
             assert reply.response_text == messages[-1]["content"], reply
             # one coroutine runs all calls: the event loop's own turns are grpc's, not clemserve's
-            server = _profile("server: ModelServicer.Generate", lambda n: loop.run_until_complete(serve(n)), calls)
+            server = _profile(
+                "server: ModelServicer.Generate", lambda n, before: loop.run_until_complete(serve(n, before)), calls
+            )
         finally:
             loop.run_until_complete(manager.shutdown())
             loop.close()
@@ -400,16 +436,26 @@ def profile(calls: int, payload_chars: int) -> None:
         model._stub()  # the model's channel as a call makes it (no call is made on it)...
         model._sync_stub = Stub()  # ... and the stand-in in place of its stub
 
-        def ask(count: int) -> None:
+        def ask(count: int, before: Callable[[], object] | None) -> list[int]:
+            if before is None:
+                for _ in range(count):
+                    model.generate_response(messages)
+                return []
+            took = []
             for _ in range(count):
+                before()
+                start = time.perf_counter_ns()
                 model.generate_response(messages)
+                took.append(time.perf_counter_ns() - start)
+            return took
 
         client = _profile("client: Model.generate_response", ask, calls)
     text = [
         "# clemserve overhead: in-process profile",
         "",
         f"- request: one user message of {len(messages[-1]['content'])} characters, the packaged `echo` entry",
-        "- CPU time of this thread (time.thread_time), so that other processes on the machine count less",
+        "- warm: CPU time of this thread (time.thread_time), so that other processes on the machine count less",
+        f"- cold: wall time of each call after {EVICT_BYTES >> 20} MiB were written (the calls do not wait)",
         "",
         *server,
         *client,

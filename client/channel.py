@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import weakref
+from typing import Any
 
 import grpc
 
@@ -142,6 +143,18 @@ def wait_for_server_s() -> float:
         raise ValueError(f"CLEMSERVE_WAIT_FOR_SERVER must be a number of seconds, got {value!r}") from None
 
 
+#: whether a request message type has a request_id field, by type
+_request_id_field: dict[type, bool] = {}
+
+
+def _carries_request_id(message_type: type) -> bool:
+    found = _request_id_field.get(message_type)
+    if found is None:
+        descriptor = getattr(message_type, "DESCRIPTOR", None)
+        found = _request_id_field[message_type] = descriptor is not None and "request_id" in descriptor.fields_by_name
+    return found
+
+
 class ServerWait:
     """One call's patience with a server that is briefly away (restarting, or stopping and refusing calls).
 
@@ -170,6 +183,15 @@ class ServerWait:
     @property
     def metadata(self) -> tuple[tuple[str, str]]:
         return (("x-request-id", self.request_id),)
+
+    def metadata_for(self, request: Any) -> tuple[tuple[str, str]] | None:
+        """The call's metadata: none where ``request`` has a ``request_id`` field of its own (the id goes
+        there, so there is no header for gRPC to encode and the server to parse on every call), else the id
+        as ``x-request-id``."""
+        if _carries_request_id(type(request)):
+            request.request_id = self.request_id
+            return None
+        return self.metadata
 
     def timeout(self) -> float | None:
         """What is left of the call's deadline, for the next try."""

@@ -225,7 +225,7 @@ def _call(
     wait = ServerWait(address, timeout, token, key=key)
     while True:
         try:
-            reply: T = method(request, timeout=wait.timeout(), metadata=wait.metadata)
+            reply: T = method(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
         except grpc.RpcError as exc:
             pause = wait.pause_after(exc)
             if pause is None:
@@ -243,7 +243,7 @@ async def _acall(
     wait = ServerWait(address, timeout, token)
     while True:
         try:
-            reply = await method(request, timeout=wait.timeout(), metadata=wait.metadata)
+            reply = await method(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
         except grpc.RpcError as exc:
             pause = wait.pause_after(exc)
             if pause is None:
@@ -312,7 +312,7 @@ class Model(_ModelBase):
         self._keep_lease()
         request, wait = self._stream_request(messages), ServerWait(self.address, self.timeout, self._token)
         while True:
-            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata)
+            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
             delivered = False
             try:
                 for message in call:
@@ -409,7 +409,7 @@ class AsyncModel(_ModelBase):
         await self._keep_lease()
         request, wait = self._stream_request(messages), ServerWait(self.address, self.timeout, self._token)
         while True:
-            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata)
+            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
             delivered = False
             try:
                 async for message in call:

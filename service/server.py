@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -149,6 +150,10 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
         return 2
     drain = Drain()
     current_drain.set(drain)  # before start(): the server's handler tasks inherit this context
+    # What start-up made (modules, the registry, grpc) lives as long as the process: out of the collector's
+    # sight, a full collection no longer walks it while a call waits.
+    gc.collect()
+    gc.freeze()
     await server.start()
     log.info("listening on %s:%d (%s)", config.host, port, _protection(config))
 

@@ -72,3 +72,19 @@ def test_pauses_grow_and_stop_at_the_wait_limit_and_the_deadline(monkeypatch: py
     monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "0")
     assert ServerWait("seen:1", None).pause_after(REFUSED) is None
     channel._reached.clear()
+
+
+def test_the_request_id_travels_in_the_request_where_it_has_a_field() -> None:
+    """No x-request-id header to encode and parse per call where the message carries the id itself; the same
+    id on every try, so that the server log shows one request."""
+    from clemserve.v1 import clemserve_pb2 as pb
+
+    wait = ServerWait("127.0.0.1:1", None)
+    for message_type in (pb.GenerateRequest, pb.GenerateStreamRequest, pb.GenerateBatchRequest):
+        request = message_type()
+        assert wait.metadata_for(request) is None
+        assert wait.metadata_for(request) is None  # a second try
+        assert request.request_id == wait.request_id
+    counted = pb.CountTokensRequest()
+    assert wait.metadata_for(counted) == (("x-request-id", wait.request_id),)
+    assert len(wait.request_id) == 32 and ServerWait("127.0.0.1:1", None).request_id != wait.request_id
