@@ -58,7 +58,11 @@ def _json_encoder() -> Callable[[Any], str]:
     encoder = c_make_encoder(
         None, _unserializable, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
     )
-    return lambda value: "".join(encoder(value, 0))
+
+    def json_text(value: Any) -> str:
+        return "".join(encoder(value, 0))
+
+    return json_text
 
 
 _json_text = _json_encoder()

@@ -4,6 +4,7 @@ same greedy answers as one by one; a caller that leaves stops its row between to
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -213,8 +214,10 @@ def test_generation_runs_below_the_request_path(batching_server: ServerProcess) 
     model(batching_server).generate_response(CONVERSATIONS[0])
     pid = batching_server.process.pid
     nice = thread_nice_values(pid)
-    assert nice[pid] == 0  # the event loop's thread keeps the server's priority
+    # the server starts at the priority it inherits from this test (a CI may run the suite under nice)
+    started = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice[pid] == started  # the event loop's thread keeps the server's priority
     if torch.cuda.is_available():
-        assert set(nice.values()) == {0}, nice
-    else:
-        assert 5 in nice.values(), nice
+        assert set(nice.values()) == {started}, nice
+    elif started + 5 <= 19:  # at the bottom already, nothing can run lower
+        assert started + 5 in nice.values(), nice

@@ -224,3 +224,44 @@ def test_field_exists_knows_the_request() -> None:
     assert field_exists(request, "messages[0].images[0]") and field_exists(request, "args.top_p")
     assert not field_exists(request, "messages[1].role") and not field_exists(request, "args.seed")
     assert not field_exists(request, "messages[0].image") and not field_exists(request, "model.spec.jsn")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_reply_json_is_what_json_dumps_writes(value: Any) -> None:
+    """The reply's prompt and response objects are encoded by one reused C encoder: the same text as
+    ``json.dumps(value, ensure_ascii=False)`` (NaN, infinities, non-ASCII and escapes included)."""
+    assert convert._json_text(value) == json.dumps(value, ensure_ascii=False)
+
+
+def test_reply_json_refuses_what_json_cannot_hold() -> None:
+    try:
+        convert._json_text({"response": object()})
+    except TypeError as exc:
+        assert "not JSON serializable" in str(exc)
+    else:
+        raise AssertionError("an object JSON cannot hold was encoded")
+
+
+def test_reply_carries_usage_and_spec_even_when_zero() -> None:
+    from clemserve.registry import ModelSpec
+    from clemserve.service.domain import FinishReason, Generation
+
+    spec = ModelSpec.from_dict({"model_name": "echo", "backend": "echo"})
+    generation = Generation(
+        prompt=[{"role": "user", "content": "é"}], response={"response": ""}, text="", prompt_tokens=0,
+        completion_tokens=0, finish_reason=FinishReason.LENGTH,
+    )  # fmt: skip
+    reply = convert.generation_to_proto(generation, spec, "rid-1")
+    assert reply.HasField("usage") and reply.HasField("model_spec")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (0, 0)
+    assert json.loads(reply.model_spec.json) == spec.to_dict() and reply.model_spec.json == spec.to_string()
+    assert (reply.prompt_json, reply.request_id) == ('[{"role": "user", "content": "é"}]', "rid-1")
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH
