@@ -45,6 +45,30 @@ def openai_reply(content: str) -> dict[str, Any]:
     }
 
 
+def responses_reply(text: str, reply_id: str, output_tokens: int) -> dict[str, Any]:
+    """A completed OpenAI Responses API reply (gpt-5-codex) holding one message with ``text`` (5 input tokens)."""
+    return {
+        "id": reply_id,
+        "object": "response",
+        "created_at": 1767225600,
+        "model": "gpt-5-codex",
+        "status": "completed",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_1",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {"input_tokens": 5, "output_tokens": output_tokens, "total_tokens": 5 + output_tokens},
+    }
+
+
 def all_text(path: Path) -> str:
     return path.read_text(errors="replace")
 

@@ -6,6 +6,7 @@ Deterministic: the same seed gives the same weights, so greedy outputs repeat ac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -22,6 +23,22 @@ _CORPUS = [
 ]
 
 
+def bpe_tokenizer(corpus: list[str], specials: list[str], **named: Any) -> Any:
+    """A byte-level BPE tokenizer of 400 tokens trained offline on ``corpus`` (``named``: its special tokens by
+    role, as PreTrainedTokenizerFast takes them)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **named)
+
+
 def build_tiny_llama(
     folder: Path,
     *,
@@ -34,18 +51,10 @@ def build_tiny_llama(
     tied: bool = False,
 ) -> Path:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     specials = ["<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast = bpe_tokenizer(_CORPUS, specials, bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
 
     torch.manual_seed(seed)

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.tiny_model import bpe_tokenizer
+
 #: renders clembench's HF message form: content as a list of {"type": "image"} and {"type": "text"} parts
 LLAVA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
@@ -36,20 +38,6 @@ _CORPUS = [
 ]
 
 
-def _tokenizer(specials: list[str], **named: Any) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **named)
-
-
 def build_tiny_llava(folder: Path, *, seed: int = 0, max_positions: int = 512) -> Path:
     """LLaVA with a 30x30-pixel CLIP tower (2x2 patches of 15): 4 image tokens per image."""
     import torch
@@ -62,8 +50,11 @@ def build_tiny_llava(folder: Path, *, seed: int = 0, max_positions: int = 512) -
         LlavaProcessor,
     )
 
-    tokenizer = _tokenizer(
-        ["<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"], bos_token="<s>", eos_token="</s>"
+    tokenizer = bpe_tokenizer(
+        _CORPUS,
+        ["<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"],
+        bos_token="<s>",
+        eos_token="</s>",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_processor = CLIPImageProcessor(
@@ -121,7 +112,8 @@ def build_tiny_gemma3(folder: Path, *, seed: int = 0, max_positions: int = 512) 
     )
 
     image_tokens = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
-    tokenizer = _tokenizer(
+    tokenizer = bpe_tokenizer(
+        _CORPUS,
         ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", *image_tokens.values()],
         bos_token="<bos>",
         eos_token="<eos>",

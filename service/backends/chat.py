@@ -16,7 +16,7 @@ from typing import Any
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ContextExceededError, FailedPreconditionError, InvalidArgumentError
 
-from ..domain import Message
+from ..domain import GenArgs, Message
 from .context import parse_context_size
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,16 @@ def refuse_images(messages: Sequence[Message], model_name: str) -> None:
     for i, message in enumerate(messages):
         if message.get("image"):
             raise InvalidArgumentError(f"messages[{i}].image", f"{model_name} is a text model and takes no images")
+
+
+def engine_prompt(prompt: str, args: GenArgs) -> dict[str, Any]:
+    """The prompt object of clembench's llama.cpp and vLLM backends: the templated text and the arguments."""
+    return {
+        "inputs": prompt,
+        "max_new_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "return_full_text": False,
+    }
 
 
 def weights_missing(model_name: str, source: str | Path, exc: Exception) -> FailedPreconditionError:

@@ -112,36 +112,11 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         chat = ChatTokenizer(tokenizer, config, self.model_name)
         tokenizer.padding_side = self._padding_side(config, hf_config)
 
-        model_kwargs: dict[str, Any] = {**self.placement.kwargs, "dtype": "auto", **token_kwargs}
-        if config.get("load_in_8bit") or config.get("load_in_4bit"):
-            from transformers import BitsAndBytesConfig
-
-            model_kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-                load_in_8bit=bool(config.get("load_in_8bit")), load_in_4bit=bool(config.get("load_in_4bit"))
-            )
-        if config.get("trust_remote_code"):
-            model_kwargs["trust_remote_code"] = True
-        if config.get("attn_implementation"):
-            model_kwargs["attn_implementation"] = config["attn_implementation"]
-
+        remote_code: dict[str, Any] = {"trust_remote_code": True} if config.get("trust_remote_code") else {}
         progress("loading weights", 0.4)
-        try:
-            model = placement.load_placed(
-                self.model_name,
-                self.placement,
-                self.context.allow_offload,
-                lambda: AutoModelForCausalLM.from_pretrained(source, **model_kwargs),
-            )
-        except OSError as exc:
-            raise weights_missing(self.model_name, source, exc) from None
-        device_map = getattr(model, "hf_device_map", None)
-        if config.get("peft_model"):
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, config["peft_model"])
+        model, where = self._load_weights(AutoModelForCausalLM, source, config, {**token_kwargs, **remote_code})
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.eos_token_id
-        model.eval()
 
         self.chat = chat
         self.tokenizer = tokenizer
@@ -149,7 +124,6 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         self.device = next(model.parameters()).device
         self.context_size = context_size(hf_config, tokenizer, self.spec)
         self.eos_ids = _eos_ids(model, tokenizer)
-        where = placement.describe(device_map) if device_map and len(device_map) > 1 else str(self.device)
         progress(f"ready: context size {self.context_size}, device {where}", 1.0)
 
     def _padding_side(self, config: dict[str, Any], hf_config: Any) -> str:

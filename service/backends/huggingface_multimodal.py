@@ -92,40 +92,15 @@ class HuggingfaceMultimodalBackend(placement.DeviceWorker, Backend):
         except (OSError, ValueError) as exc:
             raise weights_missing(self.model_name, source, exc) from None
 
-        model_kwargs: dict[str, Any] = {**self.placement.kwargs, "dtype": "auto", **remote_code, **token}
-        if config.get("load_in_8bit") or config.get("load_in_4bit"):
-            from transformers import BitsAndBytesConfig
-
-            model_kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-                load_in_8bit=bool(config.get("load_in_8bit")), load_in_4bit=bool(config.get("load_in_4bit"))
-            )
-        if config.get("attn_implementation"):
-            model_kwargs["attn_implementation"] = config["attn_implementation"]
-
         auto_class = model_class(hf_config)
         progress(f"loading weights ({auto_class.__name__})", 0.4)
-        try:
-            model = placement.load_placed(
-                self.model_name,
-                self.placement,
-                self.context.allow_offload,
-                lambda: auto_class.from_pretrained(source, **model_kwargs),
-            )
-        except OSError as exc:
-            raise weights_missing(self.model_name, source, exc) from None
-        device_map = getattr(model, "hf_device_map", None)
-        if config.get("peft_model"):
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, config["peft_model"])
-        model.eval()
+        model, where = self._load_weights(auto_class, source, config, {**remote_code, **token})
 
         self.processor = processor
         self.model = model
         self.device = next(model.parameters()).device
         self.context_size = context_size(hf_config, None, self.spec)  # clembench: no tokenizer fallback
         self.eos_ids = eos_ids(model, processor)
-        where = placement.describe(device_map) if device_map and len(device_map) > 1 else str(self.device)
         progress(f"ready: context size {self.context_size}, device {where}", 1.0)
 
     async def unload(self) -> None:

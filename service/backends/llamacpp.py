@@ -37,7 +37,7 @@ from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, Token
 from ..validation import reject_unsupported_args
 from . import gguf
 from .base import Backend, Progress, lower_thread_priority, missing_dependency
-from .chat import check_chat_config, check_context, precondition, refuse_images, weights_missing
+from .chat import check_chat_config, check_context, engine_prompt, precondition, refuse_images, weights_missing
 from .stream_decoding import on_loop
 
 log = logging.getLogger(__name__)
@@ -367,12 +367,7 @@ class LlamaCppBackend(Backend):
             )
         watch.finish(choice["text"])
         return Generation(
-            prompt={
-                "inputs": prompt,
-                "max_new_tokens": args.max_tokens,
-                "temperature": args.temperature,
-                "return_full_text": False,
-            },
+            prompt=engine_prompt(prompt, args),
             response={"response": output},
             text=clean(choice["text"], self.model_config),
             prompt_tokens=int(usage.get("prompt_tokens", length)),

@@ -19,11 +19,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
 
 from .base import BackendContext, BackendDeadError, lower_thread_priority
+from .chat import weights_missing
 
 T = TypeVar("T")
 
@@ -269,6 +271,40 @@ class DeviceWorker:
         await asyncio.get_running_loop().run_in_executor(
             self._executor, on_device, self.model_name, "loading", load, _free_memory
         )
+
+    def _load_weights(
+        self, auto_class: Any, source: str | Path, config: Mapping[str, Any], hub: Mapping[str, Any]
+    ) -> tuple[Any, str]:
+        """The model's weights (``auto_class.from_pretrained``, ``hub``: its token and remote-code arguments) with
+        the entry's loading options (8- or 4-bit, attention implementation, a PEFT adapter), placed by
+        :func:`load_placed`; a folder or file that is not there is :func:`~.chat.weights_missing`. Returns the
+        model, in eval mode, and where it runs: its device, or accelerate's map when it spans several."""
+        model_kwargs: dict[str, Any] = {**self.placement.kwargs, "dtype": "auto", **hub}
+        if config.get("load_in_8bit") or config.get("load_in_4bit"):
+            from transformers import BitsAndBytesConfig
+
+            model_kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+                load_in_8bit=bool(config.get("load_in_8bit")), load_in_4bit=bool(config.get("load_in_4bit"))
+            )
+        if config.get("attn_implementation"):
+            model_kwargs["attn_implementation"] = config["attn_implementation"]
+        try:
+            model = load_placed(
+                self.model_name,
+                self.placement,
+                self.context.allow_offload,
+                lambda: auto_class.from_pretrained(source, **model_kwargs),
+            )
+        except OSError as exc:
+            raise weights_missing(self.model_name, source, exc) from None
+        device_map = getattr(model, "hf_device_map", None)
+        if config.get("peft_model"):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, config["peft_model"])
+        model.eval()
+        where = describe(device_map) if device_map and len(device_map) > 1 else str(next(model.parameters()).device)
+        return model, where
 
     async def _stop_worker(self, drop: Callable[[], None]) -> None:
         """Run ``drop`` (which lets go of the model) in the worker, then end the worker."""

@@ -25,7 +25,15 @@ from clemserve.registry.errors import (
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
 from .base import Backend, BackendDeadError, Progress, missing_dependency
-from .chat import CHAT_CONFIG, ChatTokenizer, check_chat_config, context_size, refuse_images, weights_missing
+from .chat import (
+    CHAT_CONFIG,
+    ChatTokenizer,
+    check_chat_config,
+    context_size,
+    engine_prompt,
+    refuse_images,
+    weights_missing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +179,7 @@ class VLLMBackend(Backend):
         if cot is not None:
             response["cot_content"] = cot
         return Generation(
-            prompt={
-                "inputs": prompt,
-                "max_new_tokens": args.max_tokens,
-                "temperature": args.temperature,
-                "return_full_text": False,
-            },
+            prompt=engine_prompt(prompt, args),
             response=response,
             text=text,
             prompt_tokens=len(ids),

@@ -21,6 +21,7 @@ from clemserve.service.backends import BackendContext, BackendDeadError, placeme
 from clemserve.service.backends.chat import ChatTokenizer, context_size
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
 from clemserve.service.domain import GenArgs, Generation, Message, Row
+from tests import device_failures
 
 
 def msg(text: str) -> list[Message]:
@@ -324,31 +325,17 @@ def loaded(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> An
     asyncio.run(b.unload())
 
 
-@pytest.mark.parametrize(
-    ("failure", "becomes", "says"),
-    [
-        ("CUDA error: an illegal memory access was encountered", BackendDeadError, "left its GPU state unusable"),
-        ("oom", ResourceExhaustedError, "out of memory while generating with m"),
-        ("host", ResourceExhaustedError, "out of memory while generating with m"),
-        ("a bug", RuntimeError, "a bug"),
-    ],
-)
+@pytest.mark.parametrize(("failure", "becomes", "says"), device_failures.failures("m"))
 def test_a_failure_while_generating_becomes_what_it_means(
     loaded: Any, monkeypatch: pytest.MonkeyPatch, failure: str, becomes: type[BaseException], says: str
 ) -> None:
-    import torch
-
     from clemserve.service.backends import huggingface_local
 
     freed: list[bool] = []
     monkeypatch.setattr(huggingface_local, "free_memory", lambda: freed.append(True))
-    raised = {
-        "oom": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-        "host": MemoryError(),
-    }.get(failure, RuntimeError(failure))
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        raise raised
+        raise device_failures.raised(failure)
 
     monkeypatch.setattr(loaded.model, "generate", generate)
     with pytest.raises(becomes) as caught:

@@ -26,6 +26,7 @@ from clemserve.service.backends.huggingface_multimodal import (
     processor_messages,
 )
 from clemserve.service.domain import GenArgs, ImagePart
+from tests import device_failures
 from tests.tiny_vlm import draw_png
 
 
@@ -289,33 +290,17 @@ def loaded(tmp_path_factory: pytest.TempPathFactory, gemma3_dir: Path) -> Any:
     asyncio.run(b.unload())
 
 
-@pytest.mark.parametrize(
-    ("failure", "becomes", "says"),
-    [
-        ("CUDA error: an illegal memory access was encountered", BackendDeadError, "left its GPU state unusable"),
-        ("accelerator", BackendDeadError, "device-side assert triggered"),
-        ("oom", ResourceExhaustedError, "out of memory while generating with vlm"),
-        ("host", ResourceExhaustedError, "out of memory while generating with vlm"),
-        ("a bug", RuntimeError, "a bug"),
-    ],
-)
+@pytest.mark.parametrize(("failure", "becomes", "says"), device_failures.failures("vlm"))
 def test_a_failure_while_generating_becomes_what_it_means(
     loaded: Any, monkeypatch: pytest.MonkeyPatch, failure: str, becomes: type[BaseException], says: str
 ) -> None:
-    import torch
-
     from clemserve.service.backends import huggingface_multimodal
 
     freed: list[bool] = []
     monkeypatch.setattr(huggingface_multimodal, "free_memory", lambda: freed.append(True))
-    raised = {
-        "accelerator": torch.AcceleratorError("CUDA error: device-side assert triggered"),
-        "oom": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-        "host": MemoryError(),
-    }.get(failure, RuntimeError(failure))
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        raise raised
+        raise device_failures.raised(failure)
 
     monkeypatch.setattr(loaded.model, "generate", generate)
     look = [{"role": "user", "content": "What is in this picture?", "image": [png(1)]}]

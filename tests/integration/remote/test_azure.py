@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import clemserve.client as backends
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks, responses_reply
 from tests.serving import ServerProcess
 from tests.standin import Recorded, Reply, StandIn
 
@@ -227,26 +227,7 @@ def test_gpt_empty_content(server: ServerProcess, azure: StandIn) -> None:
 
 
 def test_codex_uses_the_responses_api(server: ServerProcess, azure: StandIn) -> None:
-    answer = {
-        "id": "resp_standin",
-        "object": "response",
-        "created_at": 1767225600,
-        "model": "gpt-5-codex",
-        "status": "completed",
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_1",
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": " print('hi')\n", "annotations": []}],
-            }
-        ],
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-        "usage": {"input_tokens": 5, "output_tokens": 4, "total_tokens": 9},
-    }
+    answer = responses_reply(" print('hi')\n", "resp_standin", 4)
     azure.script("POST", RESPONSES, Reply(200, answer))
     prompt, response, text = generate(server, "upgpt-codex", WITH_SYSTEM)
     (request,) = sent(azure, RESPONSES)

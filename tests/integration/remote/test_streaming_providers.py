@@ -37,6 +37,7 @@ from tests.providers import (
     openai_events,
     responses_error_event,
     responses_events,
+    responses_reply,
     sse,
 )
 from tests.serving import ServerProcess
@@ -96,26 +97,7 @@ GEMINI_REPLY = {
     "modelVersion": GEMINI,
     "responseId": "mAitaLmkHPPlz7IPvtfUqQ4",
 }
-RESPONSES_REPLY = {
-    "id": "resp_stream",
-    "object": "response",
-    "created_at": 1767225600,
-    "model": "gpt-5-codex",
-    "status": "completed",
-    "output": [
-        {
-            "type": "message",
-            "id": "msg_1",
-            "status": "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": RAW, "annotations": []}],
-        }
-    ],
-    "parallel_tool_calls": True,
-    "tool_choice": "auto",
-    "tools": [],
-    "usage": {"input_tokens": 5, "output_tokens": 6, "total_tokens": 11},
-}
+RESPONSES_REPLY = responses_reply(RAW, "resp_stream", 6)
 THINKING = {"type": "thinking", "thinking": "The user wants a greeting.", "signature": "EqQBCgIYAhIM1gbcDa9GJwZA"}
 
 Events = Callable[[dict[str, Any], list[str]], list[tuple[str | None, Any]]]
