@@ -11,14 +11,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import ClemserveError
 from clemserve.registry.keys import ENVIRONMENT_KEYS
 
-from .backends import key_entry, requirements
+from .backends import Weights, key_entry, locate_weights, requirements
+from .backends.weights import SnapshotFinder, cached_snapshot
 from .domain import Availability
 
 #: model_config flags that load the model through bitsandbytes, which needs a CUDA GPU
@@ -32,23 +31,6 @@ def _has_package(name: str) -> bool:
         return False
 
 
-def _cached_snapshot(repo: str) -> Path | None:
-    """The cached snapshot folder of hub id ``repo`` when it holds a config and weights; no network."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        config = try_to_load_from_cache(repo, "config.json")
-    except ValueError:  # not a valid repo id
-        return None
-    if not isinstance(config, str):
-        return None
-    folder = Path(config).parent
-    weights = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-    return folder if any(next(folder.glob(pattern), None) for pattern in weights) else None
-
-
 @dataclass(frozen=True)
 class Machine:
     """What this server has, as the check sees it; the defaults look at the real machine."""
@@ -59,7 +41,7 @@ class Machine:
     offline: bool
     has_package: Callable[[str], bool] = _has_package
     #: the folder of a hub id's cached snapshot with its config and weights, or None
-    cached_snapshot: Callable[[str], Path | None] = _cached_snapshot
+    cached_snapshot: SnapshotFinder = cached_snapshot
 
 
 def availability(spec: ModelSpec, machine: Machine) -> tuple[Availability, str]:
@@ -83,16 +65,15 @@ def availability(spec: ModelSpec, machine: Machine) -> tuple[Availability, str]:
                 return Availability.NEEDS_EXTRA, f"model_config.{flag} needs pip install bitsandbytes"
     if config.get("peft_model") and not machine.has_package("peft"):
         return Availability.NEEDS_EXTRA, "model_config.peft_model needs pip install peft"
-    key = key_entry(backend, str(spec.get("model_id", ""))) if needs.key else ""
+    key = key_entry(spec)
     if needs.weights and config.get("requires_api_key"):
         key = "huggingface"
     if key:
         found = _key_problem(machine.keys, key)
         if found:
             return Availability.NEEDS_KEY, found
-    if needs.weights:
-        return _weights(spec, config, machine)
-    return Availability.CAN_LOAD, ""
+    located = locate_weights(spec, machine.cached_snapshot) if needs.weights else None
+    return _weights(located, machine) if located is not None else (Availability.CAN_LOAD, "")
 
 
 def _key_problem(keys: KeyRegistry, name: str) -> str:
@@ -105,39 +86,14 @@ def _key_problem(keys: KeyRegistry, name: str) -> str:
     return ""
 
 
-def _weights(spec: ModelSpec, config: dict[str, Any], machine: Machine) -> tuple[Availability, str]:
-    gguf = config.get("gguf")
-    if isinstance(gguf, dict):
-        # shipped inside a Python distribution (the demo model): installed or not, nothing to download
-        from .backends.gguf import locate
-
-        try:
-            locate(str(gguf.get("distribution")), str(gguf.get("file")))
-        except ClemserveError as exc:
-            return Availability.NEEDS_WEIGHTS, exc.message
+def _weights(found: Weights, machine: Machine) -> tuple[Availability, str]:
+    if found.unservable:
+        return Availability.NOT_SERVED, found.missing
+    if found.found:
         return Availability.CAN_LOAD, ""
-    source = str(spec.get("huggingface_id", ""))
-    if not source:
-        return Availability.NOT_SERVED, "the registry entry has no huggingface_id"
-    if spec.get("backend") == "llamacpp" and isinstance(config.get("filename"), str):
-        # a GGUF repository has no config.json: look for the one file the entry's glob names
-        from .backends.llamacpp import model_file
-
-        try:
-            model_file(spec, config)
-        except ClemserveError as exc:
-            if machine.offline:
-                return Availability.NEEDS_WEIGHTS, exc.message
-            return Availability.CAN_LOAD, f"the first load downloads {source} from the Hugging Face hub"
-        return Availability.CAN_LOAD, ""
-    if Path(source).is_dir() or machine.cached_snapshot(source) is not None:
-        return Availability.CAN_LOAD, ""
-    if machine.offline:
-        return (
-            Availability.NEEDS_WEIGHTS,
-            f"the server is offline (HF_HUB_OFFLINE) and {source} is not in its Hugging Face cache",
-        )
-    return Availability.CAN_LOAD, f"the first load downloads {source} from the Hugging Face hub"
+    if found.download and not machine.offline:
+        return Availability.CAN_LOAD, f"the first load downloads {found.source} from the Hugging Face hub"
+    return Availability.NEEDS_WEIGHTS, found.missing
 
 
 def hub_offline() -> bool:

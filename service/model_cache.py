@@ -19,7 +19,7 @@ from clemserve.registry import ModelRegistry, ModelSpec, ensure_alternating_role
 from clemserve.registry.errors import ClemserveError, ResourceExhaustedError, UnavailableError
 
 from .availability import Machine, availability, hub_offline
-from .backends import Backend, BackendContext, BackendDeadError, backend_class
+from .backends import Backend, BackendContext, BackendDeadError, backend_for
 from .domain import (
     Availability,
     CacheSnapshot,
@@ -145,7 +145,7 @@ class ModelManager:
         backend: Backend | None = None
         timeout = self.residency.policy.load_timeout_s
         try:
-            backend = backend_class(model.spec["backend"])(model.spec, self.context)
+            backend = backend_for(model.spec)(model.spec, self.context)
             await asyncio.wait_for(backend.load(progress), timeout if timeout > 0 else None)
         except BaseException as exc:
             if isinstance(exc, asyncio.TimeoutError):  # Python 3.10: not yet the builtin

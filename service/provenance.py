@@ -22,7 +22,7 @@ from typing import Any
 
 from clemserve.registry import ModelSpec
 
-from .backends import requirements
+from .backends import locate_weights, requirements
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _hashes: dict[tuple[tuple[str, int, int], ...], str] = {}
@@ -49,7 +49,7 @@ def describe(spec: ModelSpec, engine: object | None = None) -> Provenance:
     if not needs.weights:
         return Provenance(_version("clemserve"), versions)
     config = spec.get("model_config") or {}
-    folder, revision = _weights(spec, config)
+    folder, revision = _weights(spec)
     dtype, device = engine_facts(engine) if engine is not None else ("", "")
     return Provenance(_version("clemserve"), versions, revision, dtype or _dtype(config, folder), device or _device())
 
@@ -93,38 +93,21 @@ def _distributions() -> dict[str, list[str]]:
     return dict(importlib.metadata.packages_distributions())
 
 
-def _weights(spec: ModelSpec, config: dict[str, Any]) -> tuple[Path | None, str]:
-    """The folder holding the model's config (where known) and the weights' revision."""
-    source = config.get("gguf")
-    if isinstance(source, dict) and isinstance(source.get("distribution"), str):
-        from .backends import gguf
-
-        try:
-            path = gguf.locate(source["distribution"], str(source.get("file")))
-        except Exception:  # not installed: ListModels says why; nothing to identify
-            return None, ""
-        return None, "sha256:" + _files_hash([path])
-    name = str(spec.get("huggingface_id") or spec.get("model_id") or "")
-    local = Path(name).expanduser()
-    if name and local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-        return local, ("sha256:" + _files_hash(files)) if files else ""
-    return _hub_snapshot(name)
-
-
-def _hub_snapshot(repo_id: str) -> tuple[Path | None, str]:
-    if not repo_id or importlib.util.find_spec("huggingface_hub") is None:
-        return None, ""
-    from huggingface_hub import try_to_load_from_cache
-
+def _weights(spec: ModelSpec) -> tuple[Path | None, str]:
+    """The folder holding the model's config (where known) and the weights' revision: a hash of its files
+    where they are on this machine (a local folder, a GGUF file), else the hub snapshot's commit."""
     try:
-        cached = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # not a valid repo id
+        found = locate_weights(spec)
+    except Exception:  # the weights cannot be found: ListModels says why; nothing to identify
         return None, ""
-    if not isinstance(cached, str):  # not downloaded yet: the first load fetches it
+    if found is None or not found.found:
         return None, ""
-    snapshot = Path(cached).parent
-    return snapshot, f"hf:{snapshot.name}"
+    if found.files:
+        return found.folder, "sha256:" + _files_hash(list(found.files))
+    if found.local and found.folder is not None:
+        files = sorted(p for p in found.folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        return found.folder, ("sha256:" + _files_hash(files)) if files else ""
+    return found.folder, f"hf:{found.folder.name}" if found.folder is not None else ""
 
 
 def _files_hash(paths: list[Path]) -> str:

@@ -24,29 +24,16 @@ from typing import Any
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ResourceExhaustedError
 
+from .backends import estimate, locate_weights, memory_of
 from .domain import GpuMemory
 from .loaded import LoadedModel
-from .memory import (
-    GPU_BACKENDS,
-    Budget,
-    Estimate,
-    KvRoom,
-    ResidencyPolicy,
-    available_ram,
-    budget_from_setting,
-    estimate,
-    read_devices,
-    tensor_parallel_size,
-    weight_files_bytes,
-)
+from .memory import Budget, Estimate, KvRoom, ResidencyPolicy, Sizing, available_ram, budget_from_setting, read_devices
 from .resolver import cache_key
 
 log = logging.getLogger(__name__)
 
 #: what loading weights takes beyond their own size (buffers, the loader's copies), for the RAM check
 LOAD_OVERHEAD = 1.2
-#: the backends whose loader reads the weights through this process's memory (transformers)
-RAM_CHECKED_BACKENDS = frozenset({"huggingface_local"})
 
 
 @dataclass(frozen=True)
@@ -109,7 +96,7 @@ class Residency:
         """The budget, found off the event loop on first use, so that a server that never loads a local
         model never asks a GPU. A GPU backend's load (``loading``) may ask torch when nothing else found a
         GPU (no NVML, no driver entries in /proc): once."""
-        gpu_load = loading is not None and loading.get("backend") in GPU_BACKENDS
+        gpu_load = loading is not None and memory_of(loading).on_gpus
         if self._budget is None or (gpu_load and not self._torch_asked and self._budget.kind != "gpu"):
             self._torch_asked = gpu_load
             found = await asyncio.to_thread(budget_from_setting, self.policy.memory_budget, may_import_torch=gpu_load)
@@ -149,13 +136,8 @@ class Residency:
         if found is None:
             budget = self._budget
             gpu = budget.devices[0].total_bytes if budget is not None and budget.devices else 0
-            found = self._estimates[key] = estimate(
-                spec,
-                self._cache_dir,
-                max_batch=self._max_batch,
-                kv_tokens=self.policy.kv_cache_tokens,
-                gpu_bytes=gpu,
-            )
+            sizing = Sizing(self._cache_dir, self._max_batch, self.policy.kv_cache_tokens, gpu)
+            found = self._estimates[key] = estimate(spec, sizing)
         return found
 
     def estimate_parts(self, key: str, spec: ModelSpec) -> Estimate:
@@ -205,8 +187,8 @@ class Residency:
                     model.name,
                 )
                 await self._unload(victim)
-            if model.spec["backend"] == "vllm" and budget.kind == "gpu":
-                await self._check_engine_share(model, budget)
+            if budget.kind == "gpu":
+                await self._check_engine_share(model, self._estimate(key, model.spec))
             model.charged_bytes = need
 
     async def _check_available(self, key: str, model: LoadedModel, budget: Budget) -> None:
@@ -214,13 +196,15 @@ class Residency:
         memory when the budget counts GPUs (the model goes there), else the machine's available RAM. A first,
         coarse check that catches memory other processes hold. A local folder's weights are the size of its
         weight files; others' (a hub id, a GGUF file), and quantised ones, the estimate's."""
-        if model.spec["backend"] not in RAM_CHECKED_BACKENDS:
+        if not memory_of(model.spec).read_through_ram:
             return
-        source, found = str(model.spec.get("huggingface_id") or ""), self._estimates.get(key)
+        found = self._estimates.get(key)
         config = model.spec.get("model_config", {})
         quantised = isinstance(config, dict) and (config.get("load_in_4bit") or config.get("load_in_8bit"))
-        if source and Path(source).is_dir() and not quantised:
-            weights = int(weight_files_bytes(Path(source)) * LOAD_OVERHEAD)
+        located = None if quantised else await asyncio.to_thread(locate_weights, model.spec)
+        on_disk = located.bytes_on_disk() if located is not None else 0
+        if on_disk:
+            weights = int(on_disk * LOAD_OVERHEAD)
         else:
             weights = int(found.weights * LOAD_OVERHEAD) if found is not None else 0
         if not weights:
@@ -238,33 +222,30 @@ class Residency:
                 metadata={"memory_kind": budget.kind},
             )
 
-    async def _check_engine_share(self, model: LoadedModel, budget: Budget) -> None:
-        """vLLM takes its ``gpu_memory_utilization`` share (0.9 unless set) of each of its GPUs at start and refuses
-        to start when a GPU has less free: whatever the budget says, what this process already holds there (its
-        CUDA context, other models, other engines) and what other processes hold must leave it that share."""
-        config = model.spec.get("model_config", {})
-        config = config if isinstance(config, dict) else {}
-        found = config.get("vllm_args")
-        args: dict[str, Any] = found if isinstance(found, dict) else {}
-        gpus = tensor_parallel_size(config)
-        devices = await self.devices()
-        if not devices or args.get("kv_cache_memory_bytes"):  # a KV cache of a given size: no share is taken
+    async def _check_engine_share(self, model: LoadedModel, found: Estimate) -> None:
+        """An engine that takes a share of each of its GPUs at start (vLLM: ``gpu_memory_utilization``, 0.9 unless
+        set) refuses to start when a GPU has less free: whatever the budget says, what this process already holds
+        there (its CUDA context, other models, other engines) and what other processes hold must leave it that
+        share."""
+        if not found.gpu_share:
             return
-        share = float(args.get("gpu_memory_utilization", 0.9))
+        devices = await self.devices()
+        if not devices:
+            return
+        share, gpus = found.gpu_share, found.gpus
         wanted = [int(d.total_bytes * share) for d in devices[:gpus]]
         short = [(d, w) for d, w in zip(devices, wanted, strict=False) if _free(d) < w]
         if len(devices) < gpus or short:
             device, want = short[0] if short else (devices[-1], wanted[-1])
             raise ResourceExhaustedError(
-                f"cannot start {model.name}'s vLLM engine: it takes {share:g} of each of its {gpus} GPU(s) "
+                f"cannot start {model.name}'s engine: it takes {share:g} of each of its {gpus} GPU(s) "
                 f"({want / 2**30:.1f} GiB on cuda:{device.index}), and cuda:{device.index} has "
                 f"{_free(device) / 2**30:.1f} GiB free: this server holds {device.process_bytes / 2**30:.1f} GiB "
                 f"there (its CUDA context and loaded models) and other processes "
-                f"{device.used_by_others_bytes / 2**30:.1f} GiB. Lower model_config.vllm_args.gpu_memory_utilization "
-                "or unload models",
+                f"{device.used_by_others_bytes / 2**30:.1f} GiB. Lower {found.share_field} or unload models",
                 required_bytes=want,
                 available_bytes=_free(device),
-                metadata={"field": "model_config.vllm_args.gpu_memory_utilization", "memory_kind": "gpu"},
+                metadata={"field": found.share_field, "memory_kind": "gpu"},
             )
 
     # -- the KV cache of running batches --------------------------------------------------------------

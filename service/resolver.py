@@ -16,11 +16,11 @@ from typing import Any
 from clemserve.registry import ModelRegistry, ModelSpec
 from clemserve.registry.errors import InvalidArgumentError
 
+from .backends import PLAYER_BACKENDS
 from .security.client_specs import check_selector
 
 Selector = str | Mapping[str, Any]
 
-_PLAYER_BACKENDS = ("_player_human", "_player_programmed")
 RESOLVE_CACHE_SIZE = 4096
 SELECTORS_HELD = 64
 #: the spec fields that decide what a load produces (weights, engine, context); others, such as
@@ -76,7 +76,7 @@ class Resolver:
     def servable(self, selector: Selector) -> tuple[ModelSpec, str]:
         """``resolved``, refusing the players that a game answers for itself."""
         spec, key = self.resolved(selector)
-        if spec["backend"] in _PLAYER_BACKENDS:
+        if spec["backend"] in PLAYER_BACKENDS:
             raise InvalidArgumentError(
                 "model",
                 f"{spec['model_name']!r} is a {spec['backend'][len('_player_') :]} player: the game answers "

@@ -75,3 +75,27 @@ def build_tiny_llama(
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+#: bytes per element of the safetensors dtypes the fakes use
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
+
+
+def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A valid safetensors file of any size that holds no disk: its header, then a hole as long as the
+    tensors' data (a file system with sparse files allocates none of it)."""
+    import json
+
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        size = _DTYPE_BYTES[dtype]
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(text).to_bytes(8, "little") + text)
+        out.truncate(8 + len(text) + offset)

@@ -24,13 +24,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from clemserve.registry import Key, ModelSpec
+from clemserve.registry import Key
 from clemserve.registry.errors import FailedPreconditionError
 
 from ..domain import GenArgs, ImagePart, Message, TextSink
 from ..validation import reject_unsupported_args
 from .anthropic import API_VERSION, classify_anthropic, parse_message, stream_message
-from .base import BackendContext
 from .openai import (
     MalformedAnswer,
     base_url,
@@ -56,16 +55,9 @@ RESPONSES_API_MODELS = frozenset({"upgpt-codex"})
 
 
 class AzureBackend(RemoteBackend):
-    """Picks the route's class when constructed: AzureClaudeBackend or AzureGPTBackend."""
+    """What the routes share; the catalog picks the route's class, AzureClaudeBackend or AzureGPTBackend."""
 
     name = "azure"
-
-    def __new__(cls, spec: ModelSpec, context: BackendContext) -> AzureBackend:
-        route: type[AzureBackend] = cls
-        if cls is AzureBackend:
-            claude = "claude" in str(spec.get("model_id", "")).lower()
-            route = AzureClaudeBackend if claude else AzureGPTBackend
-        return super().__new__(route)
 
     def connect(self, key: Key) -> Any:
         url = base_url(key, self.key_name)

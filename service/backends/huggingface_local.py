@@ -23,10 +23,10 @@ from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ContextExceededError, InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, Outcome, Row, TokenCount
-from ..memory import KvRoom, free_memory
+from ..memory import Estimate, KvRoom, Sizing, free_memory
 from ..validation import reject_unsupported_args
-from . import gguf, placement
-from .base import BackendContext, BatchingBackend, Progress, RowDone, missing_dependency
+from . import footprint, gguf, placement
+from .base import BatchingBackend, Progress, RowDone, missing_dependency
 from .chat import (
     CHAT_CONFIG,
     ChatTokenizer,
@@ -36,7 +36,7 @@ from .chat import (
     refuse_images,
     weights_missing,
 )
-from .huggingface_multimodal import HuggingfaceMultimodalBackend, is_multimodal
+from .huggingface_multimodal import is_multimodal
 from .stream_decoding import BatchStreamer, on_loop
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,6 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
     concurrency = 1
     #: the KV cache its batches may hold (residency hands it over once the model is loaded; None: unchecked)
     kv: KvRoom | None = None
-
-    def __new__(cls, spec: ModelSpec, context: BackendContext) -> Any:
-        """clembench picks its class by ``model_config.multimodal``; so does this constructor."""
-        if cls is HuggingfaceLocalBackend and is_multimodal(spec.get("model_config")):
-            return HuggingfaceMultimodalBackend(spec, context)
-        return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -318,3 +312,35 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
+
+
+def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
+    """The safetensors headers of the weight files (dtype and shape of every tensor), else the parameter count
+    from ``config.json``, times the bytes of the dtype the model loads in (``dtype="auto"``: the checkpoint's
+    ``torch_dtype``, float32 when it names none); a GGUF file's tensors counted as float32, which is what its
+    one-time conversion writes. ``load_in_4bit`` and ``load_in_8bit`` count the linear layers' weights at the
+    quantised size (4 bits plus a float32 scale per 64 weights; 8 bits plus one per row); embeddings and norms
+    stay as they are. Plus the KV-cache allowance of :func:`footprint.with_kv` (transformers allocates the
+    cache as a batch grows, so each batch is checked again when it is admitted: memory.KvRoom); a
+    vision-language model runs one row at a time."""
+    config = spec.get("model_config", {})
+    config = config if isinstance(config, dict) else {}
+    if is_multimodal(config):
+        sizing = dataclasses.replace(sizing, max_batch=1)
+    if "gguf" in config:
+        path = gguf.locate(config["gguf"]["distribution"], config["gguf"]["file"])
+        parameters, hf_config = footprint.gguf_weights(path)
+        found = Estimate(parameters * footprint.DTYPE_BYTES["float32"], source="gguf header")
+        return footprint.with_kv(found, hf_config, 4, spec, sizing)
+    folder = footprint.local_folder(str(spec.get("huggingface_id", "")))
+    hf_config = footprint.read_config(folder)
+    dtype_bytes = footprint.dtype_bytes(hf_config)
+    bits = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 0
+    tensors = footprint.safetensors_tensors(folder)
+    if tensors:
+        weights, source = footprint.tensor_bytes(tensors, bits), "safetensors headers"
+    else:
+        weights, source = footprint.config_bytes(hf_config, dtype_bytes, bits), "config.json"
+    if bits:
+        source += f", linear layers at {bits} bits"
+    return footprint.with_kv(Estimate(weights, source=source), hf_config, dtype_bytes, spec, sizing)

@@ -31,14 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from clemserve.registry import ModelSpec
-from clemserve.registry.errors import InvalidArgumentError
+from clemserve.registry.errors import ClemserveError, InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
+from ..memory import Estimate, Sizing
 from ..validation import reject_unsupported_args
-from . import gguf
+from . import footprint, gguf
 from .base import Backend, Progress, lower_thread_priority, missing_dependency
 from .chat import check_chat_config, check_context, engine_prompt, precondition, refuse_images, weights_missing
 from .stream_decoding import on_loop
+from .weights import SnapshotFinder, Weights, cached_snapshot, packaged, transformers_weights
 
 log = logging.getLogger(__name__)
 
@@ -374,3 +376,32 @@ class LlamaCppBackend(Backend):
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=FinishReason.LENGTH if choice.get("finish_reason") == "length" else FinishReason.STOP,
         )
+
+
+def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
+    """llama.cpp maps the GGUF tensors as stored (quantized): the file's size; plus its float16 KV cache for
+    the context the header declares, which it allocates whole (the backend loads with that context)."""
+    config = spec.get("model_config", {})
+    path = model_file(spec, config if isinstance(config, dict) else {})
+    _, hf_config = footprint.gguf_weights(path)
+    kv_cache = footprint.kv_cache_bytes(
+        hf_config, footprint.DTYPE_BYTES["float16"], footprint.context(hf_config, spec), 1
+    )
+    return Estimate(path.stat().st_size, kv_cache, "gguf header")
+
+
+def weights(spec: ModelSpec, find: SnapshotFinder = cached_snapshot) -> Weights:
+    """The entry's GGUF file: shipped in a distribution, else the one file ``model_config.filename`` matches
+    in the ``huggingface_id`` folder or the hub's cache (a GGUF repository has no config.json); entries
+    without a ``filename`` as a transformers checkpoint."""
+    config = spec.get("model_config", {})
+    config = config if isinstance(config, dict) else {}
+    shipped = packaged(config)
+    source = str(spec.get("huggingface_id", ""))
+    if shipped is not None or not source or not isinstance(config.get("filename"), str):
+        return shipped or transformers_weights(spec, find)
+    try:
+        path = model_file(spec, config)
+    except ClemserveError as exc:
+        return Weights(source, missing=exc.message, download=True)
+    return Weights(source, files=(path,), local=Path(source).is_dir())

@@ -24,6 +24,8 @@ from clemserve.registry.errors import (
 )
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
+from ..memory import Estimate, Sizing
+from . import footprint
 from .base import Backend, BackendDeadError, Progress, missing_dependency
 from .chat import (
     CHAT_CONFIG,
@@ -238,3 +240,37 @@ def _sampling_fields(sampling_params: Any) -> frozenset[str]:
     else:
         fields = getattr(sampling_params, "__struct_fields__", ())
     return frozenset(f for f in fields if not f.startswith("_")) - _RESERVED_ARGS
+
+
+def tensor_parallel_size(config: dict[str, Any]) -> int:
+    """The GPUs an entry runs on: ``vllm_args.tensor_parallel_size``, else ``number_gpus``, else 1."""
+    args = config.get("vllm_args", {}) if isinstance(config.get("vllm_args"), dict) else {}
+    value = args.get("tensor_parallel_size") or config.get("number_gpus") or 1
+    return max(1, int(value)) if isinstance(value, int | str) and str(value).isdigit() else 1
+
+
+def estimate(spec: Any, sizing: Sizing) -> Estimate:
+    """The weights (safetensors headers, else ``config.json``'s parameters at its dtype) plus the engine's
+    KV-cache space: ``vllm_args.kv_cache_memory_bytes`` per GPU, else on a GPU the ``gpu_memory_utilization``
+    share (0.9 unless set) of each of its ``tensor_parallel_size`` GPUs minus the weights (vLLM takes that
+    share whole, on every GPU it uses, and refuses to start where a GPU has less free), else
+    ``VLLM_CPU_KVCACHE_SPACE`` GiB on a CPU."""
+    config = spec.get("model_config", {})
+    config = config if isinstance(config, dict) else {}
+    folder = footprint.local_folder(str(spec.get("huggingface_id", "")))
+    weights = footprint.safetensors_bytes(folder)
+    if not weights:
+        hf_config = footprint.read_config(folder)
+        weights = footprint.parameter_count(hf_config) * footprint.dtype_bytes(hf_config)
+    args = config.get("vllm_args", {}) if isinstance(config.get("vllm_args"), dict) else {}
+    gpus = tensor_parallel_size(config)
+    if args.get("kv_cache_memory_bytes"):  # a KV cache of a given size: no share is taken
+        kv = int(args["kv_cache_memory_bytes"]) * gpus
+        return Estimate(weights, kv, "vllm_args.kv_cache_memory_bytes", gpus=gpus)
+    share = float(args.get("gpu_memory_utilization", 0.9))
+    taken = {"gpu_share": share, "gpus": gpus, "share_field": "model_config.vllm_args.gpu_memory_utilization"}
+    if sizing.gpu_bytes:
+        kv = max(0, int(sizing.gpu_bytes * share) * gpus - weights)
+        return Estimate(weights, kv, f"vllm gpu_memory_utilization on {gpus} GPU(s)", **taken)
+    space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))  # vLLM's CPU default is 4 GiB
+    return Estimate(weights, int(space * 2**30), "vllm VLLM_CPU_KVCACHE_SPACE", **taken)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.service import backends
 from clemserve.service.availability import Machine, availability
+from clemserve.service.backends import Backend
 from clemserve.service.domain import Availability
 
 EVERYTHING = frozenset({"torch", "transformers", "accelerate", "openai", "anthropic", "google.genai", "cohere"})
@@ -40,10 +42,14 @@ def spec(backend: str, **fields: Any) -> ModelSpec:
 HF = {"huggingface_id": "org/tiny"}
 
 
-def test_every_served_backend_has_requirements() -> None:
-    # a new backend without an entry in the table would break ListModels
-    for name in backends._BACKENDS:
-        assert backends.requirements(name) is backends._REQUIREMENTS[name]
+def test_every_served_backend_has_requirements_and_a_class() -> None:
+    # a new backend without a whole catalog entry would break ListModels or its load
+    for name in backends.served_backends():
+        entry = backends.catalog(name)
+        assert backends.requirements(name) is entry.requirements and entry.routes[-1].when is None
+        for route in entry.routes:
+            module, _, cls = route.target.partition(":")
+            assert issubclass(getattr(importlib.import_module(f"clemserve.service.backends.{module}"), cls), Backend)
 
 
 def test_echo_can_load(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ vLLM's estimate, admission and start-up errors: what only a GPU machine reaches,
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import types
 from pathlib import Path
@@ -12,16 +11,19 @@ from typing import Any
 
 import pytest
 
+import clemserve.service.backends.footprint as footprint
 import clemserve.service.gpus as gpus
 import clemserve.service.memory as memory
 import clemserve.service.residency as residency_module
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
+from clemserve.service.backends import estimate
 from clemserve.service.domain import GpuMemory, ModelState
 from clemserve.service.loaded import LoadedModel
-from clemserve.service.memory import ResidencyPolicy, budget_from_setting, estimate
+from clemserve.service.memory import ResidencyPolicy, Sizing, budget_from_setting
 from clemserve.service.residency import Residency
 from clemserve.service.resolver import cache_key
+from tests.tiny_model import write_sparse_safetensors
 
 GiB = 2**30
 UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-cccc3333"]
@@ -219,19 +221,19 @@ def test_gpu_bound_weights_are_checked_against_free_gpu_memory_not_ram(
 
 def _vllm(tmp_path: Path, name: str, **config: Any) -> ModelSpec:
     folder = tmp_path / "weights"
-    if not folder.exists():  # a safetensors header of one 1 MiB tensor: all the estimate reads
+    if not folder.exists():  # one 1 MiB tensor, its data a hole: the estimate reads the header only
         folder.mkdir()
-        header = json.dumps({"w": {"dtype": "F32", "shape": [512, 512], "data_offsets": [0, 0]}}).encode()
-        (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+        write_sparse_safetensors(folder / "model.safetensors", {"w": ("F32", [512, 512])})
     return ModelSpec(model_name=name, backend="vllm", huggingface_id=str(folder), model_config=config)
 
 
 def test_the_vllm_estimate_counts_its_share_of_each_tensor_parallel_gpu(tmp_path: Path) -> None:
-    one = estimate(_vllm(tmp_path, "one"), tmp_path, gpu_bytes=80 * GiB)
-    two = estimate(_vllm(tmp_path, "two", number_gpus=2), tmp_path, gpu_bytes=80 * GiB)
-    args = estimate(_vllm(tmp_path, "tp", vllm_args={"tensor_parallel_size": 2}), tmp_path, gpu_bytes=80 * GiB)
+    one = estimate(_vllm(tmp_path, "one"), Sizing(tmp_path, gpu_bytes=80 * GiB))
+    two = estimate(_vllm(tmp_path, "two", number_gpus=2), Sizing(tmp_path, gpu_bytes=80 * GiB))
+    args = estimate(_vllm(tmp_path, "tp", vllm_args={"tensor_parallel_size": 2}), Sizing(tmp_path, gpu_bytes=80 * GiB))
     assert one.total == int(80 * GiB * 0.9) and two.total == args.total == 2 * int(80 * GiB * 0.9)
-    per_gpu = estimate(_vllm(tmp_path, "kv", number_gpus=2, vllm_args={"kv_cache_memory_bytes": 1000}), tmp_path)
+    kv_args = {"kv_cache_memory_bytes": 1000}
+    per_gpu = estimate(_vllm(tmp_path, "kv", number_gpus=2, vllm_args=kv_args), Sizing(tmp_path))
     assert per_gpu.kv_cache == 2000
 
 
@@ -242,13 +244,13 @@ def test_a_tensor_parallel_model_larger_than_one_gpu_is_admitted_when_it_fits_tw
     two_gpus.nvmlDeviceGetCount = lambda: 2  # type: ignore[method-assign]
     monkeypatch.setitem(sys.modules, "pynvml", two_gpus)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    real = memory.safetensors_bytes
-    monkeypatch.setattr(memory, "safetensors_bytes", lambda folder: 100 * GiB)  # a 100 GiB model
+    real = footprint.safetensors_bytes
+    monkeypatch.setattr(footprint, "safetensors_bytes", lambda folder: 100 * GiB)  # a 100 GiB model
     models: dict[str, LoadedModel] = {}
     residency = _residency(tmp_path, "auto", models)
     tp2 = _admit(residency, models, _vllm(tmp_path, "tp2", number_gpus=2))
     assert tp2.charged_bytes == 2 * int(80 * GiB * 0.9) <= residency.budget.total
-    monkeypatch.setattr(memory, "safetensors_bytes", real)
+    monkeypatch.setattr(footprint, "safetensors_bytes", real)
 
 
 def test_an_engine_with_an_explicit_share_counts_what_this_process_already_holds(

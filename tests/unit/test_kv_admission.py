@@ -10,10 +10,10 @@ from typing import Any
 
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import ResourceExhaustedError
-from clemserve.service.backends import BackendContext
+from clemserve.service.backends import BackendContext, estimate
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
 from clemserve.service.domain import GenArgs, Generation, Row
-from clemserve.service.memory import Estimate, KvRoom, estimate
+from clemserve.service.memory import Estimate, KvRoom, Sizing
 
 MAX_TOKENS = 8
 
@@ -22,7 +22,7 @@ def test_a_batch_larger_than_its_kv_room_runs_in_parts_that_fit(tmp_path: Path, 
     from tests.serving import hf_entry
 
     spec = ModelSpec(**hf_entry("m", tiny_model_dir))
-    found = estimate(spec, tmp_path)
+    found = estimate(spec, Sizing(tmp_path))
     b = HuggingfaceLocalBackend(spec, BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path))
     conversations = [[{"role": "user", "content": text}] for text in ("Hi", "Hello there", "What is a batch?")]
     too_long = [{"role": "user", "content": "word " * 60}]

@@ -15,9 +15,8 @@ import pytest
 
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import ContextExceededError, FailedPreconditionError, InvalidArgumentError
-from clemserve.service import memory
 from clemserve.service.availability import Machine, availability
-from clemserve.service.backends import BackendContext, backend_class, requirements
+from clemserve.service.backends import BackendContext, backend_class, estimate, requirements
 from clemserve.service.backends.llamacpp import (
     LlamaCppBackend,
     TokenWatch,
@@ -29,6 +28,7 @@ from clemserve.service.backends.llamacpp import (
     special_strings,
 )
 from clemserve.service.domain import Availability, GenArgs, ImagePart
+from clemserve.service.memory import Sizing
 
 CONFIG = {"filename": "*Q4_K_M.gguf", "premade_chat_template": True, "eos_to_cull": "<\\|im_end\\|>"}
 DEMO = {
@@ -375,7 +375,7 @@ def test_availability_of_the_demo_entry(tmp_path: Path) -> None:
 
 
 def test_memory_estimate_is_the_file_plus_its_kv_cache(tmp_path: Path) -> None:
-    found = memory.estimate(spec(DEMO), tmp_path)
+    found = estimate(spec(DEMO), Sizing(tmp_path))
     path = model_file(spec(DEMO), DEMO)
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dimensions, 8192 tokens of context, float16 keys and values
     assert found.weights == path.stat().st_size

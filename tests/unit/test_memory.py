@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from clemserve.registry import ModelSpec
+from clemserve.service.backends import estimate, footprint
+from clemserve.service.backends.footprint import parameter_count
 from clemserve.service.domain import ModelState
 from clemserve.service.loaded import LoadedModel
-from clemserve.service.memory import ResidencyPolicy, estimate, parameter_count, parse_bytes
+from clemserve.service.memory import ResidencyPolicy, Sizing, parse_bytes
 from clemserve.service.residency import Residency
 from clemserve.service.resolver import cache_key
-from tests.tiny_model import build_tiny_llama
+from tests.tiny_model import build_tiny_llama, write_sparse_safetensors
 
 SHAPES = [
     {"hidden": 64, "layers": 2, "heads": 2, "kv_heads": 2, "tied": False},
@@ -48,7 +50,7 @@ def _kv_by_hand(shape: dict[str, int], max_batch: int) -> int:
 def test_estimate_is_the_parameter_bytes_plus_the_kv_allowance(tmp_path: Path, shape: dict[str, int]) -> None:
     folder = build_tiny_llama(tmp_path / "model", **shape)  # type: ignore[arg-type]
     spec = ModelSpec(model_name="m", backend="huggingface_local", huggingface_id=str(folder))
-    found = estimate(spec, tmp_path, max_batch=4)
+    found = estimate(spec, Sizing(tmp_path, max_batch=4))
     real = _real_parameter_bytes(folder)
     assert found.source == "safetensors headers"
     assert abs(found.weights - real) <= 0.03 * real, (found.weights, real)
@@ -56,7 +58,7 @@ def test_estimate_is_the_parameter_bytes_plus_the_kv_allowance(tmp_path: Path, s
 
     # without weight files, the parameter count comes from config.json
     (folder / "model.safetensors").unlink()
-    from_config = estimate(spec, tmp_path, max_batch=4)
+    from_config = estimate(spec, Sizing(tmp_path, max_batch=4))
     assert from_config.source == "config.json"
     assert abs(from_config.weights - real) <= 0.03 * real, (from_config.weights, real)
 
@@ -69,8 +71,8 @@ def test_tied_embeddings_count_once() -> None:
 
 def test_declared_memory_and_remote_models() -> None:
     fault = ModelSpec(model_name="f", backend="fault", model_config={"memory_bytes": 12345})
-    assert estimate(fault, Path(".")).total == 12345
-    assert estimate(ModelSpec(model_name="e", backend="echo", model_config={}), Path(".")).total == 0
+    assert estimate(fault, Sizing(Path("."))).total == 12345
+    assert estimate(ModelSpec(model_name="e", backend="echo", model_config={}), Sizing(Path("."))).total == 0
 
 
 @pytest.mark.parametrize(
@@ -167,16 +169,15 @@ def test_bad_residency_flags_stop_the_start(flags: list[str], message: str) -> N
 
 
 def test_vllm_on_cpu_counts_its_kv_cache_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clemserve.service.memory as memory
 
     folder = build_tiny_llama(tmp_path / "model")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     spec = ModelSpec(model_name="v", backend="vllm", huggingface_id=str(folder), model_config={})
-    weights = memory.safetensors_bytes(folder)
-    assert weights > 0 and estimate(spec, tmp_path).total == weights + 2 * 2**30
+    weights = footprint.safetensors_bytes(folder)
+    assert weights > 0 and estimate(spec, Sizing(tmp_path)).total == weights + 2 * 2**30
     engine_args = {"vllm_args": {"kv_cache_memory_bytes": 12345}}
     declared = ModelSpec(model_name="v", backend="vllm", huggingface_id=str(folder), model_config=engine_args)
-    assert estimate(declared, tmp_path).total == weights + 12345
+    assert estimate(declared, Sizing(tmp_path)).total == weights + 12345
 
 
 def test_the_demo_gguf_estimate_matches_its_converted_weights() -> None:
@@ -189,10 +190,10 @@ def test_the_demo_gguf_estimate_matches_its_converted_weights() -> None:
     converted = sorted(cache.glob("gguf/SmolLM2-135M-Instruct*/model.safetensors"))
     if not converted:
         pytest.skip("the demo model has not been converted in this cache")
-    from clemserve.service.memory import safetensors_bytes
+    from clemserve.service.backends.footprint import safetensors_bytes
 
     spec = ModelRegistry.from_files(()).resolve("smollm2-135m-instruct")
-    found = estimate(spec, Path("unused"), max_batch=1)
+    found = estimate(spec, Sizing(Path("unused"), max_batch=1))
     assert found.source == "gguf header"
     assert found.weights == safetensors_bytes(converted[0].parent)
     assert found.kv_cache > 0
@@ -315,9 +316,9 @@ def test_an_80_gib_budget_admits_an_8b_and_a_14b_model_and_refuses_a_70b_with_th
 
 
 def test_quantised_entries_are_estimated_at_their_quantised_size(tmp_path: Path) -> None:
-    plain = estimate(_config_only(tmp_path, "plain", LLAMA_31_70B), tmp_path)
-    eight = estimate(_config_only(tmp_path, "eight", LLAMA_31_70B, load_in_8bit=True), tmp_path)
-    four = estimate(_config_only(tmp_path, "four", LLAMA_31_70B, load_in_4bit=True), tmp_path)
+    plain = estimate(_config_only(tmp_path, "plain", LLAMA_31_70B), Sizing(tmp_path))
+    eight = estimate(_config_only(tmp_path, "eight", LLAMA_31_70B, load_in_8bit=True), Sizing(tmp_path))
+    four = estimate(_config_only(tmp_path, "four", LLAMA_31_70B, load_in_4bit=True), Sizing(tmp_path))
     embeddings = 2 * 128256 * 8192 * 2  # input and output embeddings stay bf16
     assert plain.weights > 131 * 2**30
     assert abs((eight.weights - embeddings) * 2 - (plain.weights - embeddings)) < 0.01 * plain.weights
@@ -327,12 +328,9 @@ def test_quantised_entries_are_estimated_at_their_quantised_size(tmp_path: Path)
 
 
 def _fake_safetensors(folder: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
-    """A safetensors file with its header only: what the estimate reads (it never reads tensor data)."""
-    header = {
-        name: {"dtype": dtype, "shape": shape, "data_offsets": [0, 0]} for name, (dtype, shape) in tensors.items()
-    }
-    text = json.dumps(header).encode()
-    (folder / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text)
+    """A safetensors file whose tensors hold no disk: its header, then a hole as long as their data (the
+    estimate reads the header only)."""
+    write_sparse_safetensors(folder / "model.safetensors", tensors)
 
 
 def test_quantised_sizes_from_safetensors_headers(tmp_path: Path) -> None:
@@ -347,11 +345,11 @@ def test_quantised_sizes_from_safetensors_headers(tmp_path: Path) -> None:
             "lm_head.weight": ("BF16", [128256, 4096]),
         },
     )
-    found = estimate(spec, tmp_path)
+    found = estimate(spec, Sizing(tmp_path))
     kept = (2 * 128256 * 4096 + 4096) * 2
     assert found.weights == kept + int(14336 * 4096 * 0.5625)
     assert found.source == "safetensors headers, linear layers at 4 bits"
-    assert estimate(ModelSpec.from_dict({**spec.to_dict(), "model_config": {}}), tmp_path).weights == (
+    assert estimate(ModelSpec.from_dict({**spec.to_dict(), "model_config": {}}), Sizing(tmp_path)).weights == (
         kept + 14336 * 4096 * 2
     )
 
@@ -359,9 +357,9 @@ def test_quantised_sizes_from_safetensors_headers(tmp_path: Path) -> None:
 def test_the_kv_allowance_is_the_setting_capped_by_a_full_batch_at_the_whole_context(tmp_path: Path) -> None:
     spec = _config_only(tmp_path, "m", {**LLAMA_31_8B, "max_position_embeddings": 1024})
     per_token = 128 * 2**10
-    assert estimate(spec, tmp_path, max_batch=8).kv_cache == 8 * 1024 * per_token  # capped: 8 rows x 1024
-    assert estimate(spec, tmp_path, max_batch=8, kv_tokens=2048).kv_cache == 2048 * per_token
-    found = estimate(spec, tmp_path, max_batch=8, kv_tokens=2048)
+    assert estimate(spec, Sizing(tmp_path, max_batch=8)).kv_cache == 8 * 1024 * per_token  # capped: 8 rows x 1024
+    assert estimate(spec, Sizing(tmp_path, max_batch=8, kv_tokens=2048)).kv_cache == 2048 * per_token
+    found = estimate(spec, Sizing(tmp_path, max_batch=8, kv_tokens=2048))
     assert (found.kv_per_token, found.context) == (per_token, 1024)
 
 
@@ -412,7 +410,7 @@ def test_the_kv_bytes_per_token_are_what_transformers_allocates(tmp_path: Path) 
 
     folder = build_tiny_llama(tmp_path / "model", hidden=64, layers=2, heads=4, kv_heads=2)
     spec = ModelSpec(model_name="m", backend="huggingface_local", huggingface_id=str(folder), model_config={})
-    per_token = estimate(spec, tmp_path).kv_per_token
+    per_token = estimate(spec, Sizing(tmp_path)).kv_per_token
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.ones((3, 7), dtype=torch.long)
     out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True)

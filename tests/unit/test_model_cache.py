@@ -101,7 +101,7 @@ def test_a_dead_backend_is_dropped_and_the_next_request_loads_it_again(
         async def unload(self) -> None:
             unloads.append(self.model_name)
 
-    monkeypatch.setattr(model_cache, "backend_class", lambda name: Poisoned)
+    monkeypatch.setattr(model_cache, "backend_for", lambda spec: Poisoned)
 
     async def check() -> None:
         manager = _manager(tmp_path)

@@ -15,7 +15,7 @@ import pytest
 
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
-from clemserve.service.backends import BackendContext, BackendDeadError
+from clemserve.service.backends import BackendContext, BackendDeadError, backend_for
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
 from clemserve.service.backends.huggingface_multimodal import (
     HuggingfaceMultimodalBackend,
@@ -47,10 +47,10 @@ def spec(**config: Any) -> ModelSpec:
 
 def test_multimodal_entries_get_their_own_class(tmp_path: Path) -> None:
     context = BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path)
-    vlm = HuggingfaceLocalBackend(spec(multimodal=True), context)
+    vlm = backend_for(spec(multimodal=True))(spec(multimodal=True), context)
     assert isinstance(vlm, HuggingfaceMultimodalBackend)
     assert (vlm.batches, vlm.concurrency, vlm.name) == (False, 1, "huggingface_local")
-    text = HuggingfaceLocalBackend(spec(multimodal=False), context)
+    text = backend_for(spec(multimodal=False))(spec(multimodal=False), context)
     assert type(text) is HuggingfaceLocalBackend and text.batches
 
 
@@ -196,7 +196,7 @@ def vlm_backend(folder: Path, tmp_path: Path, allow_offload: bool = False, **con
     from tests.tiny_vlm import registry_entry
 
     context = BackendContext(KeyRegistry(tmp_path / "k"), tmp_path, compute_nice=10, allow_offload=allow_offload)
-    return HuggingfaceLocalBackend(ModelSpec.from_dict(registry_entry("vlm", folder, **config)), context)
+    return HuggingfaceMultimodalBackend(ModelSpec.from_dict(registry_entry("vlm", folder, **config)), context)
 
 
 def load_on_fake_gpus(
@@ -340,12 +340,13 @@ def test_a_cuda_error_while_loading_is_a_dead_backend(
 def test_the_estimate_reserves_the_kv_cache_of_one_row(gemma3_dir: Path) -> None:
     """Vision-language models run one conversation at a time: their KV allowance is one row's whole context,
     not a full batch's (a text model's, the same weights, is the batch's)."""
-    from clemserve.service.memory import estimate
+    from clemserve.service.backends import estimate
+    from clemserve.service.memory import Sizing
     from tests.tiny_vlm import registry_entry
 
     vlm = ModelSpec.from_dict(registry_entry("vlm", gemma3_dir))
     text = ModelSpec.from_dict({**vlm.to_dict(), "model_config": {**vlm["model_config"], "multimodal": False}})
-    one_row, batch = (estimate(spec, gemma3_dir, max_batch=8, kv_tokens=10**6) for spec in (vlm, text))
+    one_row, batch = (estimate(spec, Sizing(gemma3_dir, max_batch=8, kv_tokens=10**6)) for spec in (vlm, text))
     assert one_row.kv_per_token > 0 and one_row.weights == batch.weights > 0
     assert one_row.kv_cache == one_row.kv_per_token * 512  # the tiny model's context
     assert batch.kv_cache == 8 * one_row.kv_cache
