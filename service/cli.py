@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _prepare(manager: object, names: Sequence[str]) -> int:
-    from .model_cache import ModelManager
+    from .model_cache import ModelCache
 
-    assert isinstance(manager, ModelManager)
+    assert isinstance(manager, ModelCache)
     failed = 0
     for name in names:
         try:

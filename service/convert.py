@@ -25,6 +25,9 @@ from .domain import (
     ModelState,
     TokenCount,
 )
+from .provenance import Provenance
+from .security.redaction import Redactor
+from .status import as_clemserve_error, to_row_error
 from .streaming import StreamEvent, TextDelta
 from .validation import (
     DEFAULT_LIMITS,
@@ -142,11 +145,75 @@ def generate_request_from_proto(
     )
 
 
+def batch_request_from_proto(
+    request: pb.GenerateBatchRequest, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Selector, list[list[Message] | Exception], GenArgs]:
+    """The batch's selector, its rows (each row's messages, or the error that its conversion met: that row's
+    alone), and the arguments they share."""
+    selector = selector_from_proto(request.model, limits=limits)
+    args = gen_args_from_proto(request.args, limits)
+    if not request.conversations:
+        raise InvalidArgumentError("conversations", "must hold at least one conversation")
+    rows: list[list[Message] | Exception] = []
+    for i, conversation in enumerate(request.conversations):
+        try:
+            rows.append(messages_from_proto(conversation.messages, f"conversations[{i}].messages", limits=limits))
+        except Exception as exc:
+            rows.append(exc)
+    return selector, rows, args
+
+
+def batch_to_proto(
+    outcomes: Sequence[tuple[ModelSpec, Generation] | BaseException], batch_id: str, redactor: Redactor
+) -> pb.GenerateBatchResponse:
+    """Each row's reply or its own status, with the row's request id (the batch's, then ``/index``)."""
+    results = []
+    for i, outcome in enumerate(outcomes):
+        row_id = f"{batch_id}/{i}"
+        if isinstance(outcome, BaseException):
+            err = as_clemserve_error(outcome, row_id)
+            results.append(pb.BatchResult(error=to_row_error(err, row_id, redactor)))
+        else:
+            results.append(pb.BatchResult(response=generation_to_proto(outcome[1], outcome[0], row_id)))
+    return pb.GenerateBatchResponse(results=results, request_id=batch_id)
+
+
+def lease_request_from_proto(request: pb.LeaseModelRequest, limits: Limits = DEFAULT_LIMITS) -> tuple[Selector, float]:
+    """The selector and the lease's requested length (0: the server's lease timeout)."""
+    requested = request.ttl_seconds
+    if requested < 0 or requested != requested:
+        raise InvalidArgumentError("ttl_seconds", f"must be 0 or a positive number of seconds, got {requested}")
+    return selector_from_proto(request.model, limits=limits), requested
+
+
+def resolved_to_proto(spec: ModelSpec, served: Provenance | None) -> pb.ResolveModelResponse:
+    """The resolved entry, with where its answers come from when that was asked for."""
+    if served is None:
+        return pb.ResolveModelResponse(model_spec=spec_to_proto(spec))
+    return pb.ResolveModelResponse(
+        model_spec=spec_to_proto(spec),
+        server_version=served.server_version,
+        library_versions=served.library_versions,
+        revision=served.revision,
+        dtype=served.dtype,
+        device=served.device,
+    )
+
+
 def spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
     return pb.ModelSpec(json=spec.to_string())
 
 
 def generation_to_proto(generation: Generation, spec: ModelSpec, request_id: str) -> pb.GenerateResponse:
+    """The reply, clembench's ``clem_player`` block stamped into the response object as clemcore's
+    ``generate_response`` stamps it (the call's start and duration, the text, the model's name)."""
+    if generation.call_start is not None:
+        generation.response["clem_player"] = {
+            "call_start": str(generation.call_start),
+            "call_duration": str(generation.call_duration),
+            "response": generation.text,
+            "model_name": spec["model_name"],
+        }
     reply = pb.GenerateResponse(
         prompt_json=_json_text(generation.prompt),
         response_json=_json_text(generation.response),
@@ -159,6 +226,16 @@ def generation_to_proto(generation: Generation, spec: ModelSpec, request_id: str
     usage.prompt_tokens, usage.completion_tokens = generation.prompt_tokens, generation.completion_tokens
     reply.model_spec.json = spec.to_string()
     return reply
+
+
+def stream_item_to_proto(
+    item: StreamEvent | tuple[ModelSpec, Generation], request_id: str
+) -> pb.GenerateStreamResponse:
+    """A streamed request's state or text, or its reply (the last message)."""
+    if isinstance(item, tuple):
+        spec, generation = item
+        return pb.GenerateStreamResponse(reply=generation_to_proto(generation, spec, request_id))
+    return stream_event_to_proto(item)
 
 
 def stream_event_to_proto(event: StreamEvent) -> pb.GenerateStreamResponse:

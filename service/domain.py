@@ -6,6 +6,7 @@ import enum
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from clemserve.registry import ModelSpec
@@ -56,6 +57,10 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    #: when the server's call on the model started and how long it took, queue included (clembench's
+    #: ``clem_player`` block in the reply); None before the call is done
+    call_start: datetime | None = None
+    call_duration: timedelta | None = None
 
 
 #: one request's result in a batch: its generation or its own error

@@ -14,9 +14,27 @@ from .scheduler import Scheduler
 from .streaming import StreamObserver
 
 
+@dataclass(frozen=True)
+class Resident:
+    """What residency needs to know of a model in the cache to pick one to evict or unload: plain data."""
+
+    key: str
+    name: str
+    last_used: float
+    ready: bool
+    #: calls submitted and not yet answered: queued and running
+    in_flight: int
+    state: ModelState
+
+    @property
+    def idle_s(self) -> float:
+        return time.monotonic() - self.last_used
+
+
 @dataclass
 class LoadedModel:
-    """A spec's place in the cache: its state, its backend once ready, the calls running on it."""
+    """A spec's place in the cache: its state, its backend once ready, the calls running on it. The cache
+    owns it; its state changes only through its methods."""
 
     spec: ModelSpec
     state: ModelState = ModelState.NOT_LOADED
@@ -34,12 +52,10 @@ class LoadedModel:
     progress: float = 0.0
     #: streamed requests waiting for this load, told of its progress
     load_observers: set[StreamObserver] = field(default_factory=set)
-    #: expected footprint in bytes (service/memory.py), found before the load
+    #: expected footprint in bytes (the backend's estimate), found before the load
     estimated_bytes: int = 0
     #: what the load took, measured when it finished
     measured_bytes: int = 0
-    #: what this model holds in the memory budget: its estimate while loading, then the larger of the two
-    charged_bytes: int = 0
     #: the other memory figures (the estimate's parts, how the measurement was made, RSS, devices)
     memory: MemoryFigures = field(default_factory=MemoryFigures)
     #: when it last finished a request or a load (time.monotonic), for idle unloading and eviction order
@@ -61,9 +77,67 @@ class LoadedModel:
     def ready(self) -> bool:
         return self.state is ModelState.READY
 
-    def snapshot(self, leases: int = 0, spec: ModelSpec | None = None) -> ModelSnapshot:
+    def resident(self, key: str) -> Resident:
+        return Resident(key, self.name, self.last_used, self.ready, self.in_flight, self.state)
+
+    # -- the load -------------------------------------------------------------------------------------
+
+    def loading(self, task: asyncio.Task[Backend]) -> None:
+        """A load starts (or waits for its slot)."""
+        self.load_task = task
+        self.state, self.reason, self.progress = ModelState.LOADING, "waiting for a load slot", 0.0
+
+    def admitted(self, estimated_bytes: int) -> None:
+        """Its estimate is found (and, once admission passes, reserved in the budget)."""
+        self.estimated_bytes = estimated_bytes
+
+    def starting(self) -> None:
+        self.reason = "starting"
+        self.loads += 1
+
+    def report(self, line: str, fraction: float | None) -> None:
+        """The backend's word on its load (from its load thread or the event loop)."""
+        self.reason = line
+        if fraction is not None:
+            self.progress = max(self.progress, min(1.0, fraction))
+
+    def failed(self, reason: str) -> None:
+        self.state, self.reason = ModelState.FAILED, reason
+
+    def loaded(
+        self, backend: Backend, scheduler: Scheduler, measured_bytes: int, memory: MemoryFigures, seconds: float
+    ) -> None:
+        self.backend, self.scheduler = backend, scheduler
+        self.measured_bytes, self.memory, self.load_seconds = measured_bytes, memory, seconds
+        self.state, self.reason, self.progress = ModelState.READY, "", 1.0
+        self.last_used = time.monotonic()
+
+    def dropped(self, reason: str) -> tuple[Backend | None, Scheduler | None]:
+        """Its engine died: it fails with ``reason`` and lets go of its backend and scheduler (returned)."""
+        self.failed(reason)
+        backend, scheduler = self.backend, self.scheduler
+        self.backend = self.scheduler = None
+        return backend, scheduler
+
+    def unloaded(self) -> None:
+        self.backend, self.scheduler, self.state = None, None, ModelState.NOT_LOADED
+
+    # -- calls ----------------------------------------------------------------------------------------
+
+    def call_started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def call_ended(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+        if self.in_flight == 0:
+            self.idle.set()
+
+    def snapshot(self, leases: int = 0, spec: ModelSpec | None = None, charged_bytes: int = 0) -> ModelSnapshot:
         """The entry as it stands now; ``spec``: the registry entry to list it under (a copy that several
-        selectors share is listed under each entry that names it)."""
+        selectors share is listed under each entry that names it); ``charged_bytes``: what it holds in the
+        memory budget (residency's ledger)."""
         queued = self.queued
         return ModelSnapshot(
             spec=spec or self.spec,
@@ -76,7 +150,7 @@ class LoadedModel:
             leases=leases,
             estimated_bytes=self.estimated_bytes,
             measured_bytes=self.measured_bytes if self.ready else 0,
-            charged_bytes=self.charged_bytes,
+            charged_bytes=charged_bytes,
             memory=self.memory,
             progress=self.progress,
             idle_seconds=time.monotonic() - self.last_used if self.ready and not self.in_flight else 0.0,

@@ -1,6 +1,6 @@
 """The model cache: loading a model once on demand, serving calls on it, unloading it.
 
-``ModelManager`` is what the servicer calls, one method per RPC. It resolves selectors with a
+``ModelCache`` is what the servicer calls, one method per RPC. It resolves selectors with a
 :class:`~.resolver.Resolver`, keeps one :class:`~.loaded.LoadedModel` per cache key, and leaves the memory
 budget, eviction, idle unloading and leases to :class:`~.residency.Residency`. What it reports (ListModels,
 the metrics) is a frozen :class:`~.domain.CacheSnapshot`.
@@ -9,49 +9,42 @@ the metrics) is a frozen :class:`~.domain.CacheSnapshot`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
 
 from clemserve.registry import ModelRegistry, ModelSpec, ensure_alternating_roles
-from clemserve.registry.errors import ClemserveError, ResourceExhaustedError, UnavailableError
 
-from .availability import Machine, availability, hub_offline
-from .backends import Backend, BackendContext, BackendDeadError, backend_for
+from . import listing
+from .backends import Backend, BackendContext, BackendDeadError
 from .domain import (
-    Availability,
     CacheSnapshot,
     GenArgs,
     Generation,
     LeaseEvent,
-    MemoryFigures,
     Message,
     ModelSnapshot,
     ModelState,
     TokenCount,
 )
-from .loaded import LoadedModel
-from .memory import ResidencyPolicy, free_memory, measure, reading
+from .loaded import LoadedModel, Resident
+from .loading import Loader, quietly_unload, reason
+from .memory import ResidencyPolicy, free_memory
 from .metrics import MetricsSink, NoMetrics
+from .provenance import Provenance, describe
 from .residency import Residency
 from .resolver import Resolver, Selector, cache_key
-from .scheduler import Scheduler, SchedulingPolicy
-from .streaming import StreamObserver
+from .scheduler import SchedulingPolicy
+from .streaming import StreamEvent, StreamObserver
 from .validation import validate_messages
 
 log = logging.getLogger(__name__)
 
 
-class LoadTimeoutError(UnavailableError):
-    """A load ran past --load-timeout. UNAVAILABLE: the caller's own deadline did not pass, and a later
-    try may well succeed (a warm disk cache, a free GPU)."""
-
-    reason = "LOAD_TIMEOUT"
-
-
-class ModelManager:
+class ModelCache:
     def __init__(
         self,
         registry: ModelRegistry,
@@ -67,11 +60,7 @@ class ModelManager:
         self.policy = policy or SchedulingPolicy()
         self._models: dict[str, LoadedModel] = {}
         self.residency = Residency(
-            residency or ResidencyPolicy(),
-            self._models,
-            self._unload,
-            cache_dir=context.cache_dir,
-            max_batch=self.policy.max_batch,
+            residency or ResidencyPolicy(), cache_dir=context.cache_dir, max_batch=self.policy.max_batch
         )
         #: told (model name, serving?) when a model becomes ready, dies or is unloaded (the health service)
         self.on_health: Callable[[str, bool], Awaitable[None]] | None = None
@@ -80,7 +69,8 @@ class ModelManager:
         self.on_process_unusable: Callable[[str], Awaitable[None]] | None = None
         self.metrics = metrics or NoMetrics()
         self.metrics.watch(self.snapshot)
-        self._background: set[asyncio.Task[None]] = set()
+        self.loader = Loader(self.residency, context, self.policy, self.metrics)
+        self._reaper = IdleUnloader(self.residency, self._residents, self._unload)
 
     @property
     def registry(self) -> ModelRegistry:
@@ -89,13 +79,18 @@ class ModelManager:
     def resolve(self, selector: Selector) -> ModelSpec:
         return self.resolver.resolve(selector)
 
+    def _residents(self) -> list[Resident]:
+        return [model.resident(key) for key, model in self._models.items()]
+
+    def _snapshot(self, key: str, model: LoadedModel, spec: ModelSpec | None = None) -> ModelSnapshot:
+        return model.snapshot(self.residency.leases_on(key), spec, self.residency.charged(key))
+
     # -- loading ------------------------------------------------------------------------------
 
     async def load(self, selector: Selector) -> ModelSnapshot:
         """Load the selector's model unless it is ready; its status once it is."""
         spec, key = self.resolver.servable(selector)
-        model = await self._ready(spec, key)
-        return model.snapshot(self.residency.leases_on(key))
+        return self._snapshot(key, await self._ready(spec, key))
 
     async def _ready(self, spec: ModelSpec, key: str, observer: StreamObserver | None = None) -> LoadedModel:
         while True:
@@ -105,112 +100,32 @@ class ModelManager:
             if model.ready:
                 return model
             if model.load_task is None or model.load_task.done():
-                model.load_task = asyncio.create_task(self._load(key, model), name=f"load {spec['model_name']}")
+                model.loading(asyncio.create_task(self._load(key, model), name=f"load {spec['model_name']}"))
             await _wait_for_load(model, observer)
             if self._models.get(key) is model and model.backend is not None:
                 return model
             # evicted or unloaded between the load and this caller's turn: load it again
 
     async def _load(self, key: str, model: LoadedModel) -> Backend:
-        model.state, model.reason, model.progress = ModelState.LOADING, "waiting for a load slot", 0.0
-        self.residency.start_idle_unloader()
+        """Admit the load with residency (unloading the models it names to make room), then load."""
+        self._reaper.start()
         async with self.residency.load_slots:
             try:
-                await self.residency.admit(key, model)
+                model.admitted(await asyncio.to_thread(self.residency.estimate, key, model.spec))
+                async with contextlib.aclosing(self.residency.admit(key, model.spec, self._residents())) as victims:
+                    async for victim in victims:
+                        await self._unload(victim)
             except BaseException as exc:
-                model.state, model.reason = ModelState.FAILED, _reason(exc)
+                model.failed(reason(exc))
                 raise
-            return await self._load_admitted(key, model)
-
-    async def _load_admitted(self, key: str, model: LoadedModel) -> Backend:
-        name = model.name
-        model.reason = "starting"
-        model.loads += 1
-        loop = asyncio.get_running_loop()
-
-        def tell(line: str, fraction: float) -> None:
-            for observer in model.load_observers:
-                observer.loading(fraction, line)
-
-        def progress(line: str, fraction: float | None = None) -> None:
-            """Backends report from their load thread or the event loop; observers are told on the loop."""
-            model.reason = line
-            if fraction is not None:
-                model.progress = max(model.progress, min(1.0, fraction))
-            log.info("loading %s: %s", name, line)
-            loop.call_soon_threadsafe(tell, line, model.progress)
-
-        started = time.perf_counter()
-        before = reading()
-        backend: Backend | None = None
-        timeout = self.residency.policy.load_timeout_s
-        try:
-            backend = backend_for(model.spec)(model.spec, self.context)
-            await asyncio.wait_for(backend.load(progress), timeout if timeout > 0 else None)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.TimeoutError):  # Python 3.10: not yet the builtin
-                exc = LoadTimeoutError(
-                    f"loading {name} took longer than --load-timeout ({timeout:g} s); it is unloaded, the next "
-                    "request tries again"
-                )
-            model.state, model.reason = ModelState.FAILED, _reason(exc)
-            log.warning("loading %s failed: %s", name, model.reason)
-            self.metrics.load(name, exc)
-            discarding = self._discard(model, backend)
-            if not isinstance(exc, LoadTimeoutError):
-                await discarding
-            if isinstance(exc, BackendDeadError) and self.on_process_unusable is not None:
-                await self.on_process_unusable(f"loading {name}: {exc}")
-            if isinstance(exc, MemoryError):
-                raise ResourceExhaustedError(f"out of memory while loading {name}") from exc
-            if isinstance(exc, LoadTimeoutError):
-                raise exc from None
-            raise
-        model.measured_bytes, model.memory = measure(before, backend, self.residency.estimate_parts(key, model.spec))
-        model.charged_bytes = max(model.estimated_bytes, model.measured_bytes)
-        self.residency.attach(key, model, backend)
-        model.backend = backend
-        model.scheduler = Scheduler(
-            name,
-            self.policy,
-            concurrency=backend.concurrency,
-            run_one=backend.generate,
-            run_batch=backend.generate_rows if backend.batches else None,
-            metrics=self.metrics,
-        )
-        model.load_seconds = time.perf_counter() - started
-        model.state, model.reason, model.progress = ModelState.READY, "", 1.0
-        model.last_used = time.monotonic()
-        log.info(
-            "loaded %s in %.2f s: estimated %.1f MiB, measured %.1f MiB (%s), process RSS grew %.1f MiB",
-            name,
-            model.load_seconds,
-            model.estimated_bytes / 2**20,
-            model.measured_bytes / 2**20,
-            model.memory.measured_by or "nothing to measure",
-            model.memory.rss_delta_bytes / 2**20,
-        )
-        self.metrics.load(name, None)
-        await self._health(name, True)
-        return backend
-
-    def _discard(self, model: LoadedModel, backend: Backend | None) -> asyncio.Task[None]:
-        """A failed load's backend is unloaded and its memory freed; its bytes stay counted until then. A
-        timed-out load's thread may still run, so that unloading goes on in the background."""
-        held = self.residency.drain(model)
-
-        async def unload() -> None:
             try:
-                if backend is not None:
-                    await _quietly_unload(backend)
-                free_memory()
-            finally:
-                self.residency.drained(held)
-
-        task = asyncio.create_task(unload(), name=f"discard {model.name}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+                backend = await self.loader.load(key, model)
+            except BackendDeadError as exc:
+                if self.on_process_unusable is not None:
+                    await self.on_process_unusable(f"loading {model.name}: {exc}")
+                raise
+            await self._health(model.name, True)
+            return backend
 
     async def _health(self, name: str, serving: bool) -> None:
         if self.on_health is not None:
@@ -221,14 +136,16 @@ class ModelManager:
         log.error("%s: %s; dropping it, the next request reloads it", model.name, exc)
         if self._models.get(key) is model:
             del self._models[key]
-        model.state, model.reason = ModelState.FAILED, str(exc)
+        backend, scheduler = model.dropped(str(exc))
         await self._health(model.name, False)
-        backend, model.backend = model.backend, None
-        scheduler, model.scheduler = model.scheduler, None
         if scheduler is not None:
             await scheduler.close()
-        if backend is not None:
-            await _let_go(model, backend, cuda=False)
+        held = self.residency.drain(key)
+        try:
+            if backend is not None:
+                await _let_go(model, backend, held, cuda=False)
+        finally:
+            self.residency.drained(held)
 
     # -- unloading ----------------------------------------------------------------------------
 
@@ -245,18 +162,17 @@ class ModelManager:
         await model.idle.wait()
         was_loaded = model.backend is not None
         # its bytes stay counted until the backend has let them go
-        held = self.residency.drain(model)
+        held = self.residency.drain(key)
         try:
             if model.scheduler is not None:
                 await model.scheduler.close()
-                model.scheduler = None
             if model.backend is not None:
-                await _let_go(model, model.backend)
+                await _let_go(model, model.backend, held)
                 log.info("unloaded %s", model.name)
                 await self._health(model.name, False)
         finally:
             self.residency.drained(held)
-        model.backend, model.state = None, ModelState.NOT_LOADED
+        model.unloaded()
         return was_loaded
 
     def end_leases(self) -> None:
@@ -264,7 +180,7 @@ class ModelManager:
         self.residency.end_leases()
 
     async def shutdown(self) -> None:
-        self.residency.stop_idle_unloader()
+        self._reaper.stop()
         for key in list(self._models):
             await self._unload(key)
 
@@ -287,13 +203,14 @@ class ModelManager:
         model = await self._ready(spec, key, observer)
         scheduler = model.scheduler
         assert model.backend is not None and scheduler is not None
-        model.in_flight += 1
-        model.idle.clear()
+        model.backend.check_args(args)
+        model.call_started()
         try:
             call_start = datetime.now()
             started = time.perf_counter()
             generation = await scheduler.submit(merged, args, caller, observer)
-            duration = timedelta(seconds=time.perf_counter() - started)
+            generation.call_start = call_start
+            generation.call_duration = timedelta(seconds=time.perf_counter() - started)
             if observer is not None:
                 if not observer.texted:
                     observer.text(generation.text)
@@ -305,18 +222,49 @@ class ModelManager:
             log.info("generation on %s cancelled: the caller went away or its deadline passed", spec["model_name"])
             raise
         finally:
-            model.in_flight -= 1
-            model.last_used = time.monotonic()
-            if model.in_flight == 0:
-                model.idle.set()
+            model.call_ended()
         self.metrics.tokens(spec["model_name"], generation.prompt_tokens, generation.completion_tokens)
-        generation.response["clem_player"] = {
-            "call_start": str(call_start),
-            "call_duration": str(duration),
-            "response": generation.text,
-            "model_name": spec["model_name"],
-        }
         return spec, generation
+
+    async def generate_stream(
+        self, selector: Selector, messages: Sequence[Message], args: GenArgs, caller: str = ""
+    ) -> AsyncGenerator[StreamEvent | tuple[ModelSpec, Generation], None]:
+        """``generate`` with its load, queue and text told as they happen, then its reply. The generation runs
+        in a task of its own, cancelled (its slot freed) when the stream is closed early: the caller left."""
+        observer = StreamObserver()
+        task = asyncio.create_task(self.generate(selector, messages, args, caller, observer))
+        try:
+            async for event in observer.events_until(task):
+                yield event
+            reply = task.result()
+        finally:
+            task.cancel()
+        yield reply
+
+    async def generate_batch(
+        self, selector: Selector, rows: Sequence[Sequence[Message] | Exception], args: GenArgs, caller: str = ""
+    ) -> list[tuple[ModelSpec, Generation] | BaseException]:
+        """Every row a ``generate`` of its own, submitted at once: the scheduler batches them, and a row's
+        error (malformed messages, a context overflow) is that row's alone, named by its own field."""
+
+        async def row(i: int, messages: Sequence[Message] | Exception) -> tuple[ModelSpec, Generation] | BaseException:
+            if isinstance(messages, Exception):
+                return messages
+            try:
+                validate_messages(messages, f"conversations[{i}].messages")
+                return await self.generate(selector, messages, args, caller)
+            except Exception as exc:
+                return exc
+
+        return list(await asyncio.gather(*(row(i, messages) for i, messages in enumerate(rows))))
+
+    async def describe(self, selector: Selector, provenance: bool) -> tuple[ModelSpec, Provenance | None]:
+        """The selector's registry entry and, when asked, where its answers come from (the loaded engine's
+        dtype and device where it is loaded; weights hashed once, off the event loop)."""
+        spec = self.resolver.resolve(selector)
+        if not provenance:
+            return spec, None
+        return spec, await asyncio.to_thread(describe, spec, self.engine_of(spec))
 
     async def count_tokens(self, selector: Selector, messages: Sequence[Message]) -> TokenCount:
         spec, key = self.resolver.servable(selector)
@@ -326,23 +274,24 @@ class ModelManager:
         return await model.backend.count_tokens(ensure_alternating_roles(list(messages)))
 
     async def lease(
-        self, selector: Selector, caller: str, ttl_s: float, load: bool
+        self, selector: Selector, caller: str, requested_s: float, load: bool
     ) -> AsyncGenerator[LeaseEvent, None]:
         """Hold the selector's model resident for ``caller`` (loading it first when ``load``): the lease
-        granted, then, unless the caller leaves or the server stops first, its expiry after ``ttl_s``."""
+        granted, then, unless the caller leaves or the server stops first, its expiry after the requested
+        seconds (0: the server's lease timeout, which also bounds a request)."""
         spec, key = self.resolver.servable(selector)
+        ttl_s = self.residency.lease_ttl(requested_s)
         lease = self.residency.grant(key, caller, ttl_s)
         log.info("lease %s on %s granted to %s for %.0f s", lease.id, spec["model_name"], caller, ttl_s)
         try:
             model = await self._ready(spec, key) if load else self._models.get(key) or LoadedModel(spec)
-            leases = self.residency.leases_on(key)
-            yield LeaseEvent(lease.id, model.snapshot(leases), lease.seconds_left)
+            yield LeaseEvent(lease.id, self._snapshot(key, model), lease.seconds_left)
             if not await self.residency.hold(lease):
                 log.info("lease %s of %s ended: the server is stopping", lease.id, caller)
                 return
             log.info("lease %s of %s expired after %.0f s", lease.id, caller, ttl_s)
             model = self._models.get(key) or LoadedModel(spec)
-            yield LeaseEvent(lease.id, model.snapshot(leases), expired=True)
+            yield LeaseEvent(lease.id, self._snapshot(key, model), expired=True)
         finally:
             self.residency.release(lease)
             log.info("lease %s released by %s", lease.id, caller)
@@ -353,7 +302,7 @@ class ModelManager:
         """The models in the cache (loading, ready or failed) now; the budget where it is known already."""
         budget = self.residency.known_budget
         return CacheSnapshot(
-            tuple(model.snapshot(self.residency.leases_on(key)) for key, model in self._models.items()),
+            tuple(self._snapshot(key, model) for key, model in self._models.items()),
             budget_bytes=budget.total if budget else 0,
             used_bytes=self.residency.used(),
             memory_kind=budget.kind if budget else "",
@@ -374,54 +323,49 @@ class ModelManager:
     async def list_models(self) -> CacheSnapshot:
         """Every registry entry (with its cache state when loaded, its estimate always), then loaded models
         no entry names, and the budget."""
-        budget = await self.residency.find_budget()
-        await asyncio.to_thread(self.residency.estimate_all, self.registry)
-        found = await asyncio.to_thread(self._availability, budget.kind == "gpu")
-        listed: list[ModelSnapshot] = []
-        seen: set[str] = set()
-        for entry, (available, detail) in zip(self.registry, found, strict=True):
-            key = cache_key(entry)
-            loaded, leases = self._models.get(key), self.residency.leases_on(key)
-            # a copy that several selectors share (ENGINE_FIELDS) is listed as the entry itself
-            if loaded is not None:
-                snapshot = loaded.snapshot(leases, spec=entry)
-            else:
-                parts = self.residency.estimate_parts(key, entry)
-                memory = MemoryFigures(parts.weights, parts.kv_cache, parts.source if parts.total else "")
-                snapshot = ModelSnapshot(entry, leases=leases, estimated_bytes=parts.total, memory=memory)
-            listed.append(_available(snapshot, available, detail))
-            seen.add(key)
-        listed.extend(
-            _available(m.snapshot(self.residency.leases_on(k)), None, "")
-            for k, m in self._models.items()
-            if k not in seen
-        )
-        return CacheSnapshot(
-            tuple(listed),
-            budget.total,
-            self.residency.used(),
-            budget.kind,
-            devices=await self.residency.devices(),
-            memory_source=budget.source,
-            kv_cache_tokens=self.residency.policy.kv_cache_tokens,
-        )
+        return await listing.list_models(self.registry, self.residency, self.context.keys, self._snapshots())
 
-    def _availability(self, has_gpu: bool) -> list[tuple[Availability, str]]:
-        """Each registry entry's availability (reads installed packages and the Hugging Face cache)."""
-        machine = Machine(keys=self.context.keys, has_gpu=has_gpu, offline=hub_offline())
-        return [availability(entry, machine) for entry in self.registry]
+    def _snapshots(self) -> dict[str, Callable[[ModelSpec | None], ModelSnapshot]]:
+        """Each model in the cache, by key: its snapshot, listed under a given registry entry."""
+        return {key: functools.partial(self._snapshot, key, model) for key, model in self._models.items()}
 
 
-def _available(snapshot: ModelSnapshot, found: Availability | None, detail: str) -> ModelSnapshot:
-    """``snapshot`` with what was found of its availability (None: nothing); a loaded model is ready."""
-    if snapshot.state is ModelState.READY:
-        found, detail = Availability.READY, ""
-    return replace(snapshot, availability=found, availability_detail=detail)
+class IdleUnloader:
+    """Every few seconds, unloads the models that residency finds idle past the keep-alive."""
 
+    def __init__(
+        self,
+        residency: Residency,
+        residents: Callable[[], list[Resident]],
+        unload: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        self.residency, self._residents, self._unload = residency, residents, unload
+        self._task: asyncio.Task[None] | None = None
 
-def _reason(exc: BaseException) -> str:
-    """A failed load's reason as ListModels shows it."""
-    return str(exc) if isinstance(exc, ClemserveError) else f"{type(exc).__name__}: {exc}"
+    def start(self) -> None:
+        every = self.residency.idle_check_every()
+        if every and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._run(every), name="idle unloader")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            for resident in self.residency.idle_past_keep_alive(self._residents()):
+                # a call may have come in while another model was unloaded: asked again, one at a time
+                now = {r.key: r for r in self._residents()}.get(resident.key)
+                if now is None or not self.residency.evictable(now):
+                    continue
+                log.info(
+                    "unloading %s: idle for %.0f s (--keep-alive %g s)",
+                    now.name,
+                    now.idle_s,
+                    self.residency.policy.keep_alive_s,
+                )
+                await self._unload(resident.key)
 
 
 async def _wait_for_load(model: LoadedModel, observer: StreamObserver | None) -> None:
@@ -455,16 +399,10 @@ def _alternating(messages: Sequence[Message]) -> list[Message]:
     return [dict(message) for message in messages]
 
 
-async def _let_go(model: LoadedModel, backend: Backend, *, cuda: bool = True) -> None:
+async def _let_go(model: LoadedModel, backend: Backend, held: int, *, cuda: bool = True) -> None:
     """Unload ``backend`` and hand back what it held; a full collection takes up to a second, so only where
-    the model held memory. ``cuda=False``: a dead engine's CUDA state is not touched."""
-    await _quietly_unload(backend)
-    if model.charged_bytes or model.measured_bytes:
+    the model held memory (``held``: its charge in the budget). ``cuda=False``: a dead engine's CUDA state is
+    not touched."""
+    await quietly_unload(backend)
+    if held or model.measured_bytes:
         free_memory(cuda=cuda)
-
-
-async def _quietly_unload(backend: Backend) -> None:
-    try:
-        await backend.unload()
-    except Exception:
-        log.exception("unloading %s failed", backend.model_name)

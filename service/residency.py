@@ -7,7 +7,9 @@ load or listing. Each batch of a model is admitted again against its KV-cache ro
 Models idle past the keep-alive are unloaded in the background. A lease holds a model resident for its
 holder until the holder leaves, the lease expires, or the server stops.
 
-The cache (service/model_cache.py) owns the models; residency reads them and asks the cache to unload.
+Residency is a bookkeeper: it owns the budget's ledger (what each cache key holds), the estimates and the
+leases, and no model. The cache (service/model_cache.py) owns the models: it tells residency what it holds
+(plain :class:`~.loaded.Resident` records), and does what residency names (the keys to evict or unload).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from clemserve.registry.errors import ResourceExhaustedError
 
 from .backends import estimate, locate_weights, memory_of
 from .domain import GpuMemory
-from .loaded import LoadedModel
+from .loaded import Resident
 from .memory import Budget, Estimate, KvRoom, ResidencyPolicy, Sizing, available_ram, budget_from_setting, read_devices
 from .resolver import cache_key
 
@@ -54,16 +56,14 @@ class Residency:
     def __init__(
         self,
         policy: ResidencyPolicy,
-        models: Mapping[str, LoadedModel],
-        unload: Callable[[str], Awaitable[bool]],
         *,
         cache_dir: Path,
         max_batch: int = 1,
     ) -> None:
         self.policy = policy
-        #: the cache's models (read only here) and how to unload one of them
-        self._models = models
-        self._unload = unload
+        #: what each cache key holds in the budget: its estimate while loading, then the larger of its estimate
+        #: and its measurement, plus what its running batches borrow
+        self._charges: dict[str, int] = {}
         self._cache_dir = cache_dir
         self._max_batch = max_batch
         self._budget: Budget | None = None
@@ -80,7 +80,6 @@ class Residency:
         self._admission = asyncio.Lock()
         #: bytes still held by models whose backend is being unloaded
         self._draining = 0
-        self._reaper: asyncio.Task[None] | None = None
 
     # -- the budget and the estimates ---------------------------------------------------------------
 
@@ -152,12 +151,19 @@ class Residency:
     def used(self) -> int:
         """What loaded and loading models hold in the budget, models still unloading included."""
         # a copy first: a model's generation thread asks too (KvRoom), while the loop may add a model
-        return sum(m.charged_bytes for m in list(self._models.values())) + self._draining
+        return sum(list(self._charges.values())) + self._draining
 
-    def drain(self, model: LoadedModel) -> int:
-        """``model`` is being unloaded: its bytes move from its charge to the draining count, where they stay
-        counted until ``drained`` is told they are free. Returns them."""
-        held, model.charged_bytes = model.charged_bytes, 0
+    def charge(self, key: str, held: int) -> None:
+        """``key`` holds ``held`` bytes from now on."""
+        self._charges[key] = max(0, held)
+
+    def charged(self, key: str) -> int:
+        return self._charges.get(key, 0)
+
+    def drain(self, key: str) -> int:
+        """``key``'s model is being unloaded: its bytes move from its charge to the draining count, where they
+        stay counted until ``drained`` is told they are free. Returns them."""
+        held = self._charges.pop(key, 0)
         self._draining += held
         return held
 
@@ -166,42 +172,43 @@ class Residency:
 
     # -- admission and eviction ---------------------------------------------------------------------
 
-    async def admit(self, key: str, model: LoadedModel) -> None:
-        """Reserve the model's estimate in the budget, evicting least recently used idle models as needed;
-        refuse a model whose weights the memory they go to cannot take now, whatever the budget says."""
-        budget = await self.find_budget(model.spec)
-        model.estimated_bytes = need = await asyncio.to_thread(self.estimate, key, model.spec)
+    async def admit(self, key: str, spec: ModelSpec, residents: Sequence[Resident]) -> AsyncIterator[str]:
+        """Admit a load of ``spec``: name the cache keys to evict, least recently used first, one at a time
+        (the caller unloads each before asking for the next), then reserve the estimate. Refuses a model that
+        the budget cannot take, and one whose weights the memory they go to cannot take now, whatever the
+        budget says. ``residents``: the models in the cache now. Iterate it to the end, inside
+        ``contextlib.aclosing``: admissions run one at a time, so two loads never count the same free bytes."""
+        name = str(spec["model_name"])
+        budget = await self.find_budget(spec)
+        need = await asyncio.to_thread(self.estimate, key, spec)
         async with self._admission:
-            await self._check_available(key, model, budget)
+            await self._check_available(key, spec, budget)
             if need > budget.total:
-                raise self._exhausted(model, "it is larger than the whole budget")
+                raise self._exhausted(key, name, need, residents, "it is larger than the whole budget")
+            evicted: set[str] = set()
             while budget.total - self.used() < need:
-                victim = self.least_recently_used(exclude=key)
+                left = [r for r in residents if r.key not in evicted]
+                victim = self.least_recently_used(left, exclude=key)
                 if victim is None:
-                    raise self._exhausted(model, "no loaded model can be evicted")
-                evicted = self._models[victim]
-                log.info(
-                    "evicting %s (idle %.0f s) to make room for %s",
-                    evicted.name,
-                    time.monotonic() - evicted.last_used,
-                    model.name,
-                )
-                await self._unload(victim)
+                    raise self._exhausted(key, name, need, left, "no loaded model can be evicted")
+                log.info("evicting %s (idle %.0f s) to make room for %s", victim.name, victim.idle_s, name)
+                evicted.add(victim.key)
+                yield victim.key
             if budget.kind == "gpu":
-                await self._check_engine_share(model, self._estimate(key, model.spec))
-            model.charged_bytes = need
+                await _check_engine_share(name, self._estimate(key, spec), await self.devices())
+            self.charge(key, need)
 
-    async def _check_available(self, key: str, model: LoadedModel, budget: Budget) -> None:
+    async def _check_available(self, key: str, spec: ModelSpec, budget: Budget) -> None:
         """The weights (with the loader's overhead) against the memory they go to, available now: free GPU
         memory when the budget counts GPUs (the model goes there), else the machine's available RAM. A first,
         coarse check that catches memory other processes hold. A local folder's weights are the size of its
         weight files; others' (a hub id, a GGUF file), and quantised ones, the estimate's."""
-        if not memory_of(model.spec).read_through_ram:
+        if not memory_of(spec).read_through_ram:
             return
         found = self._estimates.get(key)
-        config = model.spec.get("model_config", {})
+        config = spec.get("model_config", {})
         quantised = isinstance(config, dict) and (config.get("load_in_4bit") or config.get("load_in_8bit"))
-        located = None if quantised else await asyncio.to_thread(locate_weights, model.spec)
+        located = None if quantised else await asyncio.to_thread(locate_weights, spec)
         on_disk = located.bytes_on_disk() if located is not None else 0
         if on_disk:
             weights = int(on_disk * LOAD_OVERHEAD)
@@ -216,42 +223,18 @@ class Residency:
             available, where = await asyncio.to_thread(available_ram), "available"
         if available and weights > available:
             raise ResourceExhaustedError(
-                f"{model.name} needs about {weights / 2**30:.1f} GiB to load; {available / 2**30:.1f} GiB is {where}",
+                f"{spec['model_name']} needs about {weights / 2**30:.1f} GiB to load; {available / 2**30:.1f} GiB is "
+                f"{where}",
                 required_bytes=weights,
                 available_bytes=available,
                 metadata={"memory_kind": budget.kind},
             )
 
-    async def _check_engine_share(self, model: LoadedModel, found: Estimate) -> None:
-        """An engine that takes a share of each of its GPUs at start (vLLM: ``gpu_memory_utilization``, 0.9 unless
-        set) refuses to start when a GPU has less free: whatever the budget says, what this process already holds
-        there (its CUDA context, other models, other engines) and what other processes hold must leave it that
-        share."""
-        if not found.gpu_share:
-            return
-        devices = await self.devices()
-        if not devices:
-            return
-        share, gpus = found.gpu_share, found.gpus
-        wanted = [int(d.total_bytes * share) for d in devices[:gpus]]
-        short = [(d, w) for d, w in zip(devices, wanted, strict=False) if _free(d) < w]
-        if len(devices) < gpus or short:
-            device, want = short[0] if short else (devices[-1], wanted[-1])
-            raise ResourceExhaustedError(
-                f"cannot start {model.name}'s engine: it takes {share:g} of each of its {gpus} GPU(s) "
-                f"({want / 2**30:.1f} GiB on cuda:{device.index}), and cuda:{device.index} has "
-                f"{_free(device) / 2**30:.1f} GiB free: this server holds {device.process_bytes / 2**30:.1f} GiB "
-                f"there (its CUDA context and loaded models) and other processes "
-                f"{device.used_by_others_bytes / 2**30:.1f} GiB. Lower {found.share_field} or unload models",
-                required_bytes=want,
-                available_bytes=_free(device),
-                metadata={"field": found.share_field, "memory_kind": "gpu"},
-            )
-
     # -- the KV cache of running batches --------------------------------------------------------------
 
-    def attach(self, key: str, model: LoadedModel, backend: Any) -> None:
-        """Hand a loaded backend that checks its batches' KV cache (one with a ``kv`` attribute) its room."""
+    def attach(self, key: str, name: str, backend: Any) -> None:
+        """Hand a loaded backend that checks its batches' KV cache (one with a ``kv`` attribute) its room: the
+        free budget it may borrow, charged to ``key`` while a batch holds it."""
         found = self._estimates.get(key)
         if found is None or not found.kv_per_token or not hasattr(backend, "kv"):
             return
@@ -260,79 +243,70 @@ class Residency:
             return self.budget.total - self.used()
 
         def charge(delta: int) -> None:
-            model.charged_bytes = max(0, model.charged_bytes + delta)
+            self._charges[key] = max(0, self._charges.get(key, 0) + delta)
 
-        backend.kv = KvRoom(model.name, found, free, charge)
+        backend.kv = KvRoom(name, found, free, charge)
 
-    def evictable(self, key: str, model: LoadedModel) -> bool:
+    def evictable(self, resident: Resident) -> bool:
         """Loaded, with no request in flight or queued and no lease."""
-        return model.ready and model.in_flight == 0 and not self._leases.get(key)
+        return resident.ready and resident.in_flight == 0 and not self._leases.get(resident.key)
 
-    def least_recently_used(self, exclude: str = "") -> str | None:
-        """The cache key of the idle model used longest ago, other than ``exclude``; None if none is idle."""
-        idle = [(m.last_used, key) for key, m in self._models.items() if key != exclude and self.evictable(key, m)]
-        return min(idle)[1] if idle else None
+    def least_recently_used(self, residents: Iterable[Resident], exclude: str = "") -> Resident | None:
+        """The idle model used longest ago, other than ``exclude``; None if none is idle."""
+        idle = [r for r in residents if r.key != exclude and self.evictable(r)]
+        return min(idle, key=lambda r: r.last_used) if idle else None
 
-    def _exhausted(self, model: LoadedModel, why: str) -> ResourceExhaustedError:
+    def idle_past_keep_alive(self, residents: Iterable[Resident]) -> list[Resident]:
+        """The models idle past the keep-alive (never a leased or busy one), to unload."""
+        now, keep_alive = time.monotonic(), self.policy.keep_alive_s
+        return [r for r in residents if self.evictable(r) and now - r.last_used >= keep_alive]
+
+    def _exhausted(
+        self, key: str, name: str, need: int, residents: Sequence[Resident], why: str
+    ) -> ResourceExhaustedError:
         budget, free = self.budget, max(0, self.budget.total - self.used())
-        parts = self._estimates.get(cache_key(model.spec))
+        parts = self._estimates.get(key)
         split = (
             f" ({parts.weights / 2**20:.0f} MiB of weights, {parts.kv_cache / 2**20:.0f} MiB of KV-cache allowance)"
             if parts is not None and parts.kv_cache
             else ""
         )
         holders = [
-            f"{m.name} ({m.charged_bytes / 2**20:.0f} MiB, {self._pinned_by(key, m)})"
-            for key, m in self._models.items()
-            if m.charged_bytes
+            f"{r.name} ({self.charged(r.key) / 2**20:.0f} MiB, {self._pinned_by(r)})"
+            for r in residents
+            if self.charged(r.key)
         ]
         return ResourceExhaustedError(
-            f"cannot load {model.name}: it needs about {model.estimated_bytes / 2**20:.0f} MiB{split}, "
+            f"cannot load {name}: it needs about {need / 2**20:.0f} MiB{split}, "
             f"{free / 2**20:.0f} MiB of the {budget.total / 2**20:.0f} MiB {budget.kind} budget is free and {why}"
             + (f"; held by {', '.join(holders)}" if holders else ""),
-            required_bytes=model.estimated_bytes,
+            required_bytes=need,
             available_bytes=free,
             metadata={"budget_bytes": str(budget.total), "memory_kind": budget.kind, "held_by": "; ".join(holders)},
         )
 
-    def _pinned_by(self, key: str, model: LoadedModel) -> str:
+    def _pinned_by(self, resident: Resident) -> str:
         """Why a model holding memory cannot be evicted now."""
         reasons = []
-        if self._leases.get(key):
-            reasons.append(f"{len(self._leases[key])} lease(s)")
-        if model.in_flight:
-            reasons.append(f"{model.in_flight} request(s) in flight or queued")
-        if not model.ready:
-            reasons.append(model.state.name.lower().replace("_", " "))
+        if self._leases.get(resident.key):
+            reasons.append(f"{len(self._leases[resident.key])} lease(s)")
+        if resident.in_flight:
+            reasons.append(f"{resident.in_flight} request(s) in flight or queued")
+        if not resident.ready:
+            reasons.append(resident.state.name.lower().replace("_", " "))
         return ", ".join(reasons) or "idle"
 
-    # -- the idle unloader --------------------------------------------------------------------------
-
-    def start_idle_unloader(self) -> None:
-        if self.policy.keep_alive_s > 0 and (self._reaper is None or self._reaper.done()):
-            self._reaper = asyncio.create_task(self._unload_idle(), name="idle unloader")
-
-    async def _unload_idle(self) -> None:
-        """Every few seconds, unload models idle past the keep-alive (never a leased or busy one)."""
+    def idle_check_every(self) -> float:
+        """How often the cache looks for models idle past the keep-alive (0: never)."""
         keep_alive = self.policy.keep_alive_s
-        while True:
-            await asyncio.sleep(min(max(keep_alive / 4, 0.05), 30.0))
-            now = time.monotonic()
-            for key, model in list(self._models.items()):
-                if self.evictable(key, model) and now - model.last_used >= keep_alive:
-                    log.info(
-                        "unloading %s: idle for %.0f s (--keep-alive %g s)",
-                        model.name,
-                        now - model.last_used,
-                        keep_alive,
-                    )
-                    await self._unload(key)
-
-    def stop_idle_unloader(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
+        return min(max(keep_alive / 4, 0.05), 30.0) if keep_alive > 0 else 0.0
 
     # -- leases -------------------------------------------------------------------------------------
+
+    def lease_ttl(self, requested_s: float) -> float:
+        """How long a lease lasts: the server's lease timeout, shortened by the request (0: the timeout)."""
+        limit = self.policy.lease_timeout_s
+        return min(requested_s, limit) if requested_s > 0 else limit
 
     def grant(self, key: str, caller: str, ttl_s: float) -> Lease:
         """Hold the model cached under ``key`` resident for ``caller``, for ``ttl_s`` seconds at most."""
@@ -365,3 +339,27 @@ class Residency:
 def _free(device: GpuMemory) -> int:
     """What a GPU has free now: its memory less what this process and others hold on it."""
     return max(0, device.total_bytes - device.used_by_others_bytes - max(device.process_bytes, device.reserved_bytes))
+
+
+async def _check_engine_share(name: str, found: Estimate, devices: Sequence[GpuMemory]) -> None:
+    """An engine that takes a share of each of its GPUs at start (vLLM: ``gpu_memory_utilization``, 0.9 unless
+    set) refuses to start when a GPU has less free: whatever the budget says, what this process already holds
+    there (its CUDA context, other models, other engines) and what other processes hold must leave it that
+    share."""
+    if not found.gpu_share or not devices:
+        return
+    share, gpus = found.gpu_share, found.gpus
+    wanted = [int(d.total_bytes * share) for d in devices[:gpus]]
+    short = [(d, w) for d, w in zip(devices, wanted, strict=False) if _free(d) < w]
+    if len(devices) < gpus or short:
+        device, want = short[0] if short else (devices[-1], wanted[-1])
+        raise ResourceExhaustedError(
+            f"cannot start {name}'s engine: it takes {share:g} of each of its {gpus} GPU(s) "
+            f"({want / 2**30:.1f} GiB on cuda:{device.index}), and cuda:{device.index} has "
+            f"{_free(device) / 2**30:.1f} GiB free: this server holds {device.process_bytes / 2**30:.1f} GiB "
+            f"there (its CUDA context and loaded models) and other processes "
+            f"{device.used_by_others_bytes / 2**30:.1f} GiB. Lower {found.share_field} or unload models",
+            required_bytes=want,
+            available_bytes=_free(device),
+            metadata={"field": found.share_field, "memory_kind": "gpu"},
+        )

@@ -22,7 +22,7 @@ from .draining import Drain
 from .draining import current as current_drain
 from .logs import redact_logs
 from .metrics import create as create_metrics
-from .model_cache import ModelManager
+from .model_cache import ModelCache
 from .security.auth import interceptors, server_credentials
 from .security.redaction import Redactor
 from .servicer import ModelServicer
@@ -34,7 +34,7 @@ SERVICE_NAME = clemserve_pb2.DESCRIPTOR.services_by_name["ModelService"].full_na
 CUT_S = 2.0
 
 
-def build_manager(config: ServerConfig) -> ModelManager:
+def build_manager(config: ServerConfig) -> ModelCache:
     """Read the registry and key files; a broken file stops the start with a message naming it."""
     registry = ModelRegistry.from_files(config.registries, cwd=config.working_dir)
     keys = KeyRegistry.from_json(config.key_file, cwd=config.working_dir).with_environment(os.environ)
@@ -50,7 +50,7 @@ def build_manager(config: ServerConfig) -> ModelManager:
         compute_nice=config.compute_nice,
         allow_offload=config.allow_offload,
     )
-    return ModelManager(
+    return ModelCache(
         registry,
         context,
         allow_client_specs=config.security.allow_client_specs,
@@ -78,7 +78,7 @@ def _protection(config: ServerConfig) -> str:
     return f"{transport}, {token}, {admin}, {specs}"
 
 
-def _serve_metrics(config: ServerConfig, manager: ModelManager) -> bool:
+def _serve_metrics(config: ServerConfig, manager: ModelCache) -> bool:
     """Start the Prometheus endpoint when --metrics-port is set; False when its address cannot be bound."""
     settings = config.metrics
     if not manager.metrics.enabled:
@@ -93,7 +93,7 @@ def _serve_metrics(config: ServerConfig, manager: ModelManager) -> bool:
     return True
 
 
-async def serve(config: ServerConfig, manager: ModelManager) -> int:
+async def serve(config: ServerConfig, manager: ModelCache) -> int:
     # Generation threads (transformers) hold the GIL between small tensor operations; a short switch
     # interval lets the event loop answer others (health checks, refusals of a full queue) meanwhile.
     sys.setswitchinterval(0.001)
@@ -117,7 +117,6 @@ async def serve(config: ServerConfig, manager: ModelManager) -> int:
         config.limits,
         redactor=manager.context.redactor,
         metrics=manager.metrics,
-        lease_timeout_s=config.residency.lease_timeout_s,
     )
     clemserve_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

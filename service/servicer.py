@@ -1,4 +1,4 @@
-"""The ModelService RPCs: proto in, one ModelManager call, proto out.
+"""The ModelService RPCs: proto in, one ModelCache call, proto out.
 
 Every RPC is wrapped by :func:`rpc` or :func:`stream_rpc`, which serve it through :class:`_Served`: the
 request id, the deadline, the size check, the metrics, and one well-formed status for any failure.
@@ -18,21 +18,18 @@ from typing import Any, TypeVar
 
 import grpc
 
-from clemserve.registry.errors import InvalidArgumentError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
-from . import convert, provenance
+from . import convert
 from .draining import current as current_drain
 from .labels import RequestLabels
 from .logs import deadline_var, request_id_var
-from .memory import ResidencyPolicy
 from .metrics import MetricsSink, NoMetrics
-from .model_cache import ModelManager
+from .model_cache import ModelCache
 from .security.redaction import Redactor
-from .status import as_clemserve_error, to_grpc_status, to_row_error
-from .streaming import StreamObserver
-from .validation import Limits, validate_messages, validate_request_id, validate_request_size
+from .status import as_clemserve_error, to_grpc_status
+from .validation import Limits, validate_request_id, validate_request_size
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +227,15 @@ def _caller(context: grpc.aio.ServicerContext) -> str:
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
+    """Each RPC converts its request, makes one call on the model cache, and converts the result."""
+
     def __init__(
         self,
-        manager: ModelManager,
+        manager: ModelCache,
         limits: Limits | None = None,
         *,
         redactor: Redactor | None = None,
         metrics: MetricsSink | None = None,
-        lease_timeout_s: float = ResidencyPolicy.lease_timeout_s,
     ) -> None:
         self.manager = manager
         self.limits = limits or Limits()
@@ -246,8 +244,6 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.metrics = metrics or NoMetrics()
         #: a request's model and backend, as the metrics label it (only read when metrics are on)
         self.labels = RequestLabels(manager.resolve, manager.resolver.names, manager.loaded_names)
-        #: the longest a lease lasts
-        self.lease_timeout_s = lease_timeout_s
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -259,45 +255,17 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def GenerateBatch(
         self, request: pb.GenerateBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateBatchResponse:
-        """Every row is a Generate of its own, submitted at once: the scheduler batches them, and a row's
-        error (a context overflow, say) is that row's alone."""
-        selector = convert.selector_from_proto(request.model, limits=self.limits)
-        args = convert.gen_args_from_proto(request.args, self.limits)
-        if not request.conversations:
-            raise InvalidArgumentError("conversations", "must hold at least one conversation")
-        batch_id, caller = request_id_var.get(), _caller(context)
-
-        async def row(i: int, conversation: pb.Conversation) -> pb.BatchResult:
-            row_id = f"{batch_id}/{i}"
-            try:
-                field = f"conversations[{i}].messages"
-                messages = convert.messages_from_proto(conversation.messages, field, limits=self.limits)
-                validate_messages(messages, field)  # so that a row's error names its own field
-                spec, generation = await self.manager.generate(selector, messages, args, caller)
-                return pb.BatchResult(response=convert.generation_to_proto(generation, spec, row_id))
-            except Exception as exc:
-                err = as_clemserve_error(exc, row_id)
-                return pb.BatchResult(error=to_row_error(err, row_id, self.redactor))
-
-        results = await asyncio.gather(*(row(i, c) for i, c in enumerate(request.conversations)))
-        return pb.GenerateBatchResponse(results=results, request_id=batch_id)
+        selector, rows, args = convert.batch_request_from_proto(request, self.limits)
+        outcomes = await self.manager.generate_batch(selector, rows, args, _caller(context))
+        return convert.batch_to_proto(outcomes, request_id_var.get(), self.redactor)
 
     @rpc
     async def ResolveModel(
         self, request: pb.ResolveModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolveModelResponse:
-        spec = self.manager.resolve(convert.selector_from_proto(request.model, limits=self.limits))
-        if not request.describe:
-            return pb.ResolveModelResponse(model_spec=convert.spec_to_proto(spec))
-        served = await asyncio.to_thread(provenance.describe, spec, self.manager.engine_of(spec))  # hashes weights once
-        return pb.ResolveModelResponse(
-            model_spec=convert.spec_to_proto(spec),
-            server_version=served.server_version,
-            library_versions=served.library_versions,
-            revision=served.revision,
-            dtype=served.dtype,
-            device=served.device,
-        )
+        selector = convert.selector_from_proto(request.model, limits=self.limits)
+        spec, served = await self.manager.describe(selector, request.describe)
+        return convert.resolved_to_proto(spec, served)
 
     @rpc
     async def ListModels(
@@ -323,25 +291,19 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     ) -> pb.CountTokensResponse:
         selector = convert.selector_from_proto(request.model, limits=self.limits)
         messages = convert.messages_from_proto(request.messages, limits=self.limits)
-        count = await self.manager.count_tokens(selector, messages)
-        return convert.token_count_to_proto(count)
+        return convert.token_count_to_proto(await self.manager.count_tokens(selector, messages))
 
     @stream_rpc
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Generate, with the request's state and text sent as they happen; the reply is the last message.
-        The generation runs in a task of its own; the caller leaving cancels it (and frees its slot)."""
+        The caller leaving cancels the generation (and frees its slot)."""
         selector, messages, args = convert.generate_request_from_proto(request, self.limits)
-        observer = StreamObserver()
-        task = asyncio.create_task(self.manager.generate(selector, messages, args, _caller(context), observer))
-        try:
-            async for event in observer.events_until(task):
-                yield convert.stream_event_to_proto(event)
-            spec, generation = task.result()
-        finally:
-            task.cancel()
-        yield pb.GenerateStreamResponse(reply=convert.generation_to_proto(generation, spec, request_id_var.get()))
+        stream = self.manager.generate_stream(selector, messages, args, _caller(context))
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                yield convert.stream_item_to_proto(event, request_id_var.get())
 
     @stream_rpc
     async def LeaseModel(
@@ -349,15 +311,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     ) -> AsyncIterator[pb.LeaseModelResponse]:
         """Keep a model resident while the stream is open: the lease ends when the caller cancels, its
         channel goes away (the call is cancelled here) or the lease times out (a last message says so)."""
-        selector = convert.selector_from_proto(request.model, limits=self.limits)
-        ttl = self._lease_ttl(request.ttl_seconds)
+        selector, ttl = convert.lease_request_from_proto(request, self.limits)
         async with contextlib.aclosing(self.manager.lease(selector, _caller(context), ttl, request.load)) as events:
             async for event in events:
                 yield convert.lease_event_to_proto(event)
-
-    def _lease_ttl(self, requested: float) -> float:
-        """The server's lease timeout, shortened by the request's ttl_seconds (0: the timeout itself)."""
-        if requested < 0 or requested != requested:
-            raise InvalidArgumentError("ttl_seconds", f"must be 0 or a positive number of seconds, got {requested}")
-        limit = self.lease_timeout_s
-        return min(requested, limit) if requested > 0 else limit

@@ -29,7 +29,6 @@ from typing import Any
 from clemserve.registry import Key
 
 from ..domain import GenArgs, ImagePart, Message, TextSink
-from ..validation import reject_unsupported_args
 from .remote import (
     STREAM_ERROR_STATUS,
     RemoteBackend,
@@ -94,7 +93,6 @@ class AnthropicBackend(RemoteBackend):
         )
 
     def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         prompt, system = encode_messages(messages)
         temperature, max_tokens = args.temperature, args.max_tokens
         request: dict[str, Any] = {"model": self.model_id, "messages": prompt, "system": system}

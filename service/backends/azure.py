@@ -28,7 +28,6 @@ from clemserve.registry import Key
 from clemserve.registry.errors import FailedPreconditionError
 
 from ..domain import GenArgs, ImagePart, Message, TextSink
-from ..validation import reject_unsupported_args
 from .anthropic import API_VERSION, classify_anthropic, parse_message, stream_message
 from .openai import (
     MalformedAnswer,
@@ -87,7 +86,6 @@ class AzureGPTBackend(AzureBackend):
         )
 
     def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         prompt = encode_messages(messages)
         if self.model_name in RESPONSES_API_MODELS:
             # as clembench: the messages as input, no generation arguments
@@ -165,7 +163,6 @@ class AzureClaudeBackend(AzureBackend):
         )
 
     def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         system, prompt = encode_claude_messages(messages)
         temperature, max_tokens = args.temperature, args.max_tokens
         request: dict[str, Any] = {"model": self.model_id, "messages": prompt}

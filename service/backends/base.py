@@ -27,6 +27,7 @@ from clemserve.registry.errors import FailedPreconditionError, UnavailableError
 
 from ..domain import GenArgs, Generation, Message, Outcome, Row, TextSink, TokenCount
 from ..security.redaction import Redactor
+from ..validation import reject_unsupported_args
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def load(self, progress: Progress) -> None: ...
+
+    def check_args(self, args: GenArgs) -> None:
+        """Refuse generation arguments this backend cannot honour, before the request is queued (nothing is
+        ignored silently). The server calls it once per request, before any backend method."""
+        reject_unsupported_args(args.extra, self.supported_args, self.name)
 
     @abc.abstractmethod
     async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TextSink, TokenCount
-from ..validation import reject_unsupported_args
 from .base import Backend, Progress, stream_words
 from .chat import check_context
 from .context import parse_context_size
@@ -38,7 +37,6 @@ class EchoBackend(Backend):
         return TokenCount(len(prompt.split()), self.context_size, prompt)
 
     async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         # count_tokens' figure without building its prompt: "role:" and the words of each message
         prompt_tokens, last_user = 0, ""
         words: list[str] = []

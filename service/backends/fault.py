@@ -7,6 +7,9 @@ Configured only by a registry entry's ``model_config`` (no registry that ships w
 - ``oom_on`` (str): a MemoryError when the last user message contains it (out of memory while generating)
 - ``oom_on_load`` (int, or true for 1): the first N loads of this model name in this server process
   fail with MemoryError; later loads succeed
+- ``gate`` (str): a file's path; while that file exists, every call waits before answering (looking every
+  10 ms, without blocking the event loop). A test creates the file to hold calls in flight and removes it to
+  let them go, so that it waits exactly as long as it needs; a caller that goes away ends the wait
 - ``sleep_s`` (float): every call sleeps this long before answering (without blocking the event loop)
 - ``stream_tokens`` (int) with ``token_delay_s`` (float): a slow generation of that many tokens, one per
   delay; a caller that goes away stops it, and the log says after how many tokens
@@ -22,15 +25,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
-from ..validation import reject_unsupported_args
 from .base import Backend, Progress, stream_words
 
 log = logging.getLogger(__name__)
 
 CONTEXT_SIZE = 131072
+#: how often a call held at the gate looks again
+GATE_POLL_S = 0.01
 
 
 class FaultBackend(Backend):
@@ -59,13 +64,13 @@ class FaultBackend(Backend):
         return TokenCount(len(prompt.split()), CONTEXT_SIZE, prompt)
 
     async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         config = self.model_config
         if config.get("raise_on") and str(config["raise_on"]) in last_user:
             raise RuntimeError(f"fault backend: {config['raise_on']!r} in the message")
         if config.get("oom_on") and str(config["oom_on"]) in last_user:
             raise MemoryError(f"fault backend: {config['oom_on']!r} in the message")
+        await self._wait_at_gate()
         await asyncio.sleep(self._number("sleep_s"))
         words = await self._stream(args.max_tokens, sink) if "stream_tokens" in config else last_user.split()
         text = " ".join(words[: args.max_tokens])
@@ -80,6 +85,14 @@ class FaultBackend(Backend):
             completion_tokens=min(len(words), args.max_tokens),
             finish_reason=FinishReason.LENGTH if len(words) > args.max_tokens else FinishReason.STOP,
         )
+
+    async def _wait_at_gate(self) -> None:
+        gate = self.model_config.get("gate")
+        if not isinstance(gate, str) or not gate:
+            return
+        path = Path(gate)
+        while path.exists():
+            await asyncio.sleep(GATE_POLL_S)
 
     async def _stream(self, max_tokens: int, sink: TextSink | None) -> list[str]:
         """The slow generation; the tokens within ``max_tokens`` (the reply's text) stream as they come."""

@@ -35,7 +35,6 @@ from typing import Any
 from clemserve.registry import FailedPreconditionError, Key
 
 from ..domain import GenArgs, ImagePart, Message, TextSink
-from ..validation import reject_unsupported_args
 from .remote import (
     RemoteBackend,
     UpstreamFailure,
@@ -125,7 +124,6 @@ class GoogleBackend(RemoteBackend):
         return self.types.Part.from_bytes(data=image.data, mime_type=image_mime(image))
 
     def build_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         types = self.types
         contents = self.encode_messages(messages)
         config = types.GenerateContentConfig(

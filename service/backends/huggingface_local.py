@@ -24,7 +24,6 @@ from clemserve.registry.errors import ContextExceededError, InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, Outcome, Row, TokenCount
 from ..memory import Estimate, KvRoom, Sizing, free_memory
-from ..validation import reject_unsupported_args
 from . import footprint, gguf, placement
 from .base import BatchingBackend, Progress, RowDone, missing_dependency
 from .chat import (
@@ -152,7 +151,6 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         A row with a sink (a streamed request) gets its text token by token as it is generated. A row that
         ends (its end-of-sequence token) before the batch does is handed to ``done`` at once, on the event
         loop, so that its caller has its answer without waiting for the batch's longest row."""
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         loop = asyncio.get_running_loop()
         # the generation thread hands text and early results over to the event loop
         rows = [dataclasses.replace(row, sink=on_loop(loop, row.sink)) for row in rows]

@@ -33,7 +33,6 @@ from clemserve.registry.errors import InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, Row, TextSink, TokenCount
 from ..memory import free_memory
-from ..validation import reject_unsupported_args
 from . import placement
 from .base import Backend, Progress, missing_dependency
 from .chat import check_context, context_size, precondition, weights_missing
@@ -113,7 +112,6 @@ class HuggingfaceMultimodalBackend(placement.DeviceWorker, Backend):
     # -- generation ---------------------------------------------------------------------------
 
     async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         check_images(messages, self.model_config, self.model_name)
         loop = asyncio.get_running_loop()
         row = Row(messages, sink=on_loop(loop, sink))

@@ -35,7 +35,6 @@ from clemserve.registry.errors import ClemserveError, InvalidArgumentError
 
 from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
 from ..memory import Estimate, Sizing
-from ..validation import reject_unsupported_args
 from . import footprint, gguf
 from .base import Backend, Progress, lower_thread_priority, missing_dependency
 from .chat import check_chat_config, check_context, engine_prompt, precondition, refuse_images, weights_missing
@@ -333,7 +332,6 @@ class LlamaCppBackend(Backend):
 
     async def generate(self, messages: Sequence[Message], args: GenArgs, sink: TextSink | None = None) -> Generation:
         refuse_images(messages, self.model_name)
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         seed = args.extra.get("seed")
         if seed is not None and not 0 <= seed <= _SEED_MAX:
             raise InvalidArgumentError("args.seed", f"llama.cpp takes a seed from 0 to {_SEED_MAX}, not {seed}")

@@ -18,7 +18,6 @@ from clemserve.registry import Key
 from clemserve.registry.errors import FailedPreconditionError, InvalidArgumentError
 
 from ..domain import GenArgs, ImagePart, Message, TextSink
-from ..validation import reject_unsupported_args
 from .remote import (
     RemoteBackend,
     UpstreamFailure,
@@ -355,7 +354,6 @@ class OpenRouterBackend(OpenAIBackend):
     default_url = OPENROUTER_URL
 
     def gen_kwargs(self, args: GenArgs) -> dict[str, Any]:
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         return {"temperature": args.temperature, "max_tokens": args.max_tokens}
 
     def extra_body(self) -> Any:

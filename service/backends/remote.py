@@ -44,7 +44,6 @@ from clemserve.registry.errors import (
 
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TextSink, TokenCount
 from ..logs import deadline_var
-from ..validation import reject_unsupported_args
 from .base import Backend, Progress, RetryPolicy, missing_dependency
 
 log = logging.getLogger(__name__)
@@ -277,7 +276,6 @@ class RemoteBackend(Backend):
     def text_chat_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
         """For providers clembench sends only text, temperature and max_tokens (Mistral, Cohere): the
         prompt object is the message list as sent; images and other generation arguments are refused."""
-        reject_unsupported_args(args.extra, self.supported_args, self.name)
         for i, message in enumerate(messages):
             if message.get("image"):
                 raise InvalidArgumentError(

@@ -129,6 +129,9 @@ class VLLMBackend(Backend):
 
     # -- generation ---------------------------------------------------------------------------
 
+    def check_args(self, args: GenArgs) -> None:
+        """vLLM's own check, against SamplingParams' fields, runs when the request's sampling is built."""
+
     def _sampling(self, args: GenArgs) -> Any:
         unknown = sorted(set(args.extra) - self.sampling_fields)
         if unknown:

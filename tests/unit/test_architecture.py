@@ -140,3 +140,67 @@ def test_no_import_cycle() -> None:
         if module not in state:
             visit(module)
     assert cycles == [], "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# -- what lives where -----------------------------------------------------------------------------
+
+SERVICE = ROOT / "service"
+BACKENDS = SERVICE / "backends"
+#: every name a registry entry's ``backend`` may hold that clemserve knows of, served or not
+BACKEND_NAMES = {
+    "echo", "fault", "huggingface_local", "vllm", "llamacpp", "openai", "openai_compatible", "openrouter", "azure",
+    "anthropic", "google", "mistral", "cohere", "slurk", "_player_human", "_player_programmed",
+}  # fmt: skip
+
+
+def _strings(path: Path) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+
+
+def test_the_catalog_knows_every_backend_name_the_test_checks_for() -> None:
+    from clemserve.service.backends import KNOWN_BACKENDS, PLAYER_BACKENDS
+
+    assert set(KNOWN_BACKENDS) | set(PLAYER_BACKENDS) == BACKEND_NAMES
+
+
+def test_no_service_module_outside_the_backends_names_a_backend() -> None:
+    """What a backend is lives in its module and its catalog entry: core modules ask the catalog."""
+    named = [
+        f"{path.relative_to(ROOT)}:{line}: {value!r}"
+        for path in sorted(SERVICE.rglob("*.py"))
+        if BACKENDS not in path.parents
+        for line, value in _strings(path)
+        if value in BACKEND_NAMES
+    ]
+    assert named == []
+    assert not any(imported.startswith("clemserve.service.backends") for imported in GRAPH["clemserve.service.memory"])
+
+
+def test_no_service_class_is_over_300_lines() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(SERVICE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.ClassDef) and node.end_lineno is not None and node.end_lineno - node.lineno >= 300
+    ]
+    assert long == []
+
+
+def test_every_rpc_converts_makes_one_call_and_converts_back_in_at_most_8_lines() -> None:
+    """Fan-out, policy and stamping belong to the cache, validation and conversion, not to the servicer."""
+    tree = ast.parse((SERVICE / "servicer.py").read_text())
+    servicer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ModelServicer")
+    rpcs = {
+        node.name: node
+        for node in servicer.body
+        if isinstance(node, ast.AsyncFunctionDef)
+        and any(ast.unparse(d) in ("rpc", "stream_rpc") for d in node.decorator_list)
+    }
+    assert {"Generate", "GenerateStream", "GenerateBatch", "LeaseModel", "ResolveModel", "ListModels"} <= set(rpcs)
+    sizes = {}
+    for name, node in rpcs.items():
+        body = node.body[1:] if ast.get_docstring(node) else node.body
+        sizes[name] = body[-1].end_lineno - body[0].lineno + 1  # type: ignore[operator]
+    assert {name: size for name, size in sizes.items() if size > 8} == {}

@@ -18,11 +18,11 @@ import clemserve.service.residency as residency_module
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
 from clemserve.service.backends import estimate
-from clemserve.service.domain import GpuMemory, ModelState
+from clemserve.service.domain import GpuMemory
 from clemserve.service.loaded import LoadedModel
 from clemserve.service.memory import ResidencyPolicy, Sizing, budget_from_setting
 from clemserve.service.residency import Residency
-from clemserve.service.resolver import cache_key
+from tests.admission import admit, charged, unload_all
 from tests.tiny_model import write_sparse_safetensors
 
 GiB = 2**30
@@ -189,17 +189,11 @@ def test_residency_finds_the_budget_off_the_loop_and_asks_torch_once_for_a_gpu_b
 
 
 def _residency(tmp_path: Path, budget: str, models: dict[str, LoadedModel]) -> Residency:
-    async def unload(key: str) -> bool:
-        return models.pop(key, None) is not None
-
-    return Residency(ResidencyPolicy(memory_budget=budget), models, unload, cache_dir=tmp_path)
+    return Residency(ResidencyPolicy(memory_budget=budget), cache_dir=tmp_path)
 
 
 def _admit(residency: Residency, models: dict[str, LoadedModel], spec: ModelSpec) -> LoadedModel:
-    key = cache_key(spec)
-    model = models[key] = LoadedModel(spec, state=ModelState.LOADING)
-    asyncio.run(residency.admit(key, model))
-    return model
+    return asyncio.run(admit(residency, models, spec))
 
 
 def test_gpu_bound_weights_are_checked_against_free_gpu_memory_not_ram(
@@ -211,10 +205,10 @@ def test_gpu_bound_weights_are_checked_against_free_gpu_memory_not_ram(
     residency = _residency(tmp_path, "1TiB", models)
     spec = ModelSpec(model_name="big", backend="huggingface_local", huggingface_id="org/big", model_config={})
     model = _admit(residency, models, spec)  # 120 GiB with the loader's overhead; 212.5 GiB free on 3 GPUs
-    assert model.charged_bytes == 100 * GiB
+    assert charged(residency, model) == 100 * GiB
     nvml.processes[0].append((1, 70 * GiB))
     nvml.processes[1].append((1, 50 * GiB))
-    models.clear()
+    unload_all(residency, models)
     with pytest.raises(ResourceExhaustedError, match=r"big needs about 120\.0 GiB to load; 92\.5 GiB is free on 3 GPU"):
         _admit(residency, models, spec)
 
@@ -249,7 +243,7 @@ def test_a_tensor_parallel_model_larger_than_one_gpu_is_admitted_when_it_fits_tw
     models: dict[str, LoadedModel] = {}
     residency = _residency(tmp_path, "auto", models)
     tp2 = _admit(residency, models, _vllm(tmp_path, "tp2", number_gpus=2))
-    assert tp2.charged_bytes == 2 * int(80 * GiB * 0.9) <= residency.budget.total
+    assert charged(residency, tp2) == 2 * int(80 * GiB * 0.9) <= residency.budget.total
     monkeypatch.setattr(footprint, "safetensors_bytes", real)
 
 
@@ -268,11 +262,11 @@ def test_an_engine_with_an_explicit_share_counts_what_this_process_already_holds
     assert "this server holds 45.0 GiB there" in message
     assert caught.value.metadata["field"] == "model_config.vllm_args.gpu_memory_utilization"
     nvml.processes[0].clear()
-    models.clear()
-    assert _admit(residency, models, _vllm(tmp_path, "engine", **half)).charged_bytes > 0
+    unload_all(residency, models)
+    assert charged(residency, _admit(residency, models, _vllm(tmp_path, "engine", **half))) > 0
     # vLLM's default share (0.9) is checked the same way: a 10 GiB CUDA context leaves 69.5 GiB of 80
     nvml.processes[0].append((pid, 10 * GiB))
-    models.clear()
+    unload_all(residency, models)
     with pytest.raises(ResourceExhaustedError, match=r"takes 0\.9 of each .* has 69\.5 GiB free"):
         _admit(residency, models, _vllm(tmp_path, "default-share"))
 

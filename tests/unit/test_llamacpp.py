@@ -284,9 +284,12 @@ def test_refusals_name_the_field(tmp_path: Path) -> None:
     image = [{"role": "user", "content": "x", "image": [ImagePart(b"\x89PNG", "image/png", "a.png")]}]
     cases = [
         (image, GenArgs(), "messages[0].image"),
-        (MESSAGES, GenArgs(extra={"no_such_arg": 1}), "args.no_such_arg"),
         (MESSAGES, GenArgs(extra={"seed": -1}), "args.seed"),
     ]
+    with pytest.raises(InvalidArgumentError) as caught:  # checked by the server before the request is queued
+        backend.check_args(GenArgs(extra={"no_such_arg": 1}))
+    assert caught.value.field == "args.no_such_arg"
+    backend.check_args(GenArgs(extra={"top_k": 5, "seed": 7}))
     for messages, args, field in cases:
         with pytest.raises(InvalidArgumentError) as caught:
             asyncio.run(backend.generate(messages, args))

@@ -12,10 +12,11 @@ from clemserve.registry import ModelSpec
 from clemserve.service.backends import estimate, footprint
 from clemserve.service.backends.footprint import parameter_count
 from clemserve.service.domain import ModelState
-from clemserve.service.loaded import LoadedModel
+from clemserve.service.loaded import LoadedModel, Resident
 from clemserve.service.memory import ResidencyPolicy, Sizing, parse_bytes
 from clemserve.service.residency import Residency
 from clemserve.service.resolver import cache_key
+from tests.admission import admit, charged
 from tests.tiny_model import build_tiny_llama, write_sparse_safetensors
 
 SHAPES = [
@@ -106,20 +107,21 @@ def test_eviction_takes_the_least_recently_used_idle_model(tmp_path: Path) -> No
         )
     )
 
-    async def unload(key: str) -> bool:
-        return models.pop(key, None) is not None
+    def residents() -> list[Resident]:
+        return [model.resident(key) for key, model in models.items()]
 
-    residency = Residency(ResidencyPolicy(memory_budget="1GiB"), models, unload, cache_dir=tmp_path)
+    residency = Residency(ResidencyPolicy(memory_budget="1GiB"), cache_dir=tmp_path)
     leased_key = cache_key(ModelSpec(model_name="old-leased", backend="fault", model_config={}))
     lease = residency.grant(leased_key, "caller", ttl_s=60)
-    victim = residency.least_recently_used()
-    assert victim is not None and models[victim].name == "old-idle"
-    assert residency.least_recently_used(exclude=victim) is not None
-    models.pop(victim)
-    second = residency.least_recently_used()
-    assert second is not None and models[second].name == "new-idle"
+    victim = residency.least_recently_used(residents())
+    assert victim is not None and victim.name == "old-idle"
+    assert residency.least_recently_used(residents(), exclude=victim.key) is not None
+    models.pop(victim.key)
+    second = residency.least_recently_used(residents())
+    assert second is not None and second.name == "new-idle"
     residency.release(lease)  # the leased model is idle now, and used longer ago than new-idle
-    assert residency.least_recently_used() == leased_key
+    found = residency.least_recently_used(residents())
+    assert found is not None and found.key == leased_key
 
 
 def test_cache_key_ignores_what_does_not_change_the_loaded_model() -> None:
@@ -213,27 +215,21 @@ def test_admission_refuses_weights_the_machine_cannot_take_now(tmp_path: Path, m
     monkeypatch.setattr(residency_module, "available_ram", lambda: available)
     models: dict[str, LoadedModel] = {}
 
-    async def unload(key: str) -> bool:
-        return models.pop(key, None) is not None
-
-    def entry(name: str, backend: str) -> tuple[str, LoadedModel]:
-        spec = ModelSpec(model_name=name, backend=backend, huggingface_id="org/m", model_config={})
-        return cache_key(spec), LoadedModel(spec, estimated_bytes=residency.estimate(cache_key(spec), spec))
+    def entry(name: str, backend: str) -> ModelSpec:
+        return ModelSpec(model_name=name, backend=backend, huggingface_id="org/m", model_config={})
 
     async def check() -> None:
         nonlocal available
-        key, model = entry("big", "huggingface_local")
+        big = entry("big", "huggingface_local")
         with pytest.raises(ResourceExhaustedError, match=r"big needs about 1\.2 GiB to load; 0\.5 GiB is available"):
-            await residency.admit(key, model)
-        assert model.charged_bytes == 0
-        other_key, other = entry("engine", "vllm")
-        await residency.admit(other_key, other)
-        assert other.charged_bytes == 2**30
+            await admit(residency, models, big)
+        assert residency.charged(cache_key(big)) == 0
+        engine = await admit(residency, models, entry("engine", "vllm"))
+        assert charged(residency, engine) == 2**30
         available = 2**31
-        await residency.admit(key, model)
-        assert model.charged_bytes == 2**30
+        assert charged(residency, await admit(residency, models, big)) == 2**30
 
-    residency = Residency(ResidencyPolicy(memory_budget="100GiB"), models, unload, cache_dir=tmp_path)
+    residency = Residency(ResidencyPolicy(memory_budget="100GiB"), cache_dir=tmp_path)
     asyncio.run(check())
 
 
@@ -266,13 +262,8 @@ def _config_only(tmp_path: Path, name: str, config: dict[str, object], **model_c
 
 
 def _residency(tmp_path: Path, budget: str, models: dict[str, LoadedModel], **policy: object) -> Residency:
-    async def unload(key: str) -> bool:
-        return models.pop(key, None) is not None
-
     return Residency(
         ResidencyPolicy(memory_budget=budget, **policy),  # type: ignore[arg-type]
-        models,
-        unload,
         cache_dir=tmp_path,
         max_batch=8,
     )
@@ -291,21 +282,15 @@ def test_an_80_gib_budget_admits_an_8b_and_a_14b_model_and_refuses_a_70b_with_th
     residency = _residency(tmp_path, "80GiB", models)
     specs = [_config_only(tmp_path, n, c) for n, c in (("8b", LLAMA_31_8B), ("14b", QWEN25_14B), ("70b", LLAMA_31_70B))]
 
-    async def admit(spec: ModelSpec) -> LoadedModel:
-        key = cache_key(spec)
-        model = models[key] = LoadedModel(spec, state=ModelState.LOADING)
-        await residency.admit(key, model)
-        return model
-
     async def check() -> None:
-        eight, fourteen = await admit(specs[0]), await admit(specs[1])
+        eight, fourteen = await admit(residency, models, specs[0]), await admit(residency, models, specs[1])
         # 8.03e9 bf16 parameters, and 32768 tokens of 128 KiB: 4 GiB, not 128k x 8 rows (128 GiB)
         assert 14.9 * 2**30 < residency.estimate_parts(cache_key(specs[0]), specs[0]).weights < 15.1 * 2**30
         assert residency.estimate_parts(cache_key(specs[0]), specs[0]).kv_cache == 32768 * 128 * 2**10
         assert residency.estimate_parts(cache_key(specs[1]), specs[1]).kv_cache == 32768 * 192 * 2**10
-        assert eight.charged_bytes + fourteen.charged_bytes < 80 * 2**30
+        assert charged(residency, eight) + charged(residency, fourteen) < 80 * 2**30
         with pytest.raises(ResourceExhaustedError) as caught:
-            await admit(specs[2])
+            await admit(residency, models, specs[2])
         message = str(caught.value)
         # 70.6e9 bf16 parameters (131 GiB), and 32768 tokens of 320 KiB
         assert "cannot load 70b: it needs about 144811 MiB (134571 MiB of weights, 10240 MiB of KV-cache" in message

@@ -11,16 +11,16 @@ import pytest
 from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
 from clemserve.service.backends import BackendContext, BackendDeadError
 from clemserve.service.domain import GenArgs, ModelState
-from clemserve.service.model_cache import ModelManager
+from clemserve.service.model_cache import ModelCache
 from clemserve.service.scheduler import SchedulingPolicy
 
 HI = [{"role": "user", "content": "hi"}]
 
 
-def _manager(tmp_path: Path, **config: object) -> ModelManager:
+def _manager(tmp_path: Path, **config: object) -> ModelCache:
     entry = ModelSpec.from_dict({"model_name": "slow", "backend": "fault", "model_config": config})
     context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
-    return ModelManager(ModelRegistry([entry]), context, policy=SchedulingPolicy(max_wait_s=0))
+    return ModelCache(ModelRegistry([entry]), context, policy=SchedulingPolicy(max_wait_s=0))
 
 
 def test_snapshot_and_listing_agree_on_running_and_queued(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_snapshot_and_listing_agree_on_running_and_queued(tmp_path: Path) -> Non
 def test_a_lease_is_counted_while_held_and_released_when_its_holder_leaves(tmp_path: Path) -> None:
     async def check() -> None:
         manager = _manager(tmp_path)
-        events = manager.lease("slow", "game-1", ttl_s=60, load=True)
+        events = manager.lease("slow", "game-1", requested_s=60, load=True)
         granted = await anext(events)
         assert granted.model.state is ModelState.READY and granted.model.leases == 1 and not granted.expired
         assert 0 < granted.expires_in_seconds <= 60
@@ -62,10 +62,10 @@ def test_a_lease_is_counted_while_held_and_released_when_its_holder_leaves(tmp_p
 def test_a_lease_expires_and_ends_when_the_server_stops(tmp_path: Path) -> None:
     async def check() -> None:
         manager = _manager(tmp_path)
-        expiring = [event async for event in manager.lease("slow", "game-1", ttl_s=0.05, load=False)]
+        expiring = [event async for event in manager.lease("slow", "game-1", requested_s=0.05, load=False)]
         assert [event.expired for event in expiring] == [False, True]
         assert expiring[0].model.state is ModelState.NOT_LOADED  # load=False: held, not loaded
-        stopping = manager.lease("slow", "game-2", ttl_s=60, load=False)
+        stopping = manager.lease("slow", "game-2", requested_s=60, load=False)
         await anext(stopping)
         manager.end_leases()
         assert [event async for event in stopping] == []  # ended without an expiry message
@@ -80,7 +80,7 @@ def test_a_dead_backend_is_dropped_and_the_next_request_loads_it_again(
 ) -> None:
     """What a CUDA error makes of a huggingface_local model (BackendDeadError): every call of the failed batch
     gets UNAVAILABLE, the model is unloaded and reported NOT_SERVING, and the next request loads it again."""
-    from clemserve.service import model_cache
+    from clemserve.service import loading
     from clemserve.service.backends.fault import FaultBackend
 
     unloads: list[str] = []
@@ -101,7 +101,7 @@ def test_a_dead_backend_is_dropped_and_the_next_request_loads_it_again(
         async def unload(self) -> None:
             unloads.append(self.model_name)
 
-    monkeypatch.setattr(model_cache, "backend_for", lambda spec: Poisoned)
+    monkeypatch.setattr(loading, "backend_for", lambda spec: Poisoned)
 
     async def check() -> None:
         manager = _manager(tmp_path)
