@@ -145,6 +145,23 @@ image-prepare:
 demo: install
 	$(PY) bench/demo.py --address $(HOST):$(PORT)
 
+# The documentation site from docs/ (mkdocs.yml): MkDocs, its Material theme and mkdocstrings, installed into
+# .venv once; --strict turns a broken link, a page missing from the nav or an API reference that fails into an
+# error. The site goes to site/ (ignored); `$(BIN)/mkdocs serve` shows it while you write.
+# mkdocstrings reads clemserve.client's source as it is imported: the package laid out as links (as for mypy).
+DOCS_STAMP := $(VENV)/.clemserve-docs
+DOCS_SRC := .cache/docs-src
+.PHONY: docs
+docs: $(DOCS_STAMP)
+	mkdir -p $(DOCS_SRC)/clemserve
+	for p in registry client service; do ln -sfn ../../../$$p $(DOCS_SRC)/clemserve/$$p; done
+	ln -sfn ../../../proto/clemserve/v1 $(DOCS_SRC)/clemserve/v1
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -e ".[docs]"
+	touch $@
+
 test: install vllm-env clemcore-env llamacpp-env node-deps
 	CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
 	CLEMSERVE_LLAMACPP_PYTHON=$(CURDIR)/$(LLAMACPP_VENV)/bin/python \

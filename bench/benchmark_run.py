@@ -13,7 +13,7 @@ game machine's environment, .venv-clemcore, plays them; a clemserve process serv
 
 Every mode plays the same episodes; ratios are against the baseline measured in this run. Each command's
 output goes to a file, so a time is the command's own, as a shell sees it. Prints a table, writes
-bench/results/benchmark_run.md and bench/results/benchmark_run.png.
+docs/bench/benchmark_run.md and docs/bench/benchmark_run.png.
 
     python -m bench.benchmark_run [--games hellogame] [--instances N] [--jobs 8,16] [--delay 0.5]
         [--max-tokens 20] [--local] [--no-remote] [--no-clem-run] [--local-jobs 4,8,16] [--local-max-tokens 20]
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.plots import RESULTS, pyplot, save
+from bench.plots import pyplot, save, write_table
 from tests.providers import openai_reply
 from tests.serving import DEMO_CACHE, REPO, start_server
 from tests.standin import Reply, StandIn
@@ -233,10 +233,8 @@ def main() -> int:
             for r in rows
         ),
     ]
-    RESULTS.mkdir(exist_ok=True)
     name = "benchmark_run_local.md" if args.no_remote else "benchmark_run.md"
-    (RESULTS / name).write_text("\n".join(lines) + "\n")
-    print(f"table written to bench/results/{name}")
+    write_table(name, "\n".join(lines) + "\n")
     plot(rows, name.replace(".md", ".png"))
     return 0
 

@@ -14,7 +14,7 @@ quick run on a CPU), served by real clemserve processes on loopback:
   every core busy (one busy-loop process per core), and a request-path call (``echo``) while the model
   generates without pause. On a GPU the model's thread keeps the server's priority whatever the flag says.
 
-Prints a table per section and writes bench/results/gpu-<device>.md.
+Prints a table per section and writes docs/bench/gpu-<device>.md.
 
     python -m bench.gpu [--device cuda|cpu] [--size 0.5b] [--dtype bfloat16] [--clients 1,8,32] [--calls 4]
                         [--max-tokens 32] [--only load,throughput,identity,nice]
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.plots import RESULTS
+from bench.plots import write_table
 from tests.gpu.random_llama import build_random_llama, parameter_count
 from tests.serving import ServerProcess, hf_entry, start_server
 
@@ -71,11 +71,7 @@ class Report:
         self.lines += [*text, ""]
 
     def write(self, header: str) -> Path:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"gpu-{self.device}.md"
-        path.write_text(f"{header}\n\n" + "\n".join(self.lines))
-        print(f"written to bench/results/{path.name}")
-        return path
+        return write_table(f"gpu-{self.device}.md", f"{header}\n\n" + "\n".join(self.lines))
 
 
 def serve(folder: Path, model: Path, env: dict[str, str], *flags: str) -> ServerProcess:

@@ -78,4 +78,4 @@ else
     "$PY" -m bench.gpu ${GPU_BENCH_ARGS:---device cpu --clients 1,8 --calls 2 --max-tokens 8 --identity-rows 8 --only load,throughput,identity}
 fi
 # where a caller collects files (a remote run's $OUT), the tables go there too
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then cp bench/results/gpu-*.md "$OUT"/ 2>/dev/null || true; fi
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then cp docs/bench/gpu-*.md "$OUT"/ 2>/dev/null || true; fi

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import grpc
 
+from bench.plots import RESULTS, shown, write_table
 from tests.serving import REPO, start_server
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: clemserve's latency over raw grpcio's that its own Python may add, at the median and in the tail
 TARGET_P50_RATIO = 1.2
 TARGET_P99_RATIO = 1.3
@@ -278,7 +278,7 @@ def plot_cdf(rows: list[Stats], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"plot written to bench/results/{path.name}")
+    print(f"plot written to {shown(path)}")
 
 
 def cpu_lines(measured: list[tuple[Path_, Path_]]) -> list[str]:
@@ -303,11 +303,9 @@ def report(rows: list[Stats], measured: list[tuple[Path_, Path_]], setup: list[s
     lines = verdict(repeats) + cpu_lines(measured)
     print(body)
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
     markdown = ["# clemserve overhead", "", *(f"- {s}" for s in setup), "", body, ""]
     markdown += [f"- {v}" for v in lines]
-    (RESULTS / "overhead.md").write_text("\n".join(markdown) + "\n")
-    print("table written to bench/results/overhead.md")
+    write_table("overhead.md", "\n".join(markdown) + "\n")
     plot_cdf(rows, RESULTS / "overhead.png")
 
 
@@ -384,13 +382,13 @@ def profile(calls: int, payload_chars: int) -> None:
     from clemserve.service.backends import BackendContext
     from clemserve.service.draining import Drain
     from clemserve.service.draining import current as current_drain
-    from clemserve.service.model_cache import ModelManager
+    from clemserve.service.model_cache import ModelCache
     from clemserve.service.servicer import ModelServicer
     from clemserve.v1 import clemserve_pb2 as pb
 
     messages = game_messages(payload_chars)
     with tempfile.TemporaryDirectory(prefix="clemserve-bench-") as tmp:
-        manager = ModelManager(
+        manager = ModelCache(
             ModelRegistry.from_files((), cwd=Path(tmp)),
             BackendContext(keys=KeyRegistry(Path(tmp) / "key.json"), cache_dir=Path(tmp)),
         )
@@ -460,10 +458,8 @@ def profile(calls: int, payload_chars: int) -> None:
         *server,
         *client,
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.profile.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
-    print("profile written to bench/results/overhead.profile.md")
+    write_table("overhead.profile.md", "\n".join(text) + "\n")
 
 
 # --- main -------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Criteria (exit 1 when one fails): every refused call came back in under 50 ms, e
 completed, no call failed any other way, and every caller of the retry round was answered. A refusal's
 time is measured by its caller; the table also shows its time inside the server (from the server's log),
 so that the server's share can be told from the clients' and the machine's. Prints a table, writes
-bench/results/overload.md and the plot bench/results/overload.png.
+docs/bench/overload.md and the plot docs/bench/overload.png.
 
     python -m bench.overload [--queue 16] [--bursts 5] [--processes 4] [--max-tokens 32]
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.plots import RESULTS, pyplot, save
+from bench.plots import pyplot, save, write_table
 from tests.serving import hf_entry, start_server
 
 MODEL = "overload-tiny"
@@ -229,8 +229,7 @@ def main() -> int:
             server.stop()
     lines, passed = summarize(bursts, in_server, retry_round, args)
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overload.md").write_text("\n".join(lines) + "\n")
+    write_table("overload.md", "\n".join(lines) + "\n")
     plot(bursts, retry_round)
     return 0 if passed else 1
 

@@ -18,11 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.plots import write_table
 from tests.serving import start_server
 from tests.standin import Reply, StandIn
 
 TARGET_RATIO = 2.0
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def completion(_: object) -> Reply:
@@ -89,8 +89,7 @@ def main() -> int:
     verdict = "holds" if ratio < TARGET_RATIO else "MISSED"
     print(f"target: {args.calls} concurrent calls within {TARGET_RATIO}x of one call: {verdict}")
     print(f"clemserve exit code on SIGTERM: {code}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "remote_concurrency.md").write_text("\n".join(lines) + "\n")
+    write_table("remote_concurrency.md", "\n".join(lines) + "\n")
     return 0
 
 

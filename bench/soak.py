@@ -5,7 +5,7 @@ keeping its own growing conversation, a new game every few turns. Meanwhile the 
 (VmRSS), open file descriptors and threads are sampled from /proc. It passes when no request failed, RSS
 after the warm-up stays within 10% of its value at the end of the warm-up, descriptors and threads stay
 stable, and the server exits 0 on SIGTERM. p50/p99 latency per window (a minute; 10 s in runs shorter than
-5 minutes) is printed, written to bench/results/soak.md and plotted to bench/results/soak.png. Exits 1 when a
+5 minutes) is printed, written to docs/bench/soak.md and plotted to docs/bench/soak.png. Exits 1 when a
 criterion fails.
 
     python -m bench.soak [--seconds 60] [--clients 32] [--max-tokens 8]
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.plots import RESULTS, pyplot, save
+from bench.plots import pyplot, save, write_table
 from tests.serving import ServerProcess, hf_entry, start_server
 
 MODELS = ("soak-tiny", "echo")
@@ -277,11 +277,9 @@ def report(run: Run) -> bool:
     if run.errors:
         lines += ["", f"first errors ({len(run.errors)} in all):", *sorted(set(run.errors))[:10]]
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
     markdown = ["# clemserve soak", "", *(f"- {s}" for s in setup), "", *latency_table(rows), ""]
     markdown += [f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in checks]
-    (RESULTS / "soak.md").write_text("\n".join(markdown) + "\n")
-    print("table written to bench/results/soak.md")
+    write_table("soak.md", "\n".join(markdown) + "\n")
     plot(run, rows)
     return all(ok for ok, _ in checks)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.plots import write_table
 from tests.serving import free_port
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 2.0
 TIMEOUT_S = 60.0
 # grpcio's default reconnect backoff (1 s and up) would add itself to the measurement after the first
@@ -149,10 +149,8 @@ def report(runs: list[Run], import_grpc: list[float], bare_python: list[float]) 
     ]
     print(body)
     print("\n".join(notes))
-    RESULTS.mkdir(exist_ok=True)
     text = ["# clemserve start-up", "", body, "", *(f"- {n}" for n in notes)]
-    (RESULTS / "startup.md").write_text("\n".join(text) + "\n")
-    print("table written to bench/results/startup.md")
+    write_table("startup.md", "\n".join(text) + "\n")
 
 
 def any_flag(flags: Iterable[bool | None]) -> bool | None:

@@ -6,7 +6,7 @@ For 1, 2, 4, ... client processes (each a separate process, like a game), in one
 - the in-process baseline: every process loads the model itself and generates, as clembench does today.
 Every client makes the same number of greedy calls; throughput is calls per second over the time all
 clients were busy. Peak memory: the server's, and the sum of the in-process clients'. Prints a table,
-writes bench/results/throughput.md and plots bench/results/throughput.png.
+writes docs/bench/throughput.md and plots docs/bench/throughput.png.
 
     python -m bench.throughput [--models tiny,demo] [--clients 1,2,4,8,16,32] [--calls 12] [--max-tokens 16]
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.plots import RESULTS, pyplot, save
+from bench.plots import pyplot, save, write_table
 from tests.serving import DEMO_CACHE, hf_entry, start_server
 
 MODES = ("batched", "unbatched", "in-process")
@@ -200,8 +200,7 @@ def main() -> int:
                 for server in servers.values():
                     server.stop()
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "throughput.md").write_text("\n".join(lines) + "\n")
+    write_table("throughput.md", "\n".join(lines) + "\n")
     plot(measured)
     return 0
 

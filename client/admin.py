@@ -8,9 +8,10 @@ from clemserve.registry import ModelSpec
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
+from .calls import call
 from .channel import channel_for, default_address
 from .convert import Selector, selector_to_proto, spec_from_proto
-from .model import _call
+from .retry import ServerWait
 
 _STATES = {
     pb.MODEL_STATE_NOT_LOADED: "not_loaded",
@@ -148,7 +149,7 @@ def list_models_and_budget(
 ) -> tuple[list[ModelStatus], MemoryBudget]:
     """The server's registry entries with their load state, and its memory budget."""
     address = address or default_address()
-    reply = _call(address, _stub(address, token).ListModels, pb.ListModelsRequest(), timeout)
+    reply = call(_stub(address, token).ListModels, pb.ListModelsRequest(), ServerWait(address, timeout))
     budget = MemoryBudget(
         total_bytes=reply.memory_budget_bytes,
         used_bytes=reply.memory_used_bytes,
@@ -181,7 +182,7 @@ def preload(
     admin token wants that token here)."""
     address = address or default_address()
     request = pb.LoadModelRequest(model=selector_to_proto(selector))
-    return _status(_call(address, _stub(address, token).LoadModel, request, timeout).status)
+    return _status(call(_stub(address, token).LoadModel, request, ServerWait(address, timeout)).status)
 
 
 def unload(
@@ -190,4 +191,4 @@ def unload(
     """Free a model on the server; False if it was not loaded (a server with an admin token wants it here)."""
     address = address or default_address()
     request = pb.UnloadModelRequest(model=selector_to_proto(selector))
-    return bool(_call(address, _stub(address, token).UnloadModel, request, timeout).was_loaded)
+    return bool(call(_stub(address, token).UnloadModel, request, ServerWait(address, timeout)).was_loaded)

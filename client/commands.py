@@ -49,8 +49,8 @@ def add_connection_flags(parser: argparse.ArgumentParser, environ: Mapping[str, 
 def connect(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     """Fill in the connection flags not given from the environment; later calls to ``args.address`` go with the
     token and over TLS where the flags or the environment ask for it."""
-    import clemserve.client as backends
-    from clemserve.client.credentials import Tls
+    from clemserve.client.channel import use
+    from clemserve.client.credentials import ConnectionSettings
 
     defaults: dict[str, Any] = {
         "address": environ.get("CLEMSERVE_ADDRESS") or DEFAULT_ADDRESS,
@@ -65,18 +65,19 @@ def connect(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
+    settings = ConnectionSettings(
+        args.address,
+        args.token,
+        True if args.tls else None,  # None: plain text unless CLEMSERVE_TLS or a file says TLS
+        args.tls_ca,
+        args.tls_cert,
+        args.tls_key,
+    )
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         # read the files now: a missing one, or a certificate without its key, is the caller's mistake (OSError,
         # ValueError), not a failed call
-        Tls(args.tls_ca, args.tls_cert, args.tls_key).credentials()
-    backends.connect(
-        args.address,
-        token=args.token,
-        tls=True if args.tls else None,  # None: plain text unless CLEMSERVE_TLS or a file says TLS
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
+        settings.files.credentials()
+    use(settings)
 
 
 def add_commands(commands: Any, environ: Mapping[str, str]) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,36 +53,41 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 
 @dataclass(frozen=True)
-class _Settings:
-    token: str | None = None
-    #: None: from the environment; False: plain text
-    tls: Tls | bool | None = None
+class ConnectionSettings:
+    """How to call one server: its address, the token sent with every call, and TLS.
+
+    ``tls=True`` or a TLS file speaks TLS (with the system's CAs unless ``tls_ca``); ``tls=False`` plain text;
+    ``tls=None`` and no file: as the environment says. ``tls_cert`` and ``tls_key`` show a client certificate.
+    """
+
+    address: str
+    token: str | None = field(default=None, repr=False)
+    tls: bool | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def files(self) -> Tls:
+        return Tls(self.tls_ca, self.tls_cert, self.tls_key)
+
+    @cached_property
+    def channel_tls(self) -> Tls | bool | None:
+        """What the channel speaks: TLS with these files, False for plain text, None for the environment's."""
+        files = self.files
+        if files != Tls() or self.tls is True:
+            return files
+        return self.tls
 
 
 _lock = threading.Lock()
-_settings: dict[str, _Settings] = {}
+_settings: dict[str, ConnectionSettings] = {}
 
 
-def _as_path(value: str | os.PathLike[str] | None) -> str | None:
-    return None if value is None else str(value)
-
-
-def remember(
-    address: str,
-    *,
-    token: str | None = None,
-    tls: bool | None = None,
-    tls_ca: str | os.PathLike[str] | None = None,
-    tls_cert: str | os.PathLike[str] | None = None,
-    tls_key: str | os.PathLike[str] | None = None,
-) -> None:
-    """Settings for calls to ``address`` (see ``connect``)."""
-    files = Tls(_as_path(tls_ca), _as_path(tls_cert), _as_path(tls_key))
-    chosen: Tls | bool | None = tls
-    if files != Tls() or tls is True:
-        chosen = files
+def remember(settings: ConnectionSettings) -> None:
+    """Use ``settings`` for calls to their address (see ``connect``)."""
     with _lock:
-        _settings[address] = _Settings(token=token, tls=chosen)
+        _settings[settings.address] = settings
 
 
 def token_for(address: str, token: str | None = None) -> str | None:
@@ -95,8 +101,9 @@ def token_for(address: str, token: str | None = None) -> str | None:
 def tls_for(address: str) -> Tls | None:
     with _lock:
         remembered = _settings.get(address)
-    if remembered is not None and remembered.tls is not None:
-        return remembered.tls if isinstance(remembered.tls, Tls) else None
+    chosen = None if remembered is None else remembered.channel_tls
+    if chosen is not None:
+        return chosen if isinstance(chosen, Tls) else None
     env = os.environ
     files = Tls(
         env.get("CLEMSERVE_TLS_CA") or None, env.get("CLEMSERVE_TLS_CERT") or None, env.get("CLEMSERVE_TLS_KEY") or None

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -17,7 +15,8 @@ from clemserve.registry.errors import ClemserveError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
-from .channel import ServerWait, aio_channel_for, channel_for, channel_key, default_address
+from .calls import acall, astream, call, stream
+from .channel import aio_channel_for, channel_for, channel_key, default_address
 from .convert import (
     Selector,
     Triple,
@@ -27,20 +26,13 @@ from .convert import (
     spec_from_proto,
     triple_from_proto,
 )
-from .errors import error_from_row, server_away
-from .streaming import StreamEvent, StreamState, TextDelta, event_from_proto
+from .errors import error_from_row
+from .retry import Lease, ServerWait, StreamWait
+from .streaming import StreamEvent, TextDelta
 
 PROGRAMMATIC_SPECS = ("mock", "programmatic")
 HUMAN_SPECS = ("human", "terminal")
 DEFAULT_GEN_ARGS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 300}
-
-T = TypeVar("T")
-#: after a lease could not be taken, generation goes on without one and tries again this much later
-LEASE_RETRY_S = 60.0
-#: ... or this much later when the server was away
-LEASE_AWAY_RETRY_S = 1.0
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,11 +63,7 @@ class _ModelBase:
         #: seconds per call (None: no deadline); generations on a cold model include its load
         self.timeout = timeout
         self._gen_args: dict[str, Any] = dict(DEFAULT_GEN_ARGS if gen_args is None else gen_args)
-        #: hold a lease (LeaseModel) from the first generation on, so the server keeps the model loaded
-        self.lease = lease
-        #: when the lease runs out (time.monotonic); until then a call checks nothing else
-        self._lease_until = 0.0
-        self._lease_call: Any = None
+        self._lease = Lease(lease)
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -86,6 +74,15 @@ class _ModelBase:
     def model_spec(self, spec: ModelSpec) -> None:
         self._model_spec = spec
         self._selector = pb.ModelSelector(spec=pb.ModelSpec(json=spec.to_string()))
+
+    @property
+    def lease(self) -> bool:
+        """Hold a lease (LeaseModel) from the first generation on, so the server keeps the model loaded."""
+        return self._lease.wanted
+
+    @lease.setter
+    def lease(self, wanted: bool) -> None:
+        self._lease.wanted = wanted
 
     @property
     def name(self) -> str:
@@ -134,38 +131,13 @@ class _ModelBase:
     def _lease_request(self) -> pb.LeaseModelRequest:
         return pb.LeaseModelRequest(model=self._selector)
 
-    def _lease_taken(self, call: Any, first: pb.LeaseModelResponse) -> None:
-        self._lease_call = call
-        self._lease_until = time.monotonic() + first.expires_in_seconds
-        log.debug("lease %s on %s for %.0f s", first.lease_id, self.name, first.expires_in_seconds)
-
-    def _lease_refused(self, exc: grpc.RpcError) -> None:
-        """Generation goes on without a lease: a server without LeaseModel never gets asked again, others
-        after ``LEASE_RETRY_S``, or ``LEASE_AWAY_RETRY_S`` when the server was away (restarting)."""
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            self.lease = False
-        log.warning("%s: no lease (%s); generating without one", self.name, exc.details())
-        retry_s = LEASE_AWAY_RETRY_S if server_away(exc) else LEASE_RETRY_S
-        self._lease_call, self._lease_until = None, time.monotonic() + retry_s
-
-    def _lease_due(self) -> bool:
-        """Whether to take a lease before the next generation: none yet, it ran out, or its call ended (the
-        server restarted)."""
-        call = self._lease_call
-        return self.lease and (time.monotonic() >= self._lease_until or (call is not None and call.done()))
-
-    def _drop_lease(self) -> None:
-        """Cancel the lease's call: the server releases the lease at once."""
-        call, self._lease_call, self._lease_until = self._lease_call, None, 0.0
-        if call is not None:
-            call.cancel()
-
     def __del__(self) -> None:
         """A model dropped without ``close()`` releases its lease; an asyncio call whose loop has closed is
         gone already."""
-        if getattr(self, "_lease_call", None) is not None:
+        lease = getattr(self, "_lease", None)
+        if lease is not None and lease.call is not None:
             with contextlib.suppress(RuntimeError):
-                self._drop_lease()
+                lease.drop()
 
     def _request(self, messages: Sequence[Mapping[str, Any]]) -> pb.GenerateRequest:
         return pb.GenerateRequest(
@@ -211,55 +183,6 @@ def _raise_first(outcomes: list[Triple | ClemserveError]) -> list[Triple]:
     return [o for o in outcomes if not isinstance(o, ClemserveError)]
 
 
-def _call(
-    address: str,
-    method: Callable[..., T],
-    request: object,
-    timeout: float | None,
-    token: str | None = None,
-    key: Any = None,
-) -> T:
-    """A unary call; while the server is briefly away it is sent again (none of its reply reached the caller).
-    ``token``: the one the channel was made with (None: the address's default); ``key``: that channel's
-    channel_key, where the caller holds it."""
-    wait = ServerWait(address, timeout, token, key=key)
-    while True:
-        try:
-            reply: T = method(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
-        except grpc.RpcError as exc:
-            pause = wait.pause_after(exc)
-            if pause is None:
-                raise wait.error(exc) from exc
-            time.sleep(pause)
-        else:
-            wait.answered()
-            return reply
-
-
-async def _acall(
-    address: str, method: Callable[..., Any], request: object, timeout: float | None, token: str | None = None
-) -> Any:
-    """The asyncio twin of :func:`_call`."""
-    wait = ServerWait(address, timeout, token)
-    while True:
-        try:
-            reply = await method(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
-        except grpc.RpcError as exc:
-            pause = wait.pause_after(exc)
-            if pause is None:
-                raise wait.error(exc) from exc
-            await asyncio.sleep(pause)
-        else:
-            wait.answered()
-            return reply
-
-
-def _reached_caller(event: StreamEvent) -> bool:
-    """Text or the reply reached the caller: a stream cut after it cannot be sent again (the state events
-    of a request that waits may repeat)."""
-    return not isinstance(event, StreamState)
-
-
 class Model(_ModelBase):
     """A model served by clemserve, with clembench's ``Model`` methods (blocking calls)."""
 
@@ -275,21 +198,22 @@ class Model(_ModelBase):
 
     def _keep_lease(self) -> None:
         """Before a generation: take the lease, or renew it once it expired; otherwise only a clock check."""
-        if self._lease_due():
+        if self._lease.due():
             self._hold_lease()
 
     def _hold_lease(self) -> None:
         """Take (or renew an expired) lease; the sync call is kept open without a thread."""
-        self._drop_lease()
-        call = self._stub().LeaseModel(self._lease_request())
+        lease = self._lease
+        lease.drop()
+        rpc = self._stub().LeaseModel(self._lease_request())
         try:
-            self._lease_taken(call, next(call))
+            lease.taken(rpc, next(rpc), self.name)
         except grpc.RpcError as exc:
-            self._lease_refused(exc)
+            lease.refused(exc, self.name)
 
     def close(self) -> None:
         """Release the lease (the server may then unload the model when it needs the memory or it idles)."""
-        self._drop_lease()
+        self._lease.drop()
 
     def __enter__(self) -> Model:
         return self
@@ -301,33 +225,15 @@ class Model(_ModelBase):
         """``(prompt, response_object, response_text)``, exactly as in-process clembench returns them."""
         self._keep_lease()
         stub = self._stub()
-        reply = _call(
-            self.address, stub.Generate, self._request(messages), self.timeout, self._token, self._channel_key
-        )
-        return triple_from_proto(reply)
+        wait = ServerWait(self.address, self.timeout, self._token, key=self._channel_key)
+        return triple_from_proto(call(stub.Generate, self._request(messages), wait))
 
     def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[StreamEvent]:
         """The reply as it happens: StreamState events (loading, queued, ready), TextDelta pieces, and last a
         StreamReply with generate_response's triple. Leaving the loop early cancels the call on the server."""
         self._keep_lease()
-        request, wait = self._stream_request(messages), ServerWait(self.address, self.timeout, self._token)
-        while True:
-            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
-            delivered = False
-            try:
-                for message in call:
-                    event = event_from_proto(message)
-                    delivered = delivered or _reached_caller(event)
-                    yield event
-                wait.answered()
-                return
-            except grpc.RpcError as exc:
-                pause = None if delivered else wait.pause_after(exc)
-                if pause is None:
-                    raise wait.error(exc) from exc
-            finally:
-                call.cancel()  # a no-op once the stream has ended
-            time.sleep(pause)
+        wait = StreamWait(self.address, self.timeout, self._token)
+        yield from stream(self._stub().GenerateStream, self._stream_request(messages), wait)
 
     def stream_text(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[str]:
         """Only the text pieces of :meth:`generate_stream`."""
@@ -341,13 +247,12 @@ class Model(_ModelBase):
     def generate_batch(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple | ClemserveError]:
         """One outcome per conversation: its triple, or the error that row alone got."""
         self._keep_lease()
-        reply = _call(
-            self.address, self._stub().GenerateBatch, self._batch_request(batch_messages), self.timeout, self._token
-        )
-        return _outcomes(reply)
+        wait = ServerWait(self.address, self.timeout, self._token)
+        return _outcomes(call(self._stub().GenerateBatch, self._batch_request(batch_messages), wait))
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
-        reply = _call(self.address, self._stub().CountTokens, self._count_request(messages), self.timeout, self._token)
+        wait = ServerWait(self.address, self.timeout, self._token)
+        reply = call(self._stub().CountTokens, self._count_request(messages), wait)
         return TokenCount(reply.prompt_tokens, reply.context_size, reply.prompt)
 
     def as_async(self) -> AsyncModel:
@@ -369,29 +274,30 @@ class AsyncModel(_ModelBase):
         return pb_grpc.ModelServiceStub(aio_channel_for(self.address, self._token))
 
     async def _acall(self, method: Callable[..., Any], request: object) -> Any:
-        return await _acall(self.address, method, request, self.timeout, self._token)
+        return await acall(method, request, ServerWait(self.address, self.timeout, self._token))
 
     #: the lease being taken, which concurrent first calls share instead of each taking one
     _leasing: asyncio.Future[None] | None = None
 
     async def _keep_lease(self) -> None:
         """The asyncio twin of :meth:`Model._keep_lease`."""
-        if self._lease_due():
+        if self._lease.due():
             if self._leasing is None or self._leasing.done():
                 self._leasing = asyncio.ensure_future(self._hold_lease())
             await asyncio.shield(self._leasing)
 
     async def _hold_lease(self) -> None:
-        self._drop_lease()
-        call = self._stub().LeaseModel(self._lease_request())
+        lease = self._lease
+        lease.drop()
+        rpc = self._stub().LeaseModel(self._lease_request())
         try:
-            self._lease_taken(call, await call.read())
+            lease.taken(rpc, await rpc.read(), self.name)
         except grpc.RpcError as exc:
-            self._lease_refused(exc)
+            lease.refused(exc, self.name)
 
     async def aclose(self) -> None:
         """Release the lease."""
-        self._drop_lease()
+        self._lease.drop()
 
     async def __aenter__(self) -> AsyncModel:
         return self
@@ -407,24 +313,11 @@ class AsyncModel(_ModelBase):
     async def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> AsyncIterator[StreamEvent]:
         """The asyncio twin of :meth:`Model.generate_stream`."""
         await self._keep_lease()
-        request, wait = self._stream_request(messages), ServerWait(self.address, self.timeout, self._token)
-        while True:
-            call = self._stub().GenerateStream(request, timeout=wait.timeout(), metadata=wait.metadata_for(request))
-            delivered = False
-            try:
-                async for message in call:
-                    event = event_from_proto(message)
-                    delivered = delivered or _reached_caller(event)
-                    yield event
-                wait.answered()
-                return
-            except grpc.RpcError as exc:
-                pause = None if delivered else wait.pause_after(exc)
-                if pause is None:
-                    raise wait.error(exc) from exc
-            finally:
-                call.cancel()
-            await asyncio.sleep(pause)
+        wait = StreamWait(self.address, self.timeout, self._token)
+        events = astream(self._stub().GenerateStream, self._stream_request(messages), wait)
+        async with contextlib.aclosing(events):  # leaving the loop early cancels the call at once
+            async for event in events:
+                yield event
 
     async def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
         return _raise_first(await self.generate_batch(batch_messages))
@@ -490,7 +383,7 @@ def resolve(
     address = address or default_address()
     stub = pb_grpc.ModelServiceStub(channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(selector))
-    return spec_from_proto(_call(address, stub.ResolveModel, request, timeout, token).model_spec)
+    return spec_from_proto(call(stub.ResolveModel, request, ServerWait(address, timeout, token)).model_spec)
 
 
 def get_model_for(
@@ -528,7 +421,7 @@ async def get_async_model_for(
     address = address or default_address()
     stub = pb_grpc.ModelServiceStub(aio_channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(model_spec))
-    reply = await _acall(address, stub.ResolveModel, request, timeout, token)
+    reply = await acall(stub.ResolveModel, request, ServerWait(address, timeout, token))
     return AsyncModel(spec_from_proto(reply.model_spec), address=address, timeout=timeout, token=token, lease=lease)
 
 

@@ -4,14 +4,14 @@
 the first failing row). This command hands each episode to one of JOBS worker processes; every worker plays it
 with clemcore's own code: ``load_models``, ``GameBenchmark``, its sequential runner and its result files. So the
 results folder is the one ``clem run`` writes with the same arguments, and ``clem score``/``transcribe``/``eval``
-read it unchanged. The coordinator (this process) selects games and instances as ``clem run`` does, writes
-``run.json`` with clemcore's own ``RunFileSaver``, shows progress, and records where the answers came from
-(``clemserve.json``).
+read it unchanged. The coordinator (this module) selects games and instances as ``clem run`` does, writes
+``run.json`` with clemcore's own ``RunFileSaver``, shows progress (``run_progress``), and records where the
+answers came from (``clemserve.json``).
 
-The workers live for the whole run: forked from a fork server that imported clemcore once, each sets up once
-(models, callbacks, game masters) and then plays the episodes it is sent, one at a time (``run_worker``). A
-worker that dies (SIGKILL, the OOM killer, a crash) fails only the episode it was playing: that episode is
-recorded as failed with the signal, and a fresh worker takes its place.
+The workers (``run_pool``) live for the whole run: forked from a fork server that imported clemcore once, each
+sets up once (models, callbacks, game masters) and then plays the episodes it is sent, one at a time
+(``run_worker``). A worker that dies (SIGKILL, the OOM killer, a crash) fails only the episode it was playing:
+that episode is recorded as failed with the signal, and a fresh worker takes its place.
 
 An episode is complete when clemcore wrote its ``completed.json`` (last, after interactions and requests). A
 rerun plays only the episodes without one, after removing what an earlier, interrupted or failed try left in
@@ -29,20 +29,18 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import multiprocessing
 import os
-import shutil
-import signal
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .commands import EXIT_OK, EXIT_USAGE, add_connection_flags, report
 from .run_episodes import LOCK, Episode, Outcome, WorkerConfig, defer_openenv, game_spec
+from .run_pool import WorkerPool
+from .run_progress import Progress
 
 #: some episodes failed; the others were played and recorded
 EXIT_FAILED = 1
@@ -173,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     failed: list[Outcome] = []
     with (
         _lock_removed(run_dir / LOCK),
-        Workers(config, min(args.jobs, max(1, progress.todo))) as workers,
+        WorkerPool(config, min(args.jobs, max(1, progress.todo))) as workers,
         contextlib.ExitStack() as loaded,
     ):
         write_provenance(run_dir, models)  # while the workers set up
@@ -188,6 +186,7 @@ def _run(args: argparse.Namespace) -> int:
                 run_file.end(benchmarks[game.name])
 
         def finished(outcome: Outcome) -> None:
+            progress.calls = workers.calls_made()
             progress.finished(outcome)
             if outcome.error is not None:
                 failed.append(outcome)
@@ -197,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
                 run_file.end(benchmarks[name])
 
         try:
-            workers.play([e for e in progress.episodes if not e.complete], progress, finished)
+            workers.play([e for e in progress.episodes if not e.complete], finished, progress.show)
         except KeyboardInterrupt:
             progress.close()
             cancelled = workers.cancel()
@@ -298,194 +297,6 @@ class _RunFile:
         saver = self.saver
         saver.game_info, saver.benchmark_start, saver.num_instances = self.started.pop(benchmark.game_name)
         saver.on_benchmark_end(benchmark)
-
-
-@dataclass
-class _Slot:
-    """One worker process, its pipe, and the episode it is playing (None while idle or setting up)."""
-
-    process: Any
-    connection: Any
-    episode: Episode | None = None
-
-
-class Workers:
-    """JOBS long-lived worker processes (``run_worker.serve``), fed one episode at a time through a pipe each.
-
-    A worker's death is seen on its process sentinel: the episode it held fails with the signal, and a new
-    worker takes the slot if episodes are left. Ctrl-C reaches the workers only through ``cancel``.
-    """
-
-    def __init__(self, config: WorkerConfig, jobs: int) -> None:
-        self.config = config
-        self.jobs = jobs
-        self.slots: list[_Slot | None] = [None] * jobs
-
-    def __enter__(self) -> Workers:
-        self.context = multiprocessing.get_context("forkserver")  # started early by start_fork_server
-        # calls per slot: each written by its worker alone, so no lock a killed worker could leave held
-        self.calls = self.context.RawArray("q", self.jobs)
-        for index in range(self.jobs):
-            self._start(index)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop_all()
-
-    def _start(self, index: int) -> _Slot:
-        from .run_worker import serve
-
-        mine, theirs = self.context.Pipe()
-        process = self.context.Process(
-            target=serve, args=(theirs, self.config, index, self.calls), name=f"clemserve-run-{index}", daemon=True
-        )
-        process.start()
-        theirs.close()
-        slot = self.slots[index] = _Slot(process, mine)
-        return slot
-
-    def calls_made(self) -> int:
-        return sum(self.calls)
-
-    def play(self, episodes: Sequence[Episode], progress: Progress, finished: Callable[[Outcome], None]) -> None:
-        """Every episode played; ``finished`` is told each outcome as it comes. Returns when all are done."""
-        from multiprocessing.connection import wait
-
-        todo = deque(episodes)
-        for episode in todo:
-            _discard(episode.folder)  # what an interrupted or failed earlier try left
-        while True:
-            for index, slot in enumerate(self.slots):
-                if todo and (slot is None or slot.episode is None):
-                    if slot is None or not slot.process.is_alive():
-                        slot = self._start(index)
-                    slot.episode = todo.popleft()
-                    slot.connection.send(slot.episode)
-            busy = [slot for slot in self.slots if slot is not None and slot.episode is not None]
-            if not busy:
-                return
-            ready = wait([s.connection for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
-            progress.show(self.calls_made())
-            for slot in busy:
-                if slot.connection in ready or slot.process.sentinel in ready:
-                    outcome = self._outcome(slot)
-                    if outcome is not None:
-                        progress.calls = self.calls_made()
-                        finished(outcome)
-
-    def _outcome(self, slot: _Slot) -> Outcome | None:
-        """The outcome of the slot's episode when there is one now: the worker's answer, or its death."""
-        episode = slot.episode
-        assert episode is not None
-        try:
-            if slot.connection.poll():
-                outcome: Outcome = slot.connection.recv()
-                slot.episode = None
-                return outcome
-        except (EOFError, OSError):  # the pipe closed: the worker is gone
-            pass
-        if slot.process.is_alive():
-            return None
-        slot.process.join()
-        slot.episode = None
-        _discard(episode.folder)  # whatever it wrote was cut short
-        slot.connection.close()
-        return Outcome(episode, _death(slot.process.exitcode))
-
-    def cancel(self) -> list[Episode]:
-        """Stop every worker now; remove the folders of the episodes they had not completed."""
-        in_flight = [slot.episode for slot in self.slots if slot is not None and slot.episode is not None]
-        for slot in self.slots:
-            if slot is not None:
-                slot.process.terminate()
-        self._stop_all()
-        cancelled = [episode for episode in in_flight if not episode.complete]
-        for episode in cancelled:
-            _discard(episode.folder)
-        return cancelled
-
-    def _stop_all(self) -> None:
-        for slot in self.slots:
-            if slot is not None and slot.process.is_alive():
-                with contextlib.suppress(OSError):
-                    slot.connection.send(None)  # idle: it returns
-        for slot in self.slots:
-            if slot is not None:
-                slot.process.join(timeout=5)
-                if slot.process.is_alive():
-                    slot.process.kill()
-                    slot.process.join()
-                slot.connection.close()
-        self.slots = [None] * self.jobs
-
-
-def _death(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        why = " (the out-of-memory killer sends it, as does kill -9)" if name == "SIGKILL" else ""
-        return f"worker process killed by {name}{why}"
-    return f"worker process exited with code {exitcode} while playing it"
-
-
-def _discard(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@dataclass
-class Progress:
-    """Episodes done/failed/total, calls per second and an ETA on stderr (tqdm, which clemcore brings)."""
-
-    episodes: list[Episode]
-    failed: int = 0
-    done: int = 0
-    started: float = field(default_factory=time.monotonic)
-    calls: int = 0
-
-    def __post_init__(self) -> None:
-        from tqdm import tqdm
-
-        self.skipped = sum(episode.complete for episode in self.episodes)
-        self.done = self.skipped
-        self.bar = tqdm(
-            total=len(self.episodes), initial=self.skipped, desc="episodes", unit="ep", mininterval=0.5, file=sys.stderr
-        )
-        self._postfix()
-
-    @property
-    def todo(self) -> int:
-        return len(self.episodes) - self.skipped
-
-    def show(self, calls: int) -> None:
-        self.calls = calls
-        self._postfix()
-
-    def finished(self, outcome: Outcome) -> None:
-        if outcome.error is None:
-            self.done += 1
-        else:
-            self.failed += 1
-            self.bar.write(f"failed: {outcome.episode}: {outcome.error}", file=sys.stderr)
-        self.bar.update(1)
-        self._postfix()
-
-    def calls_per_second(self) -> float:
-        return self.calls / max(time.monotonic() - self.started, 1e-9)
-
-    def _postfix(self) -> None:
-        self.bar.set_postfix_str(
-            f"done={self.done} failed={self.failed} calls/s={self.calls_per_second():.1f}", refresh=True
-        )
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def summary(self, run_dir: Path) -> str:
-        seconds = time.monotonic() - self.started
-        return (
-            f"{len(self.episodes)} episodes: {self.done - self.skipped} played, {self.failed} failed, "
-            f"{self.skipped} complete before; {self.calls} calls in {seconds:.1f} s "
-            f"({self.calls_per_second():.1f} calls/s); results in {run_dir}"
-        )
 
 
 def write_provenance(run_dir: Path, models: Sequence[Any]) -> None:

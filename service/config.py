@@ -46,7 +46,7 @@ class ServerConfig:
     security: Security = field(default_factory=Security)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: nice increment of the generation threads of local models on the CPU (0: the server's own priority);
-    #: 5 bounds what other busy processes can take from generation (README, "Many game processes")
+    #: 5 bounds what other busy processes can take from generation (docs/many-processes.md)
     compute_nice: int = 5
     #: let a huggingface_local model meant for GPUs run some layers on the CPU or disk when it does not fit
     allow_offload: bool = False
@@ -162,7 +162,7 @@ _OPTIONS = (
         None,
         switch=True,
     ),
-    # residency: which models stay loaded (service/memory.py, the README's "Residency")
+    # residency: which models stay loaded (service/residency.py, docs/residency.md)
     _Option(
         "--memory-budget",
         "CLEMSERVE_MEMORY_BUDGET",
@@ -216,7 +216,7 @@ _OPTIONS = (
         "deepest nesting of objects and lists in a model spec, extra_json and generation arguments",
         "16",
     ),
-    # security: see service/security/ and the README's "Security"
+    # security: see service/security/ and docs/security.md
     _Option(
         "--auth-token",
         "CLEMSERVE_AUTH_TOKEN",
@@ -255,7 +255,7 @@ _OPTIONS = (
         None,
         switch=True,
     ),
-    # metrics: see service/metrics.py and the README's "Metrics"
+    # metrics: see service/metrics.py and docs/metrics.md
     _Option(
         "--metrics-port",
         "CLEMSERVE_METRICS_PORT",

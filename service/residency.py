@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +172,7 @@ class Residency:
 
     # -- admission and eviction ---------------------------------------------------------------------
 
-    async def admit(self, key: str, spec: ModelSpec, residents: Sequence[Resident]) -> AsyncIterator[str]:
+    async def admit(self, key: str, spec: ModelSpec, residents: Sequence[Resident]) -> AsyncGenerator[str, None]:
         """Admit a load of ``spec``: name the cache keys to evict, least recently used first, one at a time
         (the caller unloads each before asking for the next), then reserve the estimate. Refuses a model that
         the budget cannot take, and one whose weights the memory they go to cannot take now, whatever the

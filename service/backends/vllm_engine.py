@@ -271,9 +271,13 @@ def estimate(spec: Any, sizing: Sizing) -> Estimate:
         kv = int(args["kv_cache_memory_bytes"]) * gpus
         return Estimate(weights, kv, "vllm_args.kv_cache_memory_bytes", gpus=gpus)
     share = float(args.get("gpu_memory_utilization", 0.9))
-    taken = {"gpu_share": share, "gpus": gpus, "share_field": "model_config.vllm_args.gpu_memory_utilization"}
     if sizing.gpu_bytes:
-        kv = max(0, int(sizing.gpu_bytes * share) * gpus - weights)
-        return Estimate(weights, kv, f"vllm gpu_memory_utilization on {gpus} GPU(s)", **taken)
-    space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))  # vLLM's CPU default is 4 GiB
-    return Estimate(weights, int(space * 2**30), "vllm VLLM_CPU_KVCACHE_SPACE", **taken)
+        kv, source = (
+            max(0, int(sizing.gpu_bytes * share) * gpus - weights),
+            f"vllm gpu_memory_utilization on {gpus} GPU(s)",
+        )
+    else:
+        space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))  # vLLM's CPU default is 4 GiB
+        kv, source = int(space * 2**30), "vllm VLLM_CPU_KVCACHE_SPACE"
+    field = "model_config.vllm_args.gpu_memory_utilization"
+    return Estimate(weights, kv, source, gpu_share=share, gpus=gpus, share_field=field)

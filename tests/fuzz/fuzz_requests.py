@@ -35,7 +35,7 @@ with atheris.instrument_imports(include=["clemserve"]):
     from clemserve.registry.errors import InvalidArgumentError
     from clemserve.service import convert
     from clemserve.service.backends import BackendContext
-    from clemserve.service.model_cache import ModelManager
+    from clemserve.service.model_cache import ModelCache
     from clemserve.service.servicer import ModelServicer
     from clemserve.service.validation import Limits, validate_messages, validate_request_size
     from clemserve.v1 import clemserve_pb2 as pb
@@ -119,7 +119,7 @@ def _servicer() -> ModelServicer:
     context = BackendContext(
         keys=KeyRegistry(Path("key.json")), cache_dir=Path(tempfile.gettempdir()) / "clemserve-fuzz"
     )
-    return ModelServicer(ModelManager(registry, context), LIMITS)
+    return ModelServicer(ModelCache(registry, context), LIMITS)
 
 
 SERVICER = _servicer()

@@ -22,7 +22,7 @@ from clemserve.registry.errors import FailedPreconditionError, ResourceExhausted
 from clemserve.service.backends import BackendContext, BackendDeadError, placement
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
 from clemserve.service.domain import GenArgs, Generation, ModelState, Row
-from clemserve.service.model_cache import ModelManager
+from clemserve.service.model_cache import ModelCache
 from clemserve.service.scheduler import SchedulingPolicy
 from tests.gpu.conftest import SIZE, needs_cuda
 from tests.gpu.random_llama import parameter_count
@@ -200,7 +200,7 @@ def test_a_cuda_error_unloads_the_model_and_the_next_request_loads_it_again(
     import torch
 
     entry = ModelSpec.from_dict(hf_entry("random-bf16", model_bf16))
-    manager = ModelManager(
+    manager = ModelCache(
         ModelRegistry([entry]), BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path), policy=SchedulingPolicy()
     )
     real = HuggingfaceLocalBackend._generate_blocking

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,15 @@ def test_a_declared_size_overrides_the_estimate_and_unreadable_files_estimate_no
     assert backends.locate_weights(spec("openai")) is None
     found = backends.locate_weights(spec("vllm", huggingface_id=str(tmp_path)))
     assert found is not None and found.local and found.folder == tmp_path
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../evil", "evil", "os:system", "clemserve.service.backends.echo:EchoBackend", "/data/evil.py", "__import__"],
+)
+def test_backend_code_comes_from_the_fixed_map_only(name: str) -> None:
+    before = set(sys.modules)
+    with pytest.raises(FailedPreconditionError) as caught:
+        backends.backend_class(name)
+    assert "unknown backend" in str(caught.value)
+    assert set(sys.modules) == before  # nothing imported

@@ -485,7 +485,7 @@ def test_equal_specs_hash_alike(data: dict[str, Any]) -> None:
     assert spec.unify(spec) == spec
 
 
-# -- property tests: ModelSpec.unify and registry lookup on generated nested specs (section 1.4, 2.2) ---------
+# -- property tests: ModelSpec.unify on generated nested specs (section 1.4) ------------------------------------
 
 
 def _reference_order(a: Any, b: Any) -> Any:
@@ -532,20 +532,3 @@ def test_spec_unify_agrees_with_section_1_4(pair: tuple[dict[str, Any], dict[str
     # keys: the caller's first, in order, then the other side's extras alphabetically, at every depth
     assert _order_of(result, _reference_order(a, b)) == _reference_order(a, b)
     assert _tagged((left.to_dict(), right.to_dict())) == _tagged((a, b))  # inputs unchanged
-
-
-@settings(max_examples=200)
-@given(st.lists(_specs, min_size=1, max_size=4), _specs)
-def test_registry_picks_the_first_entry_that_unifies(entries: list[dict[str, Any]], selector: dict[str, Any]) -> None:
-    from clemserve.registry import ModelRegistry
-    from clemserve.registry.errors import ModelNotFoundError
-
-    named = [{**entry, "model_name": "m", "backend": "echo"} for entry in entries]
-    query = {**selector, "model_name": "m"}
-    registry = ModelRegistry([ModelSpec.from_dict(entry) for entry in named])
-    expected = next((u for u in (_reference_unify(query, e) for e in named) if u is not _FAIL), _FAIL)
-    if expected is _FAIL:
-        with pytest.raises(ModelNotFoundError):
-            registry.resolve(query)
-    else:
-        assert _tagged(registry.resolve(query).to_dict()) == _tagged(expected)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clemserve.registry import (
     InvalidArgumentError,
@@ -18,6 +20,7 @@ from clemserve.registry import (
     ModelSpec,
     RegistryFileError,
 )
+from tests.unit.registry.test_spec import _FAIL, _reference_unify, _specs, _tagged
 
 
 def _write(path: Path, data: Any) -> Path:
@@ -309,3 +312,20 @@ def test_a_missing_cwd_file_is_silent(tmp_path: Path, caplog: pytest.LogCaptureF
         registry = ModelRegistry.from_files(cwd=tmp_path)
     assert len(registry) == len(_packaged_entries())
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+# -- property test: the first entry that unifies with the selector wins (section 2.2) -------------------
+
+
+@settings(max_examples=200)
+@given(st.lists(_specs, min_size=1, max_size=4), _specs)
+def test_registry_picks_the_first_entry_that_unifies(entries: list[dict[str, Any]], selector: dict[str, Any]) -> None:
+    named = [{**entry, "model_name": "m", "backend": "echo"} for entry in entries]
+    query = {**selector, "model_name": "m"}
+    registry = ModelRegistry([ModelSpec.from_dict(entry) for entry in named])
+    expected = next((u for u in (_reference_unify(query, e) for e in named) if u is not _FAIL), _FAIL)
+    if expected is _FAIL:
+        with pytest.raises(ModelNotFoundError):
+            registry.resolve(query)
+    else:
+        assert _tagged(registry.resolve(query).to_dict()) == _tagged(expected)

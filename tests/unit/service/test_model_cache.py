@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
+from clemserve.registry.errors import InvalidArgumentError
+from clemserve.service import convert
 from clemserve.service.backends import BackendContext, BackendDeadError
 from clemserve.service.domain import GenArgs, ModelState
+from clemserve.service.memory import ResidencyPolicy
 from clemserve.service.model_cache import ModelCache
 from clemserve.service.scheduler import SchedulingPolicy
+from clemserve.service.streaming import TextDelta
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -119,5 +124,95 @@ def test_a_dead_backend_is_dropped_and_the_next_request_loads_it_again(
         assert (await manager.generate("slow", HI, GenArgs()))[1].text == "hi"
         assert Poisoned.loads == 2 and told[-1] == ("slow", True)
         await manager.shutdown()
+
+    asyncio.run(check())
+
+
+def test_a_batch_answers_each_row_with_its_reply_or_its_own_error(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path, raise_on="boom")
+        rows: list[Any] = [HI, [{"role": "user", "content": "boom"}], ValueError("bad row"), []]
+        outcomes = await manager.generate_batch("slow", rows, GenArgs(max_tokens=5), "game")
+        assert outcomes[0][1].text == "hi"  # type: ignore[index]
+        assert isinstance(outcomes[1], RuntimeError) and "boom" in str(outcomes[1])
+        assert isinstance(outcomes[2], ValueError)
+        assert isinstance(outcomes[3], InvalidArgumentError) and outcomes[3].field == "conversations[3].messages"
+        await manager.shutdown()
+
+    asyncio.run(check())
+
+
+def test_a_reply_carries_the_call_timing_that_the_conversion_stamps(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path)
+        spec, generation = await manager.generate("slow", HI, GenArgs(max_tokens=5))
+        assert generation.call_start is not None and generation.call_duration is not None
+        assert "clem_player" not in generation.response  # the reply conversion stamps it
+        reply = convert.generation_to_proto(generation, spec, "rid")
+        block = json.loads(reply.response_json)["clem_player"]
+        assert block == {
+            "call_start": str(generation.call_start),
+            "call_duration": str(generation.call_duration),
+            "response": "hi",
+            "model_name": "slow",
+        }
+        await manager.shutdown()
+
+    asyncio.run(check())
+
+
+def test_unsupported_arguments_are_refused_before_the_request_is_queued(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path)
+        with pytest.raises(InvalidArgumentError) as caught:
+            await manager.generate("slow", HI, GenArgs(extra={"top_k": 3}))
+        assert caught.value.field == "args.top_k"
+        (model,) = manager.snapshot().models
+        assert (model.running, model.queued) == (0, 0)
+        await manager.shutdown()
+
+    asyncio.run(check())
+
+
+def test_a_stream_tells_its_text_then_ends_with_the_reply(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path)
+        items = [
+            item async for item in manager.generate_stream("slow", [{"role": "user", "content": "a b c"}], GenArgs())
+        ]
+        *events, (spec, generation) = items
+        assert spec["model_name"] == "slow" and generation.text == "a b c"
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)).split() == ["a", "b", "c"]
+        await manager.shutdown()
+
+    asyncio.run(check())
+
+
+def test_describe_answers_the_entry_and_provenance_only_when_asked(tmp_path: Path) -> None:
+    async def check() -> None:
+        manager = _manager(tmp_path)
+        spec, served = await manager.describe("slow", provenance=False)
+        assert spec["model_name"] == "slow" and served is None
+        _, served = await manager.describe("slow", provenance=True)
+        assert served is not None and served.server_version
+
+    asyncio.run(check())
+
+
+def test_a_load_that_needs_room_unloads_the_least_recently_used_idle_model(tmp_path: Path) -> None:
+    entries = [
+        ModelSpec.from_dict({"model_name": name, "backend": "fault", "model_config": {"memory_bytes": 60 * 2**20}})
+        for name in ("first", "second")
+    ]
+    context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
+
+    async def check() -> None:
+        manager = ModelCache(ModelRegistry(entries), context, residency=ResidencyPolicy(memory_budget="100MiB"))
+        await manager.generate("first", HI, GenArgs())
+        await manager.generate("second", HI, GenArgs())
+        assert [m.name for m in manager.snapshot().models] == ["second"]
+        assert manager.snapshot().used_bytes == 60 * 2**20
+        await manager.shutdown()
+        assert manager.snapshot().used_bytes == 0
 
     asyncio.run(check())

@@ -10,22 +10,7 @@ import pytest
 from clemserve.client.errors import error_from_rpc
 from clemserve.registry import errors
 from clemserve.service.status import as_clemserve_error, to_grpc_status
-
-
-class FakeRpcError(grpc.RpcError):
-    """What a failed call raises on the client: code, details, trailing metadata."""
-
-    def __init__(self, status: grpc.Status) -> None:
-        self._status = status
-
-    def code(self) -> grpc.StatusCode:
-        return self._status.code
-
-    def details(self) -> str:
-        return self._status.details
-
-    def trailing_metadata(self) -> Any:
-        return self._status.trailing_metadata
+from tests.unit.client.rpc import FakeRpcError
 
 
 def round_trip(err: errors.ClemserveError, request_id: str = "rid-1") -> errors.ClemserveError:

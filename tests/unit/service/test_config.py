@@ -61,3 +61,15 @@ def test_help_shows_the_environment_twins(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     for twin in ("CLEMSERVE_HOST", "CLEMSERVE_PORT", "CLEMSERVE_REGISTRY", "CLEMSERVE_LOG_LEVEL"):
         assert twin in out
+
+
+def test_metrics_options_and_their_twins() -> None:
+    defaults = parse_server_config([], {}).metrics
+    assert (defaults.port, defaults.host, defaults.public) == (0, "127.0.0.1", False)
+    env = {"CLEMSERVE_METRICS_PORT": "9100", "CLEMSERVE_METRICS_HOST": "0.0.0.0", "CLEMSERVE_METRICS_PUBLIC": "yes"}
+    config = parse_server_config([], env).metrics
+    assert (config.port, config.host, config.public) == (9100, "0.0.0.0", True)
+    flags = parse_server_config(["--metrics-port", "9200", "--metrics-host", "::1"], env).metrics
+    assert (flags.port, flags.host) == (9200, "::1")
+    with pytest.raises(SystemExit, match="--metrics-port must be 0"):
+        parse_server_config(["--metrics-port", "-1"], {})

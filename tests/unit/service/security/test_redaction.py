@@ -1,4 +1,4 @@
-"""Secrets never leave the server: the redactor, the log filter and error statuses."""
+"""Secrets never leave the server: the redactor and the log filter."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import logging
 
 import pytest
 
-from clemserve.registry import errors
 from clemserve.service.security.redaction import REDACTED, RedactingFilter, Redactor
-from clemserve.service.status import to_grpc_status
 
 KEY = "sk-test-4f9a2b7c1d8e6f0a"
 
@@ -40,12 +38,3 @@ def test_log_lines_are_scrubbed_including_tracebacks(caplog: pytest.LogCaptureFi
         caplog.handler.removeFilter(handler_filter)
     assert KEY[:8] not in caplog.text and REDACTED in caplog.text
     assert "RuntimeError" in caplog.text
-
-
-def test_error_statuses_are_scrubbed() -> None:
-    err = errors.FailedPreconditionError(f"refused key {KEY}", subject=f"key.json: {KEY}")
-    err.metadata["upstream"] = KEY
-    status = to_grpc_status(err, "rid", Redactor([KEY]))
-    assert KEY[:8] not in status.details
-    for _, value in status.trailing_metadata:
-        assert KEY[:8].encode() not in (value if isinstance(value, bytes) else value.encode())

@@ -13,7 +13,7 @@ import pytest
 
 from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
 from clemserve.service.backends import BackendContext
-from clemserve.service.model_cache import ModelManager
+from clemserve.service.model_cache import ModelCache
 from clemserve.service.servicer import SERVED, ModelServicer
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
@@ -48,7 +48,7 @@ def test_resolve_tells_provenance_only_when_asked(tmp_path: Path) -> None:
     """A game's every start resolves its model: that must not wait for weights to be hashed."""
     registry = ModelRegistry([ModelSpec.from_dict({"model_name": "e", "backend": "echo", "model_config": {}})])
     context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
-    servicer = ModelServicer(ModelManager(registry, context))
+    servicer = ModelServicer(ModelCache(registry, context))
 
     class Context:
         def time_remaining(self) -> None:
@@ -100,7 +100,7 @@ def test_every_call_gets_its_request_id_and_leaves_the_drain_whether_it_succeeds
 
     registry = ModelRegistry([ModelSpec.from_dict({"model_name": "e", "backend": "echo", "model_config": {}})])
     context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
-    manager = ModelManager(registry, context)
+    manager = ModelCache(registry, context)
     servicer = ModelServicer(manager)
     request = pb.GenerateRequest(
         model=pb.ModelSelector(name="e"), messages=[pb.Message(role="user", content="hello there")]

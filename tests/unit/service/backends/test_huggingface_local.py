@@ -1,11 +1,11 @@
-"""The local backends' load-time checks and text cleaning (spec section 5.1), without a server."""
+"""The transformers backend without a server: its load-time checks of the entry (spec section 5.1), merged rows
+that fail on their own, loading onto (stand-in) GPUs, and failures on the device."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +18,6 @@ from clemserve.registry.errors import (
     ResourceExhaustedError,
 )
 from clemserve.service.backends import BackendContext, BackendDeadError, placement
-from clemserve.service.backends.chat import ChatTokenizer, context_size
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
 from clemserve.service.domain import GenArgs, Generation, Message, Row
 from tests import device_failures
@@ -36,54 +35,6 @@ def backend(tmp_path: Path, **config: Any) -> HuggingfaceLocalBackend:
         model_config={"premade_chat_template": True, "eos_to_cull": "</s>", **config},
     )
     return HuggingfaceLocalBackend(spec, BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.pad_token = tok.eos_token
-    return tok
-
-
-def chat(tokenizer: Any, **config: Any) -> ChatTokenizer:
-    return ChatTokenizer(tokenizer, {"premade_chat_template": True, "eos_to_cull": "</s>", **config}, "m")
-
-
-def cleaned(tmp_path: Path, tokenizer: Any, output: str, prompt: str = "P", **config: Any) -> tuple[str, Any]:
-    return chat(tokenizer, **config).clean(output, prompt, max_tokens=50)
-
-
-def test_cleaning_order(tmp_path: Path, tokenizer: Any) -> None:
-    # prompt removal and strip, then every eos match culled, with no strip afterwards
-    assert cleaned(tmp_path, tokenizer, "P  Hello\n</s>\n</s>") == ("Hello\n\n", None)
-
-
-def test_output_split_prefix_takes_the_last_part(tmp_path: Path, tokenizer: Any) -> None:
-    text, _ = cleaned(tmp_path, tokenizer, "P a ANSWER: b ANSWER: c", output_split_prefix="ANSWER:")
-    assert text == " c"
-    text, _ = cleaned(tmp_path, tokenizer, "P no prefix here", output_split_prefix="ANSWER:")
-    assert text == "no prefix here"  # absent prefix: left alone (clembench 2024 raised IndexError)
-
-
-def test_pad_strings_go_only_when_they_touch_an_edge(tmp_path: Path, tokenizer: Any) -> None:
-    never = chat(tokenizer, eos_to_cull="NEVER")
-    assert never.clean("P</s>x</s>y", "P", 10)[0] == "xy"
-    assert never.clean("P a</s>b c", "P", 10)[0] == "a</s>b c"
-
-
-def test_unescaped_eos_is_a_regex_as_in_clembench(tmp_path: Path, tokenizer: Any) -> None:
-    text, _ = cleaned(tmp_path, tokenizer, "P Hello <b> x<|im_end|>", eos_to_cull="<|im_end|>")
-    assert text == "Hello b x||"  # "<", "im_end" and ">" are alternatives
-
-
-def test_chain_of_thought_split(tmp_path: Path, tokenizer: Any) -> None:
-    config = {"cot_output": True, "cot_start_tag": "<think>", "cot_end_tag": "</think>"}
-    text, cot = cleaned(tmp_path, tokenizer, "P <think>plan it</think> The answer", **config)
-    assert cot == "plan it" and text == "The answer"
-    text, cot = cleaned(tmp_path, tokenizer, "P <think>never closed", **config)
-    assert text == "" and cot == "never closed"
 
 
 @pytest.mark.parametrize(
@@ -115,28 +66,6 @@ def test_unknown_config_keys_are_a_warning(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING):
         b._check_config(b.model_config)
     assert "shiny_new_flag" in caplog.text
-
-
-def test_context_size_order() -> None:
-    spec = ModelSpec(model_name="m")
-    tok = SimpleNamespace(model_max_length=2048)
-    assert context_size(SimpleNamespace(max_position_embeddings=4096, n_positions=1), tok, spec) == 4096
-    assert context_size(SimpleNamespace(n_positions=1024), tok, spec) == 1024
-    nested = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=777))
-    assert context_size(nested, tok, spec) == 777
-    assert context_size(SimpleNamespace(), tok, spec) == 2048
-    assert context_size(SimpleNamespace(), SimpleNamespace(model_max_length=10**30), spec) == 256
-    assert context_size(SimpleNamespace(), tok, ModelSpec(model_name="m", context_size="128k")) == 131072
-
-
-def test_a_tokenizer_without_template_is_refused(tokenizer: Any) -> None:
-    import copy
-
-    bare = copy.deepcopy(tokenizer)
-    bare.chat_template = None
-    with pytest.raises(FailedPreconditionError) as caught:
-        ChatTokenizer(bare, {"premade_chat_template": True, "eos_to_cull": "x"}, "m")
-    assert caught.value.subject == "model_config.custom_chat_template"
 
 
 def test_merged_rows_fail_on_their_own_and_answer_as_if_alone(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -176,40 +105,10 @@ def test_merged_rows_fail_on_their_own_and_answer_as_if_alone(tmp_path: Path, ti
     assert pieces and merged[3].response["response"] == merged[3].prompt["inputs"] + "".join(pieces)
 
 
-# -- placement: number_gpus, the real device map, no silent offload --------------------------------------------
-
 GiB = 2**30
 
 
-def test_a_cpu_machine_places_on_the_cpu_whatever_number_gpus_says(caplog: pytest.LogCaptureFixture) -> None:
-    assert placement.plan("m", {}, [], allow_offload=False) == placement.Placement((), {"device_map": "auto"})
-    with caplog.at_level(logging.WARNING):
-        assert not placement.plan("m", {"number_gpus": 2}, [], allow_offload=False).on_gpu
-    assert "no GPU is visible" in caplog.text
-
-
-def test_number_gpus_bounds_the_gpus_and_the_cpu_takes_nothing_unless_allowed() -> None:
-    free = [10 * GiB, 20 * GiB, 30 * GiB]
-    every = placement.plan("m", {}, free, allow_offload=False)
-    assert every.gpus == (0, 1, 2) and every.kwargs["max_memory"] == {0: 10 * GiB, 1: 20 * GiB, 2: 30 * GiB}
-    two = placement.plan("m", {"number_gpus": 2}, free, allow_offload=False, host_bytes=64 * GiB)
-    assert two.gpus == (0, 1) and two.kwargs == {"device_map": "auto", "max_memory": {0: 10 * GiB, 1: 20 * GiB}}
-    offload = placement.plan("m", {"number_gpus": 1}, free, allow_offload=True, host_bytes=64 * GiB)
-    assert offload.kwargs["max_memory"] == {0: 10 * GiB, "cpu": 64 * GiB}
-
-
-@pytest.mark.parametrize(("number_gpus", "says"), [(3, "asks for 3 GPUs"), (0, "positive integer"), ("2", "positive")])
-def test_number_gpus_beyond_the_visible_gpus_or_malformed_is_refused(number_gpus: object, says: str) -> None:
-    with pytest.raises(FailedPreconditionError) as caught:
-        placement.plan("m", {"number_gpus": number_gpus}, [GiB, GiB], allow_offload=False)
-    assert caught.value.subject == "model_config.number_gpus" and says in str(caught.value)
-
-
-def test_device_map_summary_and_offloaded_modules() -> None:
-    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cuda:1", "model.norm": "cpu"}
-    assert placement.describe(device_map) == "cpu: 1 module, cuda:0: 2 modules, cuda:1: 1 module"
-    assert placement.offloaded({**device_map, "lm_head": "disk"}) == {"cpu": 1, "disk": 1}
-    assert placement.offloaded({"": 0}) == {} and placement.describe(None) == "no device map"
+# -- placement: number_gpus, the real device map, no silent offload --------------------------------------------
 
 
 class _FakeLoad:
@@ -299,17 +198,6 @@ def test_a_cpu_model_keeps_the_compute_nice(tmp_path: Path, tiny_model_dir: Path
 
 
 # -- failures on the device: a CUDA error kills the backend, out of memory fails the call -----------------------
-
-
-def test_cuda_failures_are_told_from_other_errors() -> None:
-    import torch
-
-    assert placement.is_cuda_failure(RuntimeError("CUDA error: device-side assert triggered\nCompile with ..."))
-    assert placement.is_cuda_failure(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
-    assert placement.is_cuda_failure(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling ..."))
-    assert not placement.is_cuda_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
-    assert not placement.is_cuda_failure(RuntimeError("shape mismatch"))
-    assert not placement.is_cuda_failure(ValueError("CUDA error: in a ValueError, not torch's"))
 
 
 @pytest.fixture(scope="module")

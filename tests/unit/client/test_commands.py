@@ -1,0 +1,55 @@
+"""The client commands' connection flags: defaults from the environment, and one settings object for the
+address they name."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clemserve.client import channel, commands, credentials
+from clemserve.client.credentials import ConnectionSettings
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(channel, "_default_address", None)
+    yield
+    for address in [a for a in credentials._settings if a.startswith("cmd:")]:
+        del credentials._settings[address]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    commands.add_connection_flags(parser, {})
+    return parser.parse_args(argv)
+
+
+def test_flags_not_given_come_from_the_environment() -> None:
+    args = parse(["--token", "t"])
+    commands.connect(args, {"CLEMSERVE_ADDRESS": "cmd:1"})
+    assert (args.address, args.timeout, args.tls, args.tls_ca, args.tls_key) == ("cmd:1", None, False, None, None)
+    assert credentials._settings["cmd:1"] == ConnectionSettings("cmd:1", "t")
+    assert channel.default_address() == "cmd:1"
+
+
+def test_each_tls_file_flag_falls_back_to_its_own_variable(tmp_path: Path) -> None:
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path)
+    args = parse(["--address", "cmd:4", "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)])
+    commands.connect(args, {"CLEMSERVE_TLS_CA": str(pki.ca)})
+    files = credentials.Tls(str(pki.ca), str(pki.client_cert), str(pki.client_key))
+    assert credentials._settings["cmd:4"].channel_tls == files
+
+
+def test_tls_flags_are_checked_before_any_call(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="CA file"):
+        commands.connect(parse(["--address", "cmd:2", "--tls-ca", str(tmp_path / "missing.pem")]), {})
+    with pytest.raises(ValueError, match="both"):
+        commands.connect(parse(["--address", "cmd:2", "--tls-cert", "c.pem"]), {})
+    assert "cmd:2" not in credentials._settings
+    commands.connect(parse(["--address", "cmd:3", "--tls"]), {})
+    assert credentials._settings["cmd:3"].channel_tls == credentials.Tls()

@@ -1,0 +1,234 @@
+"""The retry plan's decisions, without a server: which failed calls are sent again, after how long, until when;
+when a stream stops retrying; when a model takes its lease and what a refusal means."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from clemserve.client import retry
+from clemserve.client.errors import error_from_rpc, server_away
+from clemserve.client.retry import Lease, ServerWait, StreamWait, wait_for_server_s
+from clemserve.registry import errors
+from clemserve.v1 import clemserve_pb2 as pb
+from tests.unit.client.rpc import REFUSED, bare, decided
+
+SHUTTING_DOWN = decided(errors.ShuttingDownError("clemserve is shutting down"))
+
+
+@pytest.fixture(autouse=True)
+def _forget_servers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("CLEMSERVE_WAIT_FOR_SERVER", raising=False)
+    yield
+    retry._reached.clear()
+
+
+def seen(address: str, timeout: float | None = None) -> ServerWait:
+    """A call to a server that answered before."""
+    wait = ServerWait(address, timeout)
+    wait.answered()
+    return wait
+
+
+def test_only_connection_failures_and_shutting_down_mean_the_server_is_away() -> None:
+    assert server_away(REFUSED)
+    assert server_away(SHUTTING_DOWN)
+    # statuses the server decided: a provider that is down, a deadline, a full queue
+    assert not server_away(decided(errors.UnavailableError("OpenAI failed 4 time(s)")))
+    assert not server_away(decided(errors.DeadlineExceededError("too slow")))
+    assert not server_away(decided(errors.ResourceExhaustedError("queue full")))
+    assert not server_away(bare(grpc.StatusCode.DEADLINE_EXCEEDED))
+
+
+def test_shutting_down_comes_back_as_its_own_error() -> None:
+    back = error_from_rpc(SHUTTING_DOWN, "h:1")
+    assert isinstance(back, errors.ShuttingDownError) and isinstance(back, errors.UnavailableError)
+    assert (back.reason, str(back), back.request_id) == (
+        "SHUTTING_DOWN",
+        "clemserve is shutting down (at h:1)",
+        "rid-1",
+    )
+
+
+def test_wait_for_server_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert wait_for_server_s() == retry.WAIT_FOR_SERVER_S == 60
+    monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "2.5")
+    assert wait_for_server_s() == 2.5
+    monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "-1")
+    assert wait_for_server_s() == 0
+    monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "soon")
+    with pytest.raises(ValueError, match="CLEMSERVE_WAIT_FOR_SERVER must be a number of seconds, got 'soon'"):
+        wait_for_server_s()
+
+
+def test_pauses_grow_and_stop_at_the_wait_limit_and_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "3")
+    assert ServerWait("never-seen:1", None).pause_after(REFUSED) is None  # a wrong address fails at once
+    wait = seen("seen:1")
+    assert [wait.pause_after(REFUSED) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert ServerWait("seen:1", 0.25).pause_after(REFUSED) == 0.1
+    short = ServerWait("seen:1", 0.05)
+    assert short.pause_after(REFUSED) is None  # the pause would pass the call's deadline
+    assert short.pause_after(decided(errors.ContextExceededError("x", 1, 0, 1))) is None
+    monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "0")
+    assert ServerWait("seen:1", None).pause_after(REFUSED) is None
+
+
+def test_the_wait_limit_counts_from_the_first_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "0.5")
+    wait = seen("seen:2")
+    now = time.monotonic()
+    monkeypatch.setattr(retry.time, "monotonic", lambda: now)
+    assert wait.pause_after(REFUSED) == 0.1
+    now += 0.3
+    assert wait.pause_after(REFUSED) == 0.2  # 0.3 + 0.2 is within 0.5 of the first failure
+    now += 0.2
+    assert wait.pause_after(REFUSED) is None  # 0.5 + 0.4 is not
+    assert wait.waited_s == pytest.approx(0.5)
+
+
+def test_a_server_shutting_down_is_waited_for_like_a_refused_connection() -> None:
+    wait = seen("seen:3")
+    assert wait.pause_after(SHUTTING_DOWN) == 0.1
+    assert wait.pause_after(decided(errors.UnavailableError("OpenAI failed 4 time(s)"))) is None
+
+
+def test_a_decided_status_marks_the_server_reached_but_a_deadline_does_not() -> None:
+    ServerWait("decided:1", None).pause_after(decided(errors.ModelNotFoundError("no such model")))
+    assert ServerWait("decided:1", None).pause_after(REFUSED) == 0.1
+    ServerWait("deadline:1", None).pause_after(bare(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert ServerWait("deadline:1", None).pause_after(REFUSED) is None
+
+
+def test_retry_after_names_the_pause_or_raises_the_calls_error() -> None:
+    wait = seen("seen:4")
+    assert wait.retry_after(REFUSED) == 0.1
+    not_found = decided(errors.ModelNotFoundError("no such model"))
+    with pytest.raises(errors.ModelNotFoundError) as raised:
+        wait.retry_after(not_found)
+    assert raised.value.__cause__ is not_found
+    assert (str(raised.value), raised.value.request_id) == ("no such model", "rid-1")
+
+
+def test_a_deadline_while_the_server_was_away_is_the_server_being_away() -> None:
+    wait = seen("seen:5", timeout=30)
+    assert wait.retry_after(REFUSED) == 0.1
+    with pytest.raises(errors.UnavailableError) as raised:
+        wait.retry_after(bare(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert "Connection refused" in str(raised.value)
+    # the same deadline on a call that never met the server away is a deadline
+    with pytest.raises(errors.DeadlineExceededError):
+        seen("seen:5", timeout=30).retry_after(bare(grpc.StatusCode.DEADLINE_EXCEEDED))
+
+
+def test_the_timeout_left_shrinks_and_none_means_no_deadline() -> None:
+    assert ServerWait("a:1", None).timeout() is None
+    wait = ServerWait("a:1", 10)
+    first = wait.timeout()
+    assert first is not None and 9 < first <= 10
+    time.sleep(0.01)
+    second = wait.timeout()
+    assert second is not None and second < first
+    assert ServerWait("a:1", 0).timeout() == 0
+
+
+def test_the_request_id_travels_in_the_request_where_it_has_a_field() -> None:
+    """No x-request-id header to encode and parse per call where the message carries the id itself; the same
+    id on every try, so that the server log shows one request."""
+    wait = ServerWait("127.0.0.1:1", None)
+    for message_type in (pb.GenerateRequest, pb.GenerateStreamRequest, pb.GenerateBatchRequest):
+        request = message_type()
+        assert wait.metadata_for(request) is None
+        assert wait.metadata_for(request) is None  # a second try
+        assert request.request_id == wait.request_id
+    counted = pb.CountTokensRequest()
+    assert wait.metadata_for(counted) == (("x-request-id", wait.request_id),)
+    assert len(wait.request_id) == 32 and ServerWait("127.0.0.1:1", None).request_id != wait.request_id
+
+
+def _state() -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(state=pb.StreamState(phase=pb.STREAM_PHASE_QUEUED, requests_ahead=2))
+
+
+def test_a_stream_is_sent_again_only_until_text_reached_the_caller() -> None:
+    wait = StreamWait("seen:6", None)
+    wait.answered()
+    wait.event(_state())
+    assert not wait.delivered and wait.retry_after(REFUSED) == 0.1  # state events may repeat
+    text = wait.event(pb.GenerateStreamResponse(delta=pb.TextDelta(text="Hel")))
+    assert getattr(text, "text", None) == "Hel" and wait.delivered
+    with pytest.raises(errors.UnavailableError) as raised:
+        wait.retry_after(REFUSED)
+    assert raised.value.__cause__ is REFUSED
+
+
+def test_a_stream_after_its_reply_is_not_sent_again() -> None:
+    wait = StreamWait("seen:7", None)
+    wait.answered()
+    reply = pb.GenerateResponse(prompt_json="{}", response_json="{}", response_text="hi")
+    wait.event(pb.GenerateStreamResponse(reply=reply))
+    with pytest.raises(errors.UnavailableError):
+        wait.retry_after(SHUTTING_DOWN)
+
+
+class _LeaseCall:
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.ended = False
+
+    def done(self) -> bool:
+        return self.ended
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+def test_a_lease_is_due_at_first_and_again_when_it_runs_out_or_its_call_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = 1000.0
+    monkeypatch.setattr(retry.time, "monotonic", lambda: now)
+    assert not Lease(False).due()
+    lease = Lease(True)
+    assert lease.due()
+    call = _LeaseCall()
+    lease.taken(call, pb.LeaseModelResponse(lease_id="l1", expires_in_seconds=30), "m")
+    assert (lease.call, lease.until, lease.due()) == (call, 1030.0, False)
+    now += 29.9
+    assert not lease.due()
+    now += 0.1
+    assert lease.due()  # it ran out
+    now = 1000.0
+    call.ended = True  # the server restarted
+    assert lease.due()
+
+
+def test_dropping_a_lease_cancels_its_call_and_makes_it_due() -> None:
+    lease, call = Lease(True), _LeaseCall()
+    lease.taken(call, pb.LeaseModelResponse(expires_in_seconds=300), "m")
+    lease.drop()
+    assert call.cancelled and lease.call is None and lease.due()
+    lease.drop()  # nothing held: nothing to cancel
+
+
+@pytest.mark.parametrize(
+    ("refusal", "retry_s", "wanted"),
+    [
+        (bare(grpc.StatusCode.UNIMPLEMENTED), retry.LEASE_RETRY_S, False),  # a server without LeaseModel
+        (decided(errors.ResourceExhaustedError("no room")), retry.LEASE_RETRY_S, True),
+        (REFUSED, retry.LEASE_AWAY_RETRY_S, True),
+        (SHUTTING_DOWN, retry.LEASE_AWAY_RETRY_S, True),
+    ],
+)
+def test_a_refused_lease_is_tried_again_later_or_never(
+    monkeypatch: pytest.MonkeyPatch, refusal: grpc.RpcError, retry_s: float, wanted: bool
+) -> None:
+    now = 50.0
+    monkeypatch.setattr(retry.time, "monotonic", lambda: now)
+    lease = Lease(True)
+    lease.refused(refusal, "m")
+    assert (lease.wanted, lease.call, lease.until) == (wanted, None, 50.0 + retry_s)
+    now += retry_s
+    assert lease.due() is wanted
