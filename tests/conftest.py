@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny offline model and a real clemserve process on a free loopback port."""
+"""Shared fixtures: the tiny offline model, the pool of real clemserve processes on free loopback ports, and
+the server most tests call."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import ServerProcess, hf_entry, start_server
+from tests.serving import ServerPool, ServerProcess, hf_entry
 from tests.tiny_model import build_tiny_llama
 
 
@@ -49,10 +50,18 @@ def test_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, test_registry: Path) -> Iterator[ServerProcess]:
-    proc = start_server(tmp_path_factory.mktemp("server"), "--registry", str(test_registry))
-    yield proc
-    assert proc.stop() == 0, proc.log()
+def server_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+    """``server_pool(registry, *flags)``: the server for that registry and those flags, shared by the session;
+    every one must stop cleanly at its end."""
+    pool = ServerPool(tmp_path_factory.mktemp("pool"))
+    yield pool
+    unclean = [f"exit status {status}:\n{proc.log()}" for proc, status in pool.stop() if status != 0]
+    assert not unclean, "\n".join(unclean)
+
+
+@pytest.fixture(scope="session")
+def server(server_pool: ServerPool, test_registry: Path) -> ServerProcess:
+    return server_pool(test_registry)
 
 
 @pytest.fixture

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from tests.serving import ServerProcess
 
 #: distinctive fake keys, random so that redaction never meets them in ordinary words; the leak scans
 #: look for any part of them longer than the last 4 characters
@@ -22,8 +19,6 @@ FAKE_KEYS = {
     "cohere": "sk-zz63FfkCzJr4i0B3JrTAwR4y",
     "google": "sk-9ojfljoQoaF1LlqsajAIxNKu",
 }
-
-ServeRemote = Callable[..., ServerProcess]
 
 
 def assert_no_key_leaks(text: str) -> None:

@@ -1,4 +1,5 @@
-"""Starting real clemserve processes for tests and benchmarks: free loopback ports, health waits, logs."""
+"""Starting real clemserve processes for tests and benchmarks: free loopback ports, health waits, logs, and a
+pool of servers that tests share."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clemserve.registry.keys import ENVIRONMENT_KEYS
 from tests.tiny_model import CHAT_TEMPLATE, EOS_TO_CULL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,8 +31,15 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def log(self, since: int = 0) -> str:
+        """The server's log; from ``since`` on (a :meth:`log_mark`), what a test added to a shared server's."""
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(since)
+            return log_file.read().decode(errors="replace")
+
+    def log_mark(self) -> int:
+        """Where the log ends now."""
+        return self.log_path.stat().st_size
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -87,6 +96,49 @@ def start_server(
         process.kill()
         raise
     return ServerProcess(address, process, log_path)
+
+
+#: every provider key variable blanked: a shared server never reads the caller's own provider keys
+NO_PROVIDER_KEYS = {
+    variable: ""
+    for source in ENVIRONMENT_KEYS.values()
+    for variable in (*source.api_key, *(twin for _, twin in source.extras))
+}
+
+
+class ServerPool:
+    """Running servers shared by every test that asks for the same registry and flags; each starts on its
+    first request, in a folder of its own, with no provider key from the environment.
+
+    For tests that only call their server: a test that stops, kills or drains its server, or needs a log of
+    its own, starts its own with :func:`start_server`.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._servers: dict[tuple[str, ...], ServerProcess] = {}
+
+    def __call__(self, registry: Path | None, *flags: str, cache_dir: Path | None = None) -> ServerProcess:
+        """``registry`` None: the registry that ships with clemserve; ``cache_dir`` None: one of its own."""
+        args = (*(("--registry", str(registry)) if registry is not None else ()), *flags)
+        key = (*args, str(cache_dir))
+        proc = self._servers.get(key)
+        if proc is None:
+            tmp = self.folder / f"server-{len(self._servers)}"
+            tmp.mkdir()
+            # a long start allowed: the first start on a machine may prepare a model
+            proc = start_server(tmp, *args, cache_dir=cache_dir, env=NO_PROVIDER_KEYS, timeout=300)
+            self._servers[key] = proc
+        return proc
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    def stop(self) -> list[tuple[ServerProcess, int]]:
+        """Stop every server (all of them, whatever one answers); each with its exit status."""
+        stopped = [(proc, proc.stop()) for proc in self._servers.values()]
+        self._servers.clear()
+        return stopped
 
 
 def hf_entry(name: str, folder: Path, **config: object) -> dict[str, object]:

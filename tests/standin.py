@@ -41,6 +41,8 @@ class Recorded:
     path: str
     headers: dict[str, str]
     raw: bytes
+    #: the client closed the connection before the reply was sent
+    abandoned: bool = False
 
     @property
     def json(self) -> Any:
@@ -97,8 +99,23 @@ class StandIn:
             self.requests.clear()
             self.max_in_flight = 0
 
+    def clear(self) -> None:
+        """As new, for the next test: no routes, no requests, no counts, replies not held back. Replies
+        still on their way to an earlier test's requests count nowhere but in ``in_flight``."""
+        with self._lock:
+            self._routes = []
+            self.requests = []
+            self.max_in_flight = 0
+            self.abandoned = 0
+        self.release.set()
+
     def matching(self, path: str) -> Iterator[Recorded]:
         return (r for r in list(self.requests) if re.search(path, r.path))
+
+    def _abandon(self, recorded: Recorded) -> None:
+        with self._lock:
+            recorded.abandoned = True
+            self.abandoned += 1
 
     def _answer(self, recorded: Recorded) -> Reply:
         for method, pattern, answer in self._routes:
@@ -129,12 +146,11 @@ class StandIn:
                 try:
                     reply = standin._answer(recorded)
                     if reply.delay_s and self._client_left_within(reply.delay_s):
-                        with standin._lock:
-                            standin.abandoned += 1
+                        standin._abandon(recorded)
                         return
                     standin.release.wait(timeout=60)
                     if reply.chunks is not None:
-                        self._stream(reply)
+                        self._stream(reply, recorded)
                         return
                     body = reply.body
                     if isinstance(body, (dict, list)):
@@ -157,7 +173,7 @@ class StandIn:
                     with standin._lock:
                         standin.in_flight -= 1
 
-            def _stream(self, reply: Reply) -> None:
+            def _stream(self, reply: Reply, recorded: Recorded) -> None:
                 self.send_response(reply.status)
                 self.send_header("content-type", reply.headers.get("content-type", "text/event-stream"))
                 self.send_header("transfer-encoding", "chunked")
@@ -168,8 +184,7 @@ class StandIn:
                 self.wfile.flush()
                 for i, chunk in enumerate(reply.chunks or []):
                     if i and reply.chunk_delay_s and self._client_left_within(reply.chunk_delay_s):
-                        with standin._lock:
-                            standin.abandoned += 1
+                        standin._abandon(recorded)
                         self.close_connection = True
                         return
                     data = chunk.encode() if isinstance(chunk, str) else chunk

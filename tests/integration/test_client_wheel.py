@@ -8,10 +8,14 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.serving import REPO, ServerProcess
+from tests.serving import ServerProcess
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import MadeWheel
 
 GAME = """
 import sys
@@ -23,25 +27,9 @@ print(sorted(m for m in ("torch", "transformers", "clemserve.service") if m in s
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-        timeout=300,
-    )
-    return next(out.glob("clemserve-*.whl"))
+def wheel(made_wheel: MadeWheel) -> Path:
+    """The wheel ``make wheel`` builds (test_make_wheel.py checks the build itself)."""
+    return made_wheel.path
 
 
 @pytest.fixture(scope="module")

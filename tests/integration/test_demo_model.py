@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.serving import DEMO_CACHE, ServerProcess, start_server
+from tests.serving import DEMO_CACHE, ServerPool, ServerProcess
 
 pytestmark = pytest.mark.demo
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    # the prepared model is cached across runs (the first one converts it, about a minute)
-    proc = start_server(tmp_path_factory.mktemp("demo"), "--log-level", "DEBUG", cache_dir=DEMO_CACHE)
-    yield proc
-    assert proc.stop() == 0, proc.log()
+def demo_server(server_pool: ServerPool) -> ServerProcess:
+    """The registry that ships with clemserve (test_quick_start.py's server too); the prepared model is cached
+    across runs (the first one converts it, about a minute)."""
+    return server_pool(None, "--log-level", "DEBUG", cache_dir=DEMO_CACHE)
 
 
 def exact(triple: Any) -> tuple[Any, str, str]:
@@ -114,6 +112,7 @@ def test_demo_short_answer_does_not_wait_for_the_longest_row(demo_server: Server
         answers[name] = model.generate_response(row)
         took[name] = time.monotonic() - started
 
+    mark = demo_server.log_mark()
     blocker = threading.Thread(target=call, args=("blocker", story))
     blocker.start()
     time.sleep(0.5)  # the blocker runs; the next two wait for it and are then taken as one batch
@@ -124,5 +123,5 @@ def test_demo_short_answer_does_not_wait_for_the_longest_row(demo_server: Server
         thread.join(timeout=600)
     assert answers["story"][1]["response"] != answers["short"][1]["response"]
     assert exact(answers["short"]) == exact(alone)
-    assert "smollm2-135m-instruct: a batch of 2 requests" in demo_server.log()  # the two ran together
+    assert "smollm2-135m-instruct: a batch of 2 requests" in demo_server.log(since=mark)  # the two ran together
     assert took["story"] - took["short"] > 1.0, took  # the short row did not wait ~50 steps for the story

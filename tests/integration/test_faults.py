@@ -31,7 +31,6 @@ from tests.standin import Reply, StandIn
 
 USER = [{"role": "user", "content": "hello there"}]
 SLOW_TOKENS = 200
-SLEEP_S = 3.0
 
 
 def fault(name: str, **config: Any) -> dict[str, Any]:
@@ -42,7 +41,8 @@ ENTRIES = [
     fault("fault-raise", raise_on="boom", oom_on="huge"),
     fault("fault-oom-load", oom_on_load=1),
     fault("fault-slow", stream_tokens=SLOW_TOKENS, token_delay_s=0.05),
-    fault("fault-sleep", sleep_s=SLEEP_S),
+    # calls wait while the file "gate" exists in the server's folder (its working directory)
+    fault("fault-gated", gate="gate"),
     {"model_name": "refused-openai", "backend": "openai", "model_id": "gpt-x", "model_config": {}},
     {"model_name": "silent-compatible", "backend": "openai_compatible", "model_id": "m", "model_config": {}},
 ]
@@ -228,11 +228,13 @@ def test_sigterm_with_16_calls_in_flight(
     setup: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "0")  # the late call fails at once instead of waiting
-    proc = start_server(tmp_path, *setup[1], "--preload", "fault-sleep")
+    proc = start_server(tmp_path, *setup[1], "--preload", "fault-gated")
     results: list[str] = []
     errors: list[BaseException] = []
 
-    sleepers = [model(proc, "fault-sleep") for _ in range(16)]
+    gate = tmp_path / "gate"
+    gate.touch()  # the 16 calls stay in flight until it goes
+    sleepers = [model(proc, "fault-gated") for _ in range(16)]
     late = model(proc, "echo")
 
     def call(i: int) -> None:
@@ -245,13 +247,16 @@ def test_sigterm_with_16_calls_in_flight(
     for thread in threads:
         thread.start()
     try:
-        wait_for(lambda: status(proc, "fault-sleep").requests_in_flight == 16, SLEEP_S, "16 calls in flight")
+        wait_for(lambda: status(proc, "fault-gated").requests_in_flight == 16, 30, "16 calls in flight")
     finally:
         proc.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: "stopping: refusing new calls" in proc.log(), SLEEP_S, "the server to start draining")
-    with pytest.raises(backends.UnavailableError):
-        late.generate_response(USER)
-    assert not results, "the new call was refused only after the calls in flight had finished"
+    try:
+        wait_for(lambda: "stopping: refusing new calls" in proc.log(), 30, "the server to start draining")
+        with pytest.raises(backends.UnavailableError):
+            late.generate_response(USER)
+        assert not results, "the calls in flight finished before the gate opened"
+    finally:
+        gate.unlink()
     for thread in threads:
         thread.join(timeout=30)
     assert not errors, errors

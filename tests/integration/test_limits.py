@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +25,7 @@ LIMIT_FLAGS = (
     "--max-images", "2",
     "--max-image-mb", "0.0001",  # 104 bytes
     "--max-images-mb", "0.00015",  # 157 bytes
+    "--max-message-mb", "1",  # gRPC's own limit
 )  # fmt: skip
 
 
@@ -139,25 +139,24 @@ def test_json_text_the_client_would_not_send(
     assert model.generate_response(USER)[2] == "hi"
 
 
-def test_oversized_message_is_resource_exhausted_from_grpc(tmp_path: Path) -> None:
-    proc = start_server(tmp_path, "--max-message-mb", "1")
-    try:
-        model = backends.get_model_for("echo", address=proc.address)
-        with pytest.raises(backends.ClemserveError) as caught:
-            model.generate_response([{"role": "user", "content": "x" * (2 * 1024 * 1024)}])
-        assert caught.value.code == "RESOURCE_EXHAUSTED"
-        # gRPC refused it before clemserve saw it: no handler ran, so the log has no Generate line
-        assert "Generate ->" not in proc.log()
-        assert model.generate_response(USER)[2] == "hi"
-        with grpc.insecure_channel(proc.address) as channel:
-            big = pb.GenerateRequest(
-                model=pb.ModelSelector(name="echo"), messages=[pb.Message(role="user", content="y" * 1_100_000)]
-            )
-            with pytest.raises(grpc.RpcError) as raw:
-                pb_grpc.ModelServiceStub(channel).Generate(big)
-            assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        assert proc.stop() == 0, proc.log()
+def test_oversized_message_is_resource_exhausted_from_grpc(limited: ServerProcess) -> None:
+    model = backends.get_model_for("echo", address=limited.address)
+    mark = limited.log_mark()
+    with pytest.raises(backends.ClemserveError) as caught:
+        model.generate_response([{"role": "user", "content": "x" * (2 * 1024 * 1024)}])
+    assert caught.value.code == "RESOURCE_EXHAUSTED"
+    # gRPC refused it before clemserve saw it (the request limit would answer INVALID_ARGUMENT): no handler
+    # ran, so the log has no Generate line
+    assert "Generate ->" not in limited.log(since=mark)
+    model.set_gen_args(temperature=0.0, max_tokens=8)
+    assert model.generate_response(USER)[2] == "hi"
+    with grpc.insecure_channel(limited.address) as channel:
+        big = pb.GenerateRequest(
+            model=pb.ModelSelector(name="echo"), messages=[pb.Message(role="user", content="y" * 1_100_000)]
+        )
+        with pytest.raises(grpc.RpcError) as raw:
+            pb_grpc.ModelServiceStub(channel).Generate(big)
+        assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_defaults_serve_ordinary_requests(server: ServerProcess) -> None:

@@ -9,12 +9,11 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.serving import DEMO_CACHE, REPO, ServerProcess, start_server
+from tests.serving import DEMO_CACHE, REPO, ServerPool, ServerProcess
 
 pytestmark = pytest.mark.demo
 
@@ -50,11 +49,10 @@ def needed(what: str, present: bool, how: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    # the packaged registry, as make serve serves it; the prepared demo model is cached across runs
-    proc = start_server(tmp_path_factory.mktemp("quick-start-server"), cache_dir=DEMO_CACHE, timeout=300)
-    yield proc
-    assert proc.stop() == 0, proc.log()
+def demo_server(server_pool: ServerPool) -> ServerProcess:
+    """The packaged registry, as make serve serves it (test_demo_model.py's server too, which logs at DEBUG);
+    the prepared demo model is cached across runs."""
+    return server_pool(None, "--log-level", "DEBUG", cache_dir=DEMO_CACHE)
 
 
 def test_the_quick_start_runs_as_written(demo_server: ServerProcess, tmp_path: Path) -> None:

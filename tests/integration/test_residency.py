@@ -2,7 +2,8 @@
 bounded and timed loads, and what ListModels says about it all.
 
 ``fault`` entries declare their footprint (``model_config.memory_bytes``) so that a budget of 1500 bytes
-fits exactly one of the two 1000-byte models; the tiny Llama shows real estimates and measurements.
+fits exactly one of the two 1000-byte models, and hold their calls while their gate file exists
+(``model_config.gate``); the tiny Llama shows real estimates and measurements.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,30 @@ from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 from tests.serving import ServerProcess, hf_entry, start_server
 
 USER = [{"role": "user", "content": "hello there"}]
-SLEEP_S = 2.0
 
 
 def fault(name: str, **config: Any) -> dict[str, Any]:
     return {"model_name": name, "backend": "fault", "model_id": name, "model_config": config}
+
+
+def gated(folder: Path, name: str, **config: Any) -> dict[str, Any]:
+    """A fault entry whose calls wait while its gate file exists, in ``folder`` (the server's)."""
+    return fault(name, gate=str(folder / f"{name}.gate"), **config)
+
+
+def gate(server: ServerProcess, name: str) -> Path:
+    """The gate file of the :func:`gated` model ``name``."""
+    return server.log_path.parent / f"{name}.gate"
+
+
+@contextmanager
+def held(gate_file: Path) -> Iterator[None]:
+    """Calls to the gate's model wait inside, until the block ends."""
+    gate_file.touch()
+    try:
+        yield
+    finally:
+        gate_file.unlink()
 
 
 def _server(tmp: Path, entries: list[dict[str, Any]], *flags: str) -> ServerProcess:
@@ -54,9 +75,10 @@ def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 @pytest.fixture(scope="module")
 def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A budget that holds one of fault-a and fault-b; fault-a answers slowly."""
-    entries = [fault("fault-a", memory_bytes=1000, sleep_s=SLEEP_S), fault("fault-b", memory_bytes=1000)]
-    proc = _server(tmp_path_factory.mktemp("budget"), entries, "--memory-budget", "1500", "--keep-alive", "0")
+    """A budget that holds one of fault-a and fault-b."""
+    folder = tmp_path_factory.mktemp("budget")
+    entries = [gated(folder, "fault-a", memory_bytes=1000), fault("fault-b", memory_bytes=1000)]
+    proc = _server(folder, entries, "--memory-budget", "1500", "--keep-alive", "0")
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -75,11 +97,11 @@ def test_loading_b_evicts_idle_a(only_a: str) -> None:
     assert _status(only_a, "fault-a").state == "not_loaded"
 
 
-def test_a_request_in_flight_protects_a(only_a: str) -> None:
+def test_a_request_in_flight_protects_a(only_a: str, budget_server: ServerProcess) -> None:
     model = backends.get_model_for("fault-a", address=only_a, lease=False)
     answer = threading.Thread(target=model.generate_response, args=(USER,))
-    answer.start()
-    try:
+    with held(gate(budget_server, "fault-a")):  # the call stays in flight until the block ends
+        answer.start()
         _eventually(lambda: _status(only_a, "fault-a").requests_in_flight == 1)
         with pytest.raises(ResourceExhaustedError) as caught:
             backends.preload("fault-b", address=only_a)
@@ -87,8 +109,7 @@ def test_a_request_in_flight_protects_a(only_a: str) -> None:
         assert caught.value.metadata["available_bytes"] == "500"
         assert "fault-a" in caught.value.metadata["held_by"] and "in flight" in str(caught.value)
         assert _status(only_a, "fault-a").state == "ready"
-    finally:
-        answer.join()
+    answer.join()
 
 
 def test_a_lease_protects_a_until_the_model_is_closed(only_a: str) -> None:
@@ -219,9 +240,10 @@ def test_loads_are_bounded_and_timed(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProcess]:
-    """Two tiny Llamas (about 4 MiB each by their estimates) and a slow fault model, in a 10 MiB budget."""
-    entries = [hf_entry("tiny-a", tiny_model_dir), hf_entry("tiny-b", tiny_model_dir), fault("busy", sleep_s=SLEEP_S)]
-    proc = _server(tmp_path_factory.mktemp("tiny"), entries, "--memory-budget", "10MiB", "--keep-alive", "0")
+    """Two tiny Llamas (about 4 MiB each by their estimates) and a fault model, in a 10 MiB budget."""
+    folder = tmp_path_factory.mktemp("tiny")
+    entries = [hf_entry("tiny-a", tiny_model_dir), hf_entry("tiny-b", tiny_model_dir), gated(folder, "busy")]
+    proc = _server(folder, entries, "--memory-budget", "10MiB", "--keep-alive", "0")
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -245,10 +267,11 @@ def test_list_models_reports_memory_and_activity(tiny_server: ServerProcess) -> 
     model = backends.get_model_for("busy", address=address)
     model.generate_response(USER)  # takes the lease
     answers = [threading.Thread(target=model.generate_response, args=(USER,)) for _ in range(2)]
-    for answer in answers:
-        answer.start()
-    _eventually(lambda: _status(address, "busy").requests_in_flight == 2)
-    assert _status(address, "busy").leases == 1
+    with held(gate(tiny_server, "busy")):
+        for answer in answers:
+            answer.start()
+        _eventually(lambda: _status(address, "busy").requests_in_flight == 2)
+        assert _status(address, "busy").leases == 1
     for answer in answers:
         answer.join()
     model.close()
@@ -297,6 +320,7 @@ def test_list_models_counts_queued_requests(tmp_path: Path, tiny_model_dir: Path
         while any(call.is_alive() for call in calls):
             status = _status(proc.address, "tiny")
             seen.append((status.requests_in_flight, status.requests_queued))
+            time.sleep(0.02)  # a look every 20 ms: enough to see the queue, not so many that they slow it
         for call in calls:
             call.join()
         assert (1, 3) in seen or (1, 2) in seen, seen

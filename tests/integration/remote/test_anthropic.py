@@ -8,7 +8,6 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,13 @@ import pytest
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.providers import FAKE_KEYS, assert_no_key_leaks
 from tests.serving import ServerProcess
 from tests.standin import Reply, StandIn
 
 MESSAGES_PATH = r"^/v1/messages$"
 MODEL_ID = "claude-test-model"
-ATTEMPTS = 3
+ATTEMPTS = 4  # the server's default --remote-attempts
 
 
 def entry(name: str, **config: Any) -> dict[str, Any]:
@@ -79,18 +78,9 @@ def png(path: Path) -> bytes:
     return data
 
 
-@pytest.fixture(scope="module")
-def server(serve_remote: ServeRemote) -> ServerProcess:
-    # Retry-After up to 1 s is honoured (the fixture's default caps waits at 0.2 s)
-    return serve_remote(ENTRIES, "--remote-attempts", str(ATTEMPTS), "--remote-max-delay", "1")
-
-
 @pytest.fixture(autouse=True)
-def fresh(standin: StandIn) -> Iterator[None]:
-    standin.reset()
+def fresh(standin: StandIn) -> None:
     standin.script("POST", MESSAGES_PATH, Reply(200, message(text(" Hello there. "))))
-    yield
-    standin.release.set()
 
 
 def model(server: ServerProcess, name: str = "claude-test", **gen_args: Any) -> backends.Model:
@@ -273,9 +263,10 @@ def test_empty_content_gives_empty_text(server: ServerProcess, standin: StandIn,
 
 def test_wrong_role_is_internal(server: ServerProcess, standin: StandIn) -> None:
     standin.script("POST", MESSAGES_PATH, Reply(200, message(text("hi"), role="user")))
+    mark = server.log_mark()
     err = failure(model(server), USER, backends.InternalError)
     assert err.request_id and err.request_id in str(err)
-    assert "role 'user'" in server.log()  # the detail stays in the server log
+    assert "role 'user'" in server.log(since=mark)  # the detail stays in the server log
     assert len(sent(standin)) == 1  # a wrong answer is not retried
 
 
@@ -420,12 +411,11 @@ def test_unknown_model_id_is_not_found(server: ServerProcess, standin: StandIn) 
     assert len(sent(standin)) == 1
 
 
-def test_missing_key_entry(serve_remote: ServeRemote, standin: StandIn) -> None:
-    keyless = serve_remote(ENTRIES[:1], keys={})
-    err = failure(model(keyless), USER, backends.FailedPreconditionError)
+def test_missing_key_entry(odd_keys_server: ServerProcess, standin: StandIn) -> None:
+    err = failure(model(odd_keys_server), USER, backends.FailedPreconditionError)
     assert err.subject == "key.json: anthropic"
     assert sent(standin) == []
-    assert_no_key_leaks(keyless.log())
+    assert_no_key_leaks(odd_keys_server.log())
 
 
 def test_no_key_leaks(server: ServerProcess) -> None:

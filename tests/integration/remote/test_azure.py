@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import clemserve.client as backends
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks, responses_reply
+from tests.providers import FAKE_KEYS, assert_no_key_leaks, responses_reply
 from tests.serving import ServerProcess
 from tests.standin import Recorded, Reply, StandIn
 
@@ -143,11 +143,6 @@ def sent(standin: StandIn, path: str, count: int = 1) -> list[Recorded]:
     requests = list(standin.matching(path))
     assert len(requests) == count, [r.path for r in standin.requests]
     return requests
-
-
-@pytest.fixture(scope="module")
-def server(serve_remote: ServeRemote) -> ServerProcess:
-    return serve_remote(ENTRIES, "--remote-max-delay", "2")
 
 
 @pytest.fixture
@@ -454,21 +449,14 @@ def test_gpt_unknown_deployment(server: ServerProcess, azure: StandIn) -> None:
 # -- keys ----------------------------------------------------------------------------------------------
 
 
-def test_key_entries(serve_remote: ServeRemote, standin: StandIn) -> None:
-    standin.reset()
+def test_key_entries(odd_keys_server: ServerProcess, standin: StandIn) -> None:
+    """Its key file: azure_claude as usual, azure_gpt over plain http to another machine."""
     standin.script("POST", MESSAGES, Reply(200, claude_message(text_block("Hi"))))
-    keys = {
-        # only the route's own entry is needed (clembench required both)
-        "azure_claude": {"api_key": FAKE_KEYS["azure_claude"], "base_url": standin.url},
-        # plain http to another machine would send the key in clear text
-        "azure_gpt": {"api_key": FAKE_KEYS["azure_gpt"], "base_url": "http://192.0.2.10/openai/v1"},
-    }
-    other = serve_remote(ENTRIES, keys=keys)
-    assert generate(other, "azure-claude")[2] == "Hi"
-    err = failure(other, "azure-gpt", backends.FailedPreconditionError)
+    assert generate(odd_keys_server, "azure-claude")[2] == "Hi"
+    err = failure(odd_keys_server, "azure-gpt", backends.FailedPreconditionError)
     assert err.subject == "key.json: azure_gpt" and "https" in str(err)
     assert standin.requests and not list(standin.matching(CHAT))
-    assert_no_key_leaks(other.log())
+    assert_no_key_leaks(odd_keys_server.log())
 
 
 def test_no_key_leaks(server: ServerProcess) -> None:

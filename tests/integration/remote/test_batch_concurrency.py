@@ -6,19 +6,19 @@ from __future__ import annotations
 import time
 
 import clemserve.client as backends
-from tests.providers import ServeRemote, openai_reply
+from tests.providers import openai_reply
+from tests.serving import ServerProcess
 from tests.standin import Reply, StandIn
 
 CHAT = r"^/chat/completions$"
 ROWS = 16
 DELAY_S = 0.3
+ENTRIES = [{"model_name": "gpt-batch", "backend": "openai", "model_id": "gpt-4o-mini"}]
 
 
-def test_batch_rows_of_a_remote_model_run_concurrently(serve_remote: ServeRemote, standin: StandIn) -> None:
-    server = serve_remote([{"model_name": "gpt-test", "backend": "openai", "model_id": "gpt-4o-mini"}])
-    standin.reset()
+def test_batch_rows_of_a_remote_model_run_concurrently(server: ServerProcess, standin: StandIn) -> None:
     standin.script("POST", CHAT, Reply(200, openai_reply("row"), delay_s=DELAY_S))
-    model = backends.get_model_for("gpt-test", address=server.address)
+    model = backends.get_model_for("gpt-batch", address=server.address)
     model.set_gen_args(temperature=0.0, max_tokens=20)
     rows = [[{"role": "user", "content": f"Row {i}"}] for i in range(ROWS)]
     model.generate_response(rows[0])  # the first call builds the provider client; not what is measured

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import clemserve.client as backends
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.providers import FAKE_KEYS, assert_no_key_leaks
 from tests.standin import Recorded, Reply, StandIn
 
 PATH = "/v2/chat"
@@ -53,12 +53,6 @@ def chat(content: Any = None, role: str = "assistant") -> dict[str, Any]:
 
 def cohere_error(message: str) -> dict[str, Any]:
     return {"id": "0a8b4b1e-2d1c-4f7e-9b4e-6f3a2c1d0e9f", "message": message}
-
-
-@pytest.fixture(scope="module")
-def server(serve_remote: ServeRemote) -> Any:
-    # Retry-After up to 1 s is honoured (the fixture's default cap is 0.2 s)
-    return serve_remote(ENTRIES, "--remote-max-delay", "1")
 
 
 @pytest.fixture
@@ -163,9 +157,10 @@ def test_thinking_item_first_gives_the_text_item(server: Any, stand: StandIn) ->
 
 def test_wrong_role_is_an_internal_error(server: Any, stand: StandIn) -> None:
     stand.script("POST", PATH, Reply(200, chat(role="user")))
+    mark = server.log_mark()
     err = failure(model(server), USER, backends.InternalError)
     assert err.request_id
-    assert "should be 'assistant'" in server.log()
+    assert "should be 'assistant'" in server.log(since=mark)
 
 
 def test_extra_generation_arguments_are_refused(server: Any, stand: StandIn) -> None:
@@ -321,11 +316,11 @@ def test_unknown_model_is_model_not_found(server: Any, stand: StandIn) -> None:
     assert len(list(stand.matching(PATH))) == 1
 
 
-def test_missing_key_entry(serve_remote: ServeRemote, standin: StandIn) -> None:
-    lonely = serve_remote(ENTRIES[:1], keys={})
-    err = failure(model(lonely), USER, backends.FailedPreconditionError)
+def test_missing_key_entry(odd_keys_server: Any, standin: StandIn) -> None:
+    err = failure(model(odd_keys_server), USER, backends.FailedPreconditionError)
     assert err.subject == "key.json: cohere"
-    assert_no_key_leaks(lonely.log())
+    assert standin.requests == []
+    assert_no_key_leaks(odd_keys_server.log())
 
 
 def test_no_key_leaks(server: Any) -> None:

@@ -8,7 +8,6 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,14 @@ import pytest
 import clemserve.client as backends
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.providers import FAKE_KEYS, assert_no_key_leaks
 from tests.serving import ServerProcess
 from tests.standin import Recorded, Reply, StandIn
 
 MODEL_ID = "gemini-test-model"
 #: the API version clemcore's google-genai 1.x calls; newer SDKs default to v1, so the server pins it
 PATH = rf"^/v1beta/models/{MODEL_ID}:generateContent$"
-ATTEMPTS = 3
+ATTEMPTS = 4  # the server's default --remote-attempts
 SAFETY = [
     {"category": category, "threshold": "BLOCK_MEDIUM_AND_ABOVE"}
     for category in (
@@ -88,18 +87,9 @@ def png(path: Path) -> bytes:
     return data
 
 
-@pytest.fixture(scope="module")
-def server(serve_remote: ServeRemote) -> ServerProcess:
-    # Retry-After up to 1 s is honoured (the fixture's default caps waits at 0.2 s)
-    return serve_remote(ENTRIES, "--remote-attempts", str(ATTEMPTS), "--remote-max-delay", "1")
-
-
 @pytest.fixture(autouse=True)
-def fresh(standin: StandIn) -> Iterator[None]:
-    standin.reset()
+def fresh(standin: StandIn) -> None:
     standin.script("POST", PATH, Reply(200, answer("  Hello there.\n")))
-    yield
-    standin.release.set()
 
 
 def model(server: ServerProcess, name: str = "gemini-test", **gen_args: Any) -> backends.Model:
@@ -214,20 +204,6 @@ def test_model_config_chooses_another_api_version(server: ServerProcess, standin
     _, _, text = generate(model(server, "gemini-v1"), USER)
     assert text == "from v1"
     assert [r.path for r in standin.requests] == [f"/v1/models/{MODEL_ID}:generateContent"]
-
-
-def test_key_entry_chooses_another_api_version(serve_remote: ServeRemote, standin: StandIn) -> None:
-    key = {"api_key": FAKE_KEYS["google"], "base_url": standin.url, "api_version": "v1alpha"}
-    alpha = serve_remote(ENTRIES, keys={"google": key})
-    standin.script("POST", rf"^/v1alpha/models/{MODEL_ID}:generateContent$", Reply(200, answer("from v1alpha")))
-    standin.script("POST", rf"^/v1/models/{MODEL_ID}:generateContent$", Reply(200, answer("from v1")))
-    assert generate(model(alpha), USER)[2] == "from v1alpha"
-    # the registry entry's model_config wins over the key entry
-    assert generate(model(alpha, "gemini-v1"), USER)[2] == "from v1"
-    assert [r.path for r in standin.requests] == [
-        f"/v1alpha/models/{MODEL_ID}:generateContent",
-        f"/v1/models/{MODEL_ID}:generateContent",
-    ]
 
 
 def test_malformed_api_version_names_the_field(server: ServerProcess, standin: StandIn) -> None:
@@ -348,9 +324,10 @@ def test_empty_content_gives_empty_text(server: ServerProcess, standin: StandIn,
 
 def test_wrong_role_is_internal(server: ServerProcess, standin: StandIn) -> None:
     standin.script("POST", PATH, Reply(200, answer("hi", role="user")))
+    mark = server.log_mark()
     err = failure(model(server), USER, backends.InternalError)
     assert err.request_id and err.request_id in str(err)
-    assert "role 'user'" in server.log()  # the detail stays in the server log
+    assert "role 'user'" in server.log(since=mark)  # the detail stays in the server log
     assert len(sent(standin)) == 1  # a wrong answer is not retried
 
 
@@ -502,25 +479,17 @@ def test_unknown_model_id_is_not_found(server: ServerProcess, standin: StandIn) 
     assert len(sent(standin)) == 1
 
 
-def test_key_entry_without_api_key(serve_remote: ServeRemote, standin: StandIn) -> None:
-    keyless = serve_remote(ENTRIES[:1], keys={"google": {"base_url": standin.url}})
-    err = failure(model(keyless), USER, backends.FailedPreconditionError)
-    assert err.subject == "key.json: google"
-    assert sent(standin) == []
-    assert_no_key_leaks(keyless.log())
-
-
-def test_missing_key_entry_says_where_the_key_belongs(serve_remote: ServeRemote, standin: StandIn) -> None:
-    keyless = serve_remote(ENTRIES[:1], keys={"openai": {"api_key": FAKE_KEYS["openai"]}})
-    err = failure(model(keyless), USER, backends.FailedPreconditionError)
-    key_file = Path(keyless.log_path).parent / "key.json"
+def test_missing_key_entry_says_where_the_key_belongs(
+    odd_keys_server: ServerProcess, odd_key_file: Path, standin: StandIn
+) -> None:
+    err = failure(model(odd_keys_server), USER, backends.FailedPreconditionError)
     assert str(err) == (
-        f"the server has no key for google: add a `google` entry to the server's key.json (searched: {key_file})"
+        f"the server has no key for google: add a `google` entry to the server's key.json (searched: {odd_key_file})"
         " or set GOOGLE_API_KEY or GEMINI_API_KEY on the server"
     )
     assert err.subject == "key.json: google"
     assert standin.requests == []
-    assert_no_key_leaks(str(err) + keyless.log())
+    assert_no_key_leaks(str(err) + odd_keys_server.log())
 
 
 def test_no_key_leaks(server: ServerProcess) -> None:

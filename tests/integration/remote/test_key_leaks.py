@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks, openai_reply
+from tests.providers import FAKE_KEYS, assert_no_key_leaks, openai_reply
 from tests.standin import Reply, StandIn
 
 ENTRIES = [
@@ -55,11 +55,6 @@ def refusal(recorded: Any) -> Reply:
     echoed = sent.split()[-1] if sent else ""
     message = f"Incorrect API key provided: {echoed[:8]}***{echoed[-4:]}; full: {echoed}"
     return Reply(401, {"error": {"message": message, "type": "invalid_request_error", "code": 401}, "message": message})
-
-
-@pytest.fixture(scope="module")
-def server(serve_remote: ServeRemote) -> Any:
-    return serve_remote(ENTRIES)
 
 
 def test_no_backend_leaks_a_key(server: Any, standin: StandIn) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import clemserve.client as backends
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.providers import FAKE_KEYS, assert_no_key_leaks
 from tests.standin import Recorded, Reply, StandIn
 
 PATH = "/v1/chat/completions"
@@ -50,12 +50,6 @@ def completion(content: Any = " Hello there! ", role: str = "assistant") -> dict
 
 def mistral_error(message: Any, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
     return {"object": "error", "message": message, "type": kind, "param": None, "code": code}
-
-
-@pytest.fixture(scope="module")
-def server(serve_remote: ServeRemote) -> Any:
-    # Retry-After up to 1 s is honoured (the fixture's default cap is 0.2 s)
-    return serve_remote(ENTRIES, "--remote-max-delay", "1")
 
 
 @pytest.fixture
@@ -159,9 +153,10 @@ def test_reasoning_chunks_give_their_text(server: Any, stand: StandIn) -> None:
 
 def test_wrong_role_is_an_internal_error(server: Any, stand: StandIn) -> None:
     stand.script("POST", PATH, Reply(200, completion(role="user")))
+    mark = server.log_mark()
     err = failure(model(server), USER, backends.InternalError)
     assert err.request_id
-    assert "should be 'assistant'" in server.log()
+    assert "should be 'assistant'" in server.log(since=mark)
 
 
 def test_extra_generation_arguments_are_refused(server: Any, stand: StandIn) -> None:
@@ -325,12 +320,12 @@ def test_unknown_model_is_model_not_found(server: Any, stand: StandIn, status: i
     assert len(list(stand.matching(PATH))) == 1
 
 
-def test_key_entry_without_api_key(serve_remote: ServeRemote, standin: StandIn) -> None:
-    lonely = serve_remote(ENTRIES[:1], keys={"mistral": {"base_url": standin.url}})
-    err = failure(model(lonely), USER, backends.FailedPreconditionError)
+def test_key_entry_without_api_key(odd_keys_server: Any, standin: StandIn) -> None:
+    err = failure(model(odd_keys_server), USER, backends.FailedPreconditionError)
     assert err.subject == "key.json: mistral"
     assert "api_key" in str(err)
-    assert_no_key_leaks(lonely.log())
+    assert standin.requests == []
+    assert_no_key_leaks(odd_keys_server.log())
 
 
 def test_no_key_leaks(server: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import clemserve.client as backends
-from tests.providers import FAKE_KEYS, ServeRemote, assert_no_key_leaks
+from tests.providers import FAKE_KEYS, assert_no_key_leaks
 from tests.serving import ServerProcess
 from tests.standin import Recorded, Reply, StandIn
 
@@ -131,19 +131,6 @@ def failure(server: ServerProcess, name: str, error: type[Exception], messages: 
         model_for(server, name, **kw).generate_response(messages)
     seen(str(caught.value), getattr(caught.value, "metadata", {}))
     return caught.value
-
-
-def keys_for(standin: StandIn, **changes: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    keys = {name: {"api_key": key, "base_url": standin.url} for name, key in FAKE_KEYS.items()}
-    keys.update(changes)
-    return keys
-
-
-@pytest.fixture(scope="module")
-def server(serve_remote: ServeRemote, standin: StandIn) -> ServerProcess:
-    keys = keys_for(standin, openai={"api_key": FAKE_KEYS["openai"], "base_url": standin.url, "organisation": "org-uk"})
-    # Retry-After up to 2 s is honoured (the fixture's default caps waits at 0.2 s)
-    return serve_remote(ENTRIES, "--remote-max-delay", "2", keys=keys)
 
 
 @pytest.fixture
@@ -354,9 +341,10 @@ def test_empty_content_gives_empty_text(server: ServerProcess, chat: StandIn, na
 
 def test_wrong_role_is_internal(server: ServerProcess, chat: StandIn) -> None:
     chat.script("POST", CHAT, Reply(200, completion("hi", role="user")))
+    mark = server.log_mark()
     err = failure(server, "gpt-test", backends.InternalError)
-    assert err.request_id and err.request_id in server.log()
-    assert "should be 'assistant'" in server.log()
+    assert err.request_id and err.request_id in server.log(since=mark)
+    assert "should be 'assistant'" in server.log(since=mark)
     assert len(list(chat.matching(CHAT))) == 1  # not retried
 
 
@@ -516,24 +504,19 @@ def test_concurrent_calls_share_one_model(server: ServerProcess, chat: StandIn) 
 # -- keys ----------------------------------------------------------------------------------------------
 
 
-def test_key_entries(serve_remote: ServeRemote, standin: StandIn) -> None:
-    standin.reset()
+def test_key_entries(odd_keys_server: ServerProcess, standin: StandIn) -> None:
+    """Its key file: openai with the US spelling "organization", openrouter without api_key, openai_compatible
+    without base_url."""
     standin.script("POST", CHAT, answer_by_model("Hi"))
-    keys = {
-        # the US spelling that KeyRegistry.register writes is accepted too
-        "openai": {"api_key": FAKE_KEYS["openai"], "base_url": standin.url, "organization": "org-us"},
-        "openrouter": {"base_url": standin.url},  # no api_key
-        "openai_compatible": {"api_key": FAKE_KEYS["openai_compatible"]},  # no base_url
-    }
-    other = serve_remote(ENTRIES, keys=keys)
-    generate(other, "gpt-test")
+    generate(odd_keys_server, "gpt-test")
     assert only_request(standin).headers["openai-organization"] == "org-us"
 
-    err = failure(other, "router-test", backends.FailedPreconditionError)
+    err = failure(odd_keys_server, "router-test", backends.FailedPreconditionError)
     assert err.subject == "key.json: openrouter" and "api_key" in str(err)
-    err = failure(other, "compat-test", backends.FailedPreconditionError)
+    err = failure(odd_keys_server, "compat-test", backends.FailedPreconditionError)
     assert err.subject == "key.json: openai_compatible" and "base_url" in str(err)
-    assert_no_key_leaks(other.log())
+    assert len(list(standin.matching(CHAT))) == 1
+    assert_no_key_leaks(odd_keys_server.log())
 
 
 def test_no_key_leaks(server: ServerProcess) -> None:
