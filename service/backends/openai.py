@@ -18,6 +18,7 @@ from clemserve.registry import Key
 from clemserve.registry.errors import FailedPreconditionError, InvalidArgumentError
 
 from ..domain import GenArgs, ImagePart, Message, TextSink
+from .base import Backend
 from .remote import (
     RemoteBackend,
     UpstreamFailure,
@@ -285,6 +286,10 @@ class OpenAIBackend(RemoteBackend):
             timeout=self.context.retry.request_timeout_s,
         )
 
+    def check_args(self, args: GenArgs) -> None:
+        """Every generation argument goes to the API, as in clembench: none is refused before the request is
+        queued (one that clashes with the SDK's own options is refused when the request is built)."""
+
     def gen_kwargs(self, args: GenArgs) -> dict[str, Any]:
         clash = sorted(SDK_OPTIONS & args.extra.keys())
         if clash:
@@ -352,6 +357,10 @@ class OpenRouterBackend(OpenAIBackend):
     key_name = "openrouter"
     provider = "OpenRouter"
     default_url = OPENROUTER_URL
+
+    def check_args(self, args: GenArgs) -> None:
+        """Only temperature and max_tokens are sent: any other generation argument is refused."""
+        Backend.check_args(self, args)
 
     def gen_kwargs(self, args: GenArgs) -> dict[str, Any]:
         return {"temperature": args.temperature, "max_tokens": args.max_tokens}

@@ -84,3 +84,27 @@ def test_backend_code_comes_from_the_fixed_map_only(name: str) -> None:
         backends.backend_class(name)
     assert "unknown backend" in str(caught.value)
     assert set(sys.modules) == before  # nothing imported
+
+
+#: the backends that send every generation argument on (OpenAI's API) or check them themselves (vLLM)
+PASSES_EVERY_ARGUMENT = {"OpenAIBackend", "OpenAICompatibleBackend", "VLLMBackend"}
+
+
+def test_generation_arguments_a_backend_cannot_honour_are_refused_before_queueing() -> None:
+    from types import SimpleNamespace
+
+    from clemserve.registry.errors import InvalidArgumentError
+    from clemserve.service.domain import GenArgs
+
+    for name in backends.served_backends():
+        for route in backends.catalog(name).routes:
+            module, _, class_name = route.target.partition(":")
+            cls = getattr(importlib.import_module(f"clemserve.service.backends.{module}"), class_name)
+            stand_in = SimpleNamespace(supported_args=cls.supported_args, name=cls.name)
+            if class_name in PASSES_EVERY_ARGUMENT:
+                cls.check_args(stand_in, GenArgs(extra={"no_such_arg": 1}))
+                continue
+            with pytest.raises(InvalidArgumentError) as caught:
+                cls.check_args(stand_in, GenArgs(extra={"no_such_arg": 1}))
+            assert caught.value.field == "args.no_such_arg", class_name
+            cls.check_args(stand_in, GenArgs(extra=dict.fromkeys(cls.supported_args, 1)))
