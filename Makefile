@@ -246,8 +246,13 @@ GPU_BENCH_ARGS ?=
 gpu-check:
 	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) GPU_BENCH_ARGS="$(GPU_BENCH_ARGS)" bench/gpu_check.sh
 
+# binary wheels for the GPU machine's Python (GPU_PYTHON_VERSION, GPU_PLATFORM), whatever this machine runs
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORM ?= manylinux_2_28_x86_64
 gpu-wheels: install
-	$(PIP) download -q --no-deps -d $(GPU_WHEELS) "grpcio-status>=1.85.1" "grpcio-health-checking>=1.85.1" \
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--platform $(GPU_PLATFORM) --platform manylinux2014_x86_64 --platform any \
+		-d $(GPU_WHEELS) "grpcio>=1.85.1" "grpcio-status>=1.85.1" "grpcio-health-checking>=1.85.1" \
 		"grpcio-reflection>=1.85.1" "googleapis-common-protos>=1.60" "protobuf>=7.35" nvidia-ml-py \
 		"accelerate>=1.0" "pytest>=8" pluggy iniconfig "pytest-timeout>=2.3"
 

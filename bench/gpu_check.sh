@@ -19,6 +19,26 @@ SITE=$WORK/site
     echo "gpu-check: $PY cannot import torch and transformers; install them first (or set PYTHON)" >&2
     exit 2
 }
+# what no wheel here replaces: torch >= 2.8 (torch.AcceleratorError) and transformers >= 4.56 (dtype=), in one line
+"$PY" - <<'PY' || exit 2
+import importlib.metadata as md
+import sys
+
+def version(dist):
+    try:
+        return tuple(int(p) for p in md.version(dist).split("+")[0].split(".")[:3] if p.isdigit())
+    except md.PackageNotFoundError:
+        return ()
+
+short = [
+    f"{dist} >= {'.'.join(map(str, least))} (has {'.'.join(map(str, version(dist))) or 'none'})"
+    for dist, least in (("torch", (2, 8)), ("transformers", (4, 56)))
+    if version(dist) < least
+]
+if short:
+    print(f"gpu-check: {sys.executable} needs " + "; ".join(short), file=sys.stderr)
+    sys.exit(1)
+PY
 
 # the packages missing here (or too old), by their wheel names
 missing=$("$PY" - <<'PY'
@@ -27,15 +47,15 @@ import importlib.util
 
 def version(dist):
     try:
-        return tuple(int(p) for p in md.version(dist).split(".")[:2])
-    except (md.PackageNotFoundError, ValueError):
+        return tuple(int(p) for p in md.version(dist).split("+")[0].split(".")[:3] if p.isdigit())
+    except md.PackageNotFoundError:
         return None
 
-needs = {  # wheel name: (module, least version)
-    "grpcio-status": ("grpc_status", None), "grpcio-health-checking": ("grpc_health", None),
+needs = {  # wheel name: (module, least version); grpcio: the generated stubs refuse versions below 1.85.1
+    "grpcio": ("grpc", (1, 85, 1)), "grpcio-status": ("grpc_status", None), "grpcio-health-checking": ("grpc_health", None),
     "grpcio-reflection": ("grpc_reflection", None), "googleapis-common-protos": ("google.rpc", None),
-    "protobuf": ("google.protobuf", (7, 35)), "nvidia-ml-py": ("pynvml", None), "accelerate": ("accelerate", None),
-    "pytest": ("pytest", (8, 0)), "pluggy": ("pluggy", None), "iniconfig": ("iniconfig", None),
+    "protobuf": ("google.protobuf", (7, 35, 0)), "nvidia-ml-py": ("pynvml", None), "accelerate": ("accelerate", None),
+    "pytest": ("pytest", (8, 0, 0)), "pluggy": ("pluggy", None), "iniconfig": ("iniconfig", None),
     "pytest-timeout": ("pytest_timeout", None),
 }
 out = []
@@ -68,14 +88,19 @@ export PYTHONPATH="$PWD/$WORK/tree:$PWD/$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+# the tests and the benchmark both run, whatever the other does: a failing test still leaves the figures
 echo "== GPU tests (tests/gpu, marker gpu)"
-"$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/gpu
+tests=0
+"$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/gpu || tests=$?
 echo "== GPU benchmark (bench/gpu.py)"
+bench=0
 if [ "$cuda" = 1 ]; then
-    "$PY" -m bench.gpu ${GPU_BENCH_ARGS:-}
+    "$PY" -m bench.gpu ${GPU_BENCH_ARGS:-} || bench=$?
 else
     echo "gpu-check: no CUDA device here: the GPU tests above are skipped, the benchmark runs on the CPU, tiny"
-    "$PY" -m bench.gpu ${GPU_BENCH_ARGS:---device cpu --clients 1,8 --calls 2 --max-tokens 8 --identity-rows 8 --only load,throughput,identity}
+    "$PY" -m bench.gpu ${GPU_BENCH_ARGS:---device cpu --clients 1,8 --calls 2 --max-tokens 8 --identity-rows 8 --only load,throughput,identity} || bench=$?
 fi
 # where a caller collects files (a remote run's $OUT), the tables go there too
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then cp docs/bench/gpu-*.md "$OUT"/ 2>/dev/null || true; fi
+echo "gpu-check: tests $([ "$tests" = 0 ] && echo passed || echo "FAILED (pytest exit $tests)"), benchmark $([ "$bench" = 0 ] && echo ran || echo "FAILED (exit $bench)")"
+[ "$tests" = 0 ] && [ "$bench" = 0 ]

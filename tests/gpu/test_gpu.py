@@ -243,7 +243,10 @@ def test_out_of_memory_while_generating_fails_the_call_frees_the_cache_and_keeps
         total = torch.cuda.get_device_properties(0).total_memory
         # the allocator may hold the weights and 32 MiB more: a batch of long prompts cannot fit
         torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 32 * 2**20) / total)
-        long = [[{"role": "user", "content": "word " * 1500}] for _ in range(8)]
+        long = [[{"role": "user", "content": "word " * 1000}] for _ in range(8)]
+        # inside the context, so that what fails is the memory, not the context check (3 tokens a word)
+        count = asyncio.run(b.count_tokens(long[0]))
+        assert count.prompt_tokens + 64 <= count.context_size, (count.prompt_tokens, count.context_size)
         with pytest.raises(ResourceExhaustedError) as caught:
             asyncio.run(b.generate_rows([Row(m) for m in long], GenArgs(max_tokens=64)))
         assert "out of memory while generating" in str(caught.value)
