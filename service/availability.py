@@ -65,6 +65,9 @@ def availability(spec: ModelSpec, machine: Machine) -> tuple[Availability, str]:
                 return Availability.NEEDS_EXTRA, f"model_config.{flag} needs pip install bitsandbytes"
     if config.get("peft_model") and not machine.has_package("peft"):
         return Availability.NEEDS_EXTRA, "model_config.peft_model needs pip install peft"
+    attention = str(config.get("attn_implementation") or "")
+    if attention.startswith("flash_attention") and not machine.has_package("flash_attn"):
+        return Availability.NEEDS_EXTRA, f"model_config.attn_implementation {attention} needs pip install flash-attn"
     key = key_entry(spec)
     if needs.weights and config.get("requires_api_key"):
         key = "huggingface"

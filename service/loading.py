@@ -12,7 +12,7 @@ import time
 
 from clemserve.registry.errors import ClemserveError, ResourceExhaustedError, UnavailableError
 
-from .backends import Backend, BackendContext, backend_for
+from .backends import Backend, BackendContext, BackendDeadError, backend_for
 from .loaded import LoadedModel
 from .memory import free_memory, measure, reading
 from .metrics import MetricsSink
@@ -74,7 +74,8 @@ class Loader:
             model.failed(reason(exc))
             log.warning("loading %s failed: %s", name, model.reason)
             self.metrics.load(name, exc)
-            discarding = self._discard(key, model, backend)
+            # after a CUDA error every CUDA call fails: the discarded backend's memory is not handed back to CUDA
+            discarding = self._discard(key, model, backend, cuda=not isinstance(exc, BackendDeadError))
             if not isinstance(exc, LoadTimeoutError):
                 await discarding
             if isinstance(exc, MemoryError):
@@ -106,16 +107,17 @@ class Loader:
         self.metrics.load(name, None)
         return backend
 
-    def _discard(self, key: str, model: LoadedModel, backend: Backend | None) -> asyncio.Task[None]:
-        """A failed load's backend is unloaded and its memory freed; its bytes stay counted until then. A
-        timed-out load's thread may still run, so that unloading goes on in the background."""
+    def _discard(self, key: str, model: LoadedModel, backend: Backend | None, *, cuda: bool) -> asyncio.Task[None]:
+        """A failed load's backend is unloaded and its memory freed (``cuda``: torch's cached CUDA blocks too);
+        its bytes stay counted until then. A timed-out load's thread may still run, so that unloading goes on in
+        the background."""
         held = self.residency.drain(key)
 
         async def unload() -> None:
             try:
                 if backend is not None:
                     await quietly_unload(backend)
-                free_memory()
+                free_memory(cuda=cuda)
             finally:
                 self.residency.drained(held)
 

@@ -164,11 +164,14 @@ def config_bytes(config: dict[str, Any], dtype_bytes: int, bits: int) -> int:
 
 
 def language_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A vision-language model's config.json holds its language model's settings in ``text_config``: those
-    size the KV cache and give the context (the safetensors headers count every tensor, the vision tower's
-    included)."""
-    text = config.get("text_config")
-    return {**config, **text} if isinstance(text, dict) else config
+    """A vision-language model's config.json holds its language model's settings in ``text_config`` (or
+    ``llm_config``, InternVL's name): those size the KV cache and give the context (the safetensors headers
+    count every tensor, the vision tower's included)."""
+    for name in ("text_config", "llm_config"):
+        text = config.get(name)
+        if isinstance(text, dict):
+            return {**config, **text}
+    return config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -198,7 +201,10 @@ def context(hf_config: dict[str, Any], spec: ModelSpec) -> int:
 def with_kv(found: Estimate, hf_config: dict[str, Any], dtype_bytes: int, spec: ModelSpec, sizing: Sizing) -> Estimate:
     """``found`` with the KV-cache allowance of a model that allocates its cache as batches grow: ``kv_tokens``
     tokens, or ``rows`` rows at the whole context where that is less."""
-    per_token = kv_cache_bytes(hf_config, dtype_bytes, 1, 1)
+    try:
+        per_token = kv_cache_bytes(hf_config, dtype_bytes, 1, 1)
+    except (KeyError, TypeError, ZeroDivisionError):  # a config without the usual shape: the weights alone
+        per_token = 0
     size = context(hf_config, spec)
     tokens = min(sizing.kv_tokens, size * sizing.max_batch)
     return Estimate(found.weights, per_token * tokens, found.source, per_token, size)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -75,14 +74,7 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
     def _check_config(self, config: dict[str, Any]) -> None:
         """Refuse what cannot be honoured here at load time, instead of at the first call."""
         check_chat_config(self.spec, config, self.name, KNOWN_CONFIG)
-        quantized = config.get("load_in_8bit") or config.get("load_in_4bit")
-        if quantized and importlib.util.find_spec("bitsandbytes") is None:
-            raise precondition(
-                "model_config.load_in_8bit/load_in_4bit need the bitsandbytes package (and a GPU)",
-                "pip install bitsandbytes",
-            )
-        if config.get("peft_model") and importlib.util.find_spec("peft") is None:
-            raise precondition("model_config.peft_model needs the peft package", "pip install peft")
+        placement.check_loading_options(config)
 
     def _load_blocking(self, config: dict[str, Any], progress: Progress) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -331,14 +323,32 @@ def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
         found = Estimate(parameters * footprint.DTYPE_BYTES["float32"], source="gguf header")
         return footprint.with_kv(found, hf_config, 4, spec, sizing)
     folder = footprint.local_folder(str(spec.get("huggingface_id", "")))
-    hf_config = footprint.read_config(folder)
+    try:
+        hf_config = footprint.read_config(folder)
+    except (OSError, ValueError):  # no readable config.json: the weight files alone
+        hf_config = {}
     dtype_bytes = footprint.dtype_bytes(hf_config)
     bits = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 0
-    tensors = footprint.safetensors_tensors(folder)
-    if tensors:
-        weights, source = footprint.tensor_bytes(tensors, bits), "safetensors headers"
-    else:
-        weights, source = footprint.config_bytes(hf_config, dtype_bytes, bits), "config.json"
-    if bits:
+    weights, source = _weights(folder, hf_config, dtype_bytes, bits)
+    if bits and source != "weight files":
         source += f", linear layers at {bits} bits"
     return footprint.with_kv(Estimate(weights, source=source), hf_config, dtype_bytes, spec, sizing)
+
+
+def _weights(folder: Path, hf_config: dict[str, Any], dtype_bytes: int, bits: int) -> tuple[int, str]:
+    """The weights' bytes, rough rather than none: the safetensors headers, else the weight files' sizes, else
+    the parameter count from ``config.json``."""
+    try:
+        tensors = footprint.safetensors_tensors(folder)
+    except ValueError as exc:
+        log.info("%s: %s; estimating from the files' sizes", folder, exc)
+        tensors = []
+    if tensors:
+        return footprint.tensor_bytes(tensors, bits), "safetensors headers"
+    if bits:  # the files hold the weights unquantised: the config's count at the quantised size is closer
+        with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
+            return footprint.config_bytes(hf_config, dtype_bytes, bits), "config.json"
+    on_disk = footprint.weight_files_bytes(folder)
+    if on_disk:
+        return on_disk, "weight files"
+    return footprint.config_bytes(hf_config, dtype_bytes, bits), "config.json"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.util
 import io
 import logging
 import threading
@@ -182,13 +181,7 @@ def check_config(huggingface_id: object, config: dict[str, Any], model_name: str
         log.warning("%s: model_config keys %s are not read by multimodal huggingface_local", model_name, unknown)
     if not huggingface_id:
         raise precondition(f"registry entry {model_name} has no huggingface_id", "huggingface_id")
-    if (config.get("load_in_8bit") or config.get("load_in_4bit")) and importlib.util.find_spec("bitsandbytes") is None:
-        raise precondition(
-            "model_config.load_in_8bit/load_in_4bit need the bitsandbytes package (and a GPU)",
-            "pip install bitsandbytes",
-        )
-    if config.get("peft_model") and importlib.util.find_spec("peft") is None:
-        raise precondition("model_config.peft_model needs the peft package", "pip install peft")
+    placement.check_loading_options(config)
     multimodality = config.get("multimodality")
     if multimodality is not None and not isinstance(multimodality, (dict, bool)):
         raise precondition(

@@ -14,6 +14,7 @@ of memory is the call's own failure: RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
 
 from .base import BackendContext, BackendDeadError, lower_thread_priority
-from .chat import weights_missing
+from .chat import precondition, weights_missing
 
 T = TypeVar("T")
 
@@ -98,6 +99,29 @@ async def place(model_name: str, config: Mapping[str, Any], context: BackendCont
     gpus = await asyncio.to_thread(visible_gpus)
     host = await asyncio.to_thread(host_available_bytes) if context.allow_offload else 0
     return plan(model_name, config, gpus, allow_offload=context.allow_offload, host_bytes=host)
+
+
+def check_loading_options(config: Mapping[str, Any]) -> None:
+    """Refuse, before anything loads, a loading option whose package is not installed: FAILED_PRECONDITION
+    naming the package, not an error from deep inside transformers."""
+    if (config.get("load_in_8bit") or config.get("load_in_4bit")) and not _installed("bitsandbytes"):
+        raise precondition(
+            "model_config.load_in_8bit/load_in_4bit need the bitsandbytes package (and a GPU)",
+            "pip install bitsandbytes",
+        )
+    if config.get("peft_model") and not _installed("peft"):
+        raise precondition("model_config.peft_model needs the peft package", "pip install peft")
+    attention = str(config.get("attn_implementation") or "")
+    if attention.startswith("flash_attention") and not _installed("flash_attn"):
+        raise precondition(
+            f"model_config.attn_implementation {attention} needs the flash-attn package (and a CUDA GPU); "
+            "install it or choose sdpa",
+            "pip install flash-attn",
+        )
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def load_placed(model_name: str, placement: Placement, allow: bool, load: Callable[[], Any]) -> Any:
@@ -222,7 +246,17 @@ def _device_name(value: Any) -> str:
 
 def visible_gpus() -> list[int]:
     """The free bytes of each GPU visible to this process (``CUDA_VISIBLE_DEVICES`` respected); none on a
-    machine without CUDA. Imports torch: called by a backend that loads it anyway, off the event loop."""
+    machine without CUDA. Asked of NVML where it is installed: torch's answer creates a CUDA context on every
+    GPU. Else imports torch (called by a backend that loads it anyway, off the event loop)."""
+    from .. import gpus
+
+    pynvml = gpus.nvml()
+    if pynvml is not None:
+        try:
+            found = gpus.read_nvml(pynvml)
+        finally:
+            pynvml.nvmlShutdown()
+        return [max(0, gpu.total_bytes - gpu.used_by_others_bytes - gpu.process_bytes) for gpu in found]
     import torch
 
     if not torch.cuda.is_available():
@@ -265,7 +299,14 @@ class DeviceWorker:
     async def _load_placed(self, config: Mapping[str, Any], load: Callable[[], None]) -> None:
         """Place the model by its entry (``number_gpus``) and run ``load`` in the worker, a CUDA failure or
         out-of-memory reported as :func:`on_device` does."""
-        self.placement = await place(self.model_name, config, self.context)
+        try:
+            # the load's first CUDA calls: after a CUDA error in this process (a reload), they fail the same way
+            self.placement = await place(self.model_name, config, self.context)
+        except (MemoryError, RuntimeError) as exc:
+            failure = device_failure(self.model_name, "finding room on its GPUs", exc)
+            if failure is None:
+                raise
+            raise failure from None
         if self.placement.on_gpu:
             self._nice = 0
         await asyncio.get_running_loop().run_in_executor(

@@ -158,3 +158,15 @@ def test_a_gguf_repository_is_found_by_its_filename_glob(tmp_path: Path) -> None
     (folder / "other-Q4_K_M.gguf").write_bytes(b"GGUF")
     found, detail = availability(spec("llamacpp", **gguf), here)
     assert found is Availability.NEEDS_WEIGHTS and "2 files" in detail
+
+
+def test_flash_attention_without_flash_attn_needs_the_package(tmp_path: Path) -> None:
+    entry = spec(
+        "huggingface_local", huggingface_id=str(tmp_path), model_config={"attn_implementation": "flash_attention_2"}
+    )
+    without = machine(tmp_path, packages=EVERYTHING - {"flash_attn"})
+    assert availability(entry, without) == (
+        Availability.NEEDS_EXTRA,
+        "model_config.attn_implementation flash_attention_2 needs pip install flash-attn",
+    )
+    assert availability(entry, machine(tmp_path, packages=EVERYTHING | {"flash_attn"})) == (Availability.CAN_LOAD, "")

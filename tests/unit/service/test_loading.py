@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
-from clemserve.service.backends import BackendContext
+from clemserve.service.backends import BackendContext, BackendDeadError
 from clemserve.service.domain import ModelState
 from clemserve.service.loaded import LoadedModel
 from clemserve.service.loading import Loader, LoadTimeoutError, reason
@@ -72,3 +73,26 @@ def test_running_out_of_memory_while_loading_is_resource_exhausted(tmp_path: Pat
 def test_a_failed_load_reason_is_the_message_or_the_exception_type() -> None:
     assert reason(FailedPreconditionError("no weights")) == "no weights"
     assert reason(RuntimeError("bug")) == "RuntimeError: bug"
+
+
+@pytest.mark.parametrize(("failure", "cuda"), [(BackendDeadError("a CUDA error"), False), (RuntimeError("bug"), True)])
+def test_a_failed_load_is_let_go_of_without_cuda_after_a_cuda_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException, cuda: bool
+) -> None:
+    """After a CUDA error every CUDA call fails: emptying torch's cache then could replace the dead backend's
+    UNAVAILABLE with an INTERNAL."""
+    from clemserve.service import loading
+    from clemserve.service.backends.fault import FaultBackend
+
+    class Failing(FaultBackend):
+        async def load(self, progress: Any) -> None:
+            raise failure
+
+    freed: list[bool] = []
+    monkeypatch.setattr(loading, "backend_for", lambda spec: Failing)
+    monkeypatch.setattr(loading, "free_memory", lambda *, cuda=True: freed.append(cuda))
+    found = loader(tmp_path)
+    key, model = entry("dies")
+    with pytest.raises(type(failure)):
+        asyncio.run(found.load(key, model))
+    assert freed == [cuda] and model.state is ModelState.FAILED

@@ -4,6 +4,7 @@ that fail on their own, loading onto (stand-in) GPUs, and failures on the device
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from clemserve.registry.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from clemserve.service.backends import BackendContext, BackendDeadError, placement
+from clemserve.service.backends import BackendContext, BackendDeadError, estimate, placement
 from clemserve.service.backends.huggingface_local import HuggingfaceLocalBackend
 from clemserve.service.domain import GenArgs, Generation, Message, Row
+from clemserve.service.memory import Sizing
 from tests import device_failures
 
 
@@ -248,3 +250,34 @@ def test_a_cuda_error_while_loading_is_a_dead_backend(monkeypatch: pytest.Monkey
     with pytest.raises(BackendDeadError) as caught:
         asyncio.run(b.load(lambda line, fraction=None: None))
     assert "CUDA error while loading with m" in str(caught.value) and caught.value.code == "UNAVAILABLE"
+
+
+# -- the estimate: rough rather than none -----------------------------------------------------------------
+
+INTERNVL = {  # InternVL3's config.json keeps its language model under llm_config
+    "architectures": ["InternVLChatModel"],
+    "llm_config": {
+        "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8, "num_hidden_layers": 4,
+        "intermediate_size": 4096, "vocab_size": 1000, "max_position_embeddings": 2048, "torch_dtype": "bfloat16",
+    },
+    "vision_config": {"hidden_size": 1024},
+}  # fmt: skip
+
+
+def _entry(folder: Path, **config: object) -> ModelSpec:
+    return ModelSpec(model_name="vl", backend="huggingface_local", huggingface_id=str(folder), model_config=config)
+
+
+def test_an_llm_config_sizes_the_weights_and_the_kv_cache(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(INTERNVL))
+    found = estimate(_entry(tmp_path), Sizing(tmp_path, max_batch=1))
+    assert found.source == "config.json" and found.weights > 0
+    assert found.kv_per_token == 2 * 4 * 8 * 64 * 2 and found.context == 2048
+
+
+def test_unreadable_headers_fall_back_to_the_weight_files_sizes(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Odd"]}))  # no shape to count from
+    (tmp_path / "model-00001.safetensors").write_bytes(b"\0" * 4096)  # not a safetensors file
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * 1000)
+    found = estimate(_entry(tmp_path), Sizing(tmp_path))
+    assert (found.weights, found.source, found.kv_cache) == (5096, "weight files", 0)

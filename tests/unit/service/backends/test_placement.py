@@ -3,14 +3,16 @@ and what was offloaded, and CUDA failures told from other errors."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 
-from clemserve.registry.errors import (
-    FailedPreconditionError,
-)
-from clemserve.service.backends import placement
+from clemserve.registry import KeyRegistry
+from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
+from clemserve.service.backends import BackendContext, BackendDeadError, placement
+from tests import device_failures
 
 GiB = 2**30
 
@@ -58,3 +60,96 @@ def test_cuda_failures_are_told_from_other_errors() -> None:
     assert not placement.is_cuda_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert not placement.is_cuda_failure(RuntimeError("shape mismatch"))
     assert not placement.is_cuda_failure(ValueError("CUDA error: in a ValueError, not torch's"))
+
+
+class _Worker(placement.DeviceWorker):
+    def __init__(self, tmp_path: Path) -> None:
+        self.model_name = "m"
+        self.context = BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path)
+        self._start_worker()
+
+
+@pytest.mark.parametrize(
+    ("failure", "becomes", "says"),
+    [
+        ("accelerator", BackendDeadError, "a CUDA error while finding room on its GPUs with m"),
+        ("oom", ResourceExhaustedError, "out of memory while finding room on its GPUs with m"),
+        ("a bug", RuntimeError, "a bug"),
+    ],
+)
+def test_a_failure_at_the_first_cuda_call_of_a_load_is_what_it_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, becomes: type[BaseException], says: str
+) -> None:
+    """After a CUDA error the reload's first CUDA call (reading each GPU's free memory) fails too: a dead
+    backend, so that the server turns NOT_SERVING and the call UNAVAILABLE, not INTERNAL."""
+
+    def broken() -> list[int]:
+        raise device_failures.raised(failure)
+
+    monkeypatch.setattr(placement, "visible_gpus", broken)
+    loaded: list[bool] = []
+    worker = _Worker(tmp_path)
+    with pytest.raises(becomes, match=says):
+        asyncio.run(worker._load_placed({}, lambda: loaded.append(True)))
+    assert loaded == []  # nothing loaded on a device whose state is unknown
+
+
+def test_the_free_memory_of_each_gpu_is_asked_of_nvml_before_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's answer creates a CUDA context on every GPU; NVML's creates none."""
+    import sys
+    import types
+
+    class Nvml(types.ModuleType):
+        def __init__(self) -> None:
+            super().__init__("pynvml")
+            self.stopped = 0
+
+        def nvmlInit(self) -> None: ...
+
+        def nvmlShutdown(self) -> None:
+            self.stopped += 1
+
+        def nvmlDeviceGetCount(self) -> int:
+            return 2
+
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+            return index
+
+        def nvmlDeviceGetUUID(self, handle: int) -> str:
+            return f"GPU-{handle}"
+
+        def nvmlDeviceGetName(self, handle: int) -> str:
+            return "a GPU"
+
+        def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
+            return types.SimpleNamespace(total=80 * GiB, used=(handle + 1) * 10 * GiB)
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[types.SimpleNamespace]:
+            return [types.SimpleNamespace(pid=123456789, usedGpuMemory=(handle + 1) * 10 * GiB)]
+
+    fake = Nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch would fail: it is not asked
+    assert placement.visible_gpus() == [60 * GiB, 70 * GiB]  # in CUDA's order, GPU 1 first
+    assert fake.stopped == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "package"),
+    [
+        ({"attn_implementation": "flash_attention_2"}, "flash-attn"),
+        ({"load_in_4bit": True}, "bitsandbytes"),
+        ({"peft_model": "org/adapter"}, "peft"),
+    ],
+)
+def test_a_loading_option_without_its_package_is_refused_naming_the_package(
+    monkeypatch: pytest.MonkeyPatch, config: dict[str, object], package: str
+) -> None:
+    monkeypatch.setattr(placement, "_installed", lambda module: False)
+    with pytest.raises(FailedPreconditionError) as caught:
+        placement.check_loading_options(config)
+    assert caught.value.subject == f"pip install {package}"
+    monkeypatch.setattr(placement, "_installed", lambda module: True)
+    placement.check_loading_options(config)
+    placement.check_loading_options({"attn_implementation": "sdpa"})
