@@ -81,8 +81,10 @@ def read_nvml(pynvml: Any, environ: Mapping[str, str] | None = None) -> list[Gpu
     for index, physical in enumerate(visible_order(environ.get("CUDA_VISIBLE_DEVICES"), uuids)):
         handle = handles[physical]
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        ours = _process_bytes(pynvml, handle)
         allocated, reserved = _torch_figures(torch, index)
+        # inside a container NVML reports the host's process ids, and this process is not found by its own:
+        # what torch reserved here is this process's all the same, not another's
+        ours = max(_process_bytes(pynvml, handle), reserved)
         gpus.append(
             GpuMemory(
                 index=index,

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from clemserve.registry.errors import (
@@ -57,6 +57,7 @@ class VLLMBackend(Backend):
                 "huggingface_local",
                 subject="model_config.multimodal",
             )
+        spawn_workers(os.environ)
         try:
             from transformers import AutoConfig, AutoTokenizer
             from vllm import AsyncEngineArgs, SamplingParams
@@ -243,6 +244,13 @@ def _sampling_fields(sampling_params: Any) -> frozenset[str]:
     else:
         fields = getattr(sampling_params, "__struct_fields__", ())
     return frozenset(f for f in fields if not f.startswith("_")) - _RESERVED_ARGS
+
+
+def spawn_workers(environ: MutableMapping[str, str]) -> None:
+    """vLLM starts its engine core and workers with ``fork`` unless told otherwise; a fork of this threaded server
+    (gRPC's threads, the event loop, torch's pools) can inherit a lock held by a thread that the child does not
+    have, and hang. ``spawn`` starts them clean. An operator's own VLLM_WORKER_MULTIPROC_METHOD is kept."""
+    environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 def tensor_parallel_size(config: dict[str, Any]) -> int:

@@ -132,3 +132,21 @@ def test_torch_figures_only_once_torch_has_started_cuda(monkeypatch: pytest.Monk
     assert (first.name, first.allocated_bytes, first.reserved_bytes) == ("H100", GiB, 2 * GiB)
     cuda.is_initialized = lambda: False
     assert gpus.allocated_by_device() == {}
+
+
+def test_inside_a_container_what_torch_reserved_is_this_processs_not_anothers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML reports the host's process ids there: none matches this process's own."""
+    foreign = StandInNvml([("H100", "GPU-dddd-4444", 80 * GiB, 30 * GiB, {4242: 30 * GiB})])
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    (unseen,) = gpus.read_nvml(foreign, environ={})
+    assert (unseen.process_bytes, unseen.used_by_others_bytes) == (0, 30 * GiB)  # torch not started: nothing known
+    cuda = SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        device_count=lambda: 1,
+        memory_allocated=lambda i: 20 * GiB,
+        memory_reserved=lambda i: 24 * GiB,
+    )
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    (seen,) = gpus.read_nvml(foreign, environ={})
+    assert (seen.process_bytes, seen.used_by_others_bytes) == (24 * GiB, 6 * GiB)

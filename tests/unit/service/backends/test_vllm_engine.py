@@ -51,3 +51,14 @@ def test_its_arguments_are_checked_by_vllm_itself_when_the_sampling_is_built(tmp
 
     backend = VLLMBackend(entry(tmp_path), BackendContext(KeyRegistry(tmp_path / "k.json"), tmp_path))
     backend.check_args(GenArgs(extra={"repetition_penalty": 1.1, "anything": 1}))  # not refused before queueing
+
+
+def test_the_engines_workers_are_spawned_unless_the_operator_says_otherwise() -> None:
+    from clemserve.service.backends.vllm_engine import spawn_workers
+
+    environ: dict[str, str] = {}
+    spawn_workers(environ)
+    assert environ == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    chosen = {"VLLM_WORKER_MULTIPROC_METHOD": "forkserver"}
+    spawn_workers(chosen)
+    assert chosen == {"VLLM_WORKER_MULTIPROC_METHOD": "forkserver"}
