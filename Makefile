@@ -21,8 +21,8 @@ CLEMCORE_SPEC ?= clemcore==3.7.2
 CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-installed
 # llama.cpp (llama-cpp-python), for the llamacpp backend: a server environment of its own, like vLLM's; the binding
 # also goes into the clemcore environment, where the tests run clemcore's own llamacpp backend to compare with.
-# PyPI ships it as source only: the first build compiles llama.cpp for this machine's processor (17 minutes of
-# CPU time: some 9 minutes on 2 idle cores, 46 on 2 shared ones) into a wheel kept in LLAMACPP_WHEELS, outside
+# PyPI ships it as source only: the first build compiles llama.cpp (about 5 minutes on 2 idle cores for the
+# default AVX2 build) into a wheel kept in LLAMACPP_WHEELS, outside
 # the checkout (pip's own cache is not relied on), keyed by the CPU's flags and LLAMACPP_CMAKE_ARGS; every later
 # environment (and CI on the same machine) installs that wheel without compiling, in seconds. pip's wheel cache
 # is bypassed (--no-cache-dir): it keys a built wheel by the source alone, not by LLAMACPP_CMAKE_ARGS.
