@@ -195,7 +195,14 @@ class Residency:
                 evicted.add(victim.key)
                 yield victim.key
             if budget.kind == "gpu":
-                await _check_engine_share(name, self._estimate(key, spec), await self.devices())
+                # an engine that takes a share of each GPU at start: idle models there are evicted before refusing
+                while (short := _engine_shortfall(name, self._estimate(key, spec), await self.devices())) is not None:
+                    victim = self.least_recently_used([r for r in residents if r.key not in evicted], exclude=key)
+                    if victim is None:
+                        raise short
+                    log.info("evicting %s (idle %.0f s) to make room for %s's engine", victim.name, victim.idle_s, name)
+                    evicted.add(victim.key)
+                    yield victim.key
             self.charge(key, need)
 
     async def _check_available(self, key: str, spec: ModelSpec, budget: Budget) -> None:
@@ -341,19 +348,19 @@ def _free(device: GpuMemory) -> int:
     return max(0, device.total_bytes - device.used_by_others_bytes - max(device.process_bytes, device.reserved_bytes))
 
 
-async def _check_engine_share(name: str, found: Estimate, devices: Sequence[GpuMemory]) -> None:
+def _engine_shortfall(name: str, found: Estimate, devices: Sequence[GpuMemory]) -> ResourceExhaustedError | None:
     """An engine that takes a share of each of its GPUs at start (vLLM: ``gpu_memory_utilization``, 0.9 unless
     set) refuses to start when a GPU has less free: whatever the budget says, what this process already holds
     there (its CUDA context, other models, other engines) and what other processes hold must leave it that
-    share."""
+    share. The refusal, or None where the share fits."""
     if not found.gpu_share or not devices:
-        return
+        return None
     share, gpus = found.gpu_share, found.gpus
     wanted = [int(d.total_bytes * share) for d in devices[:gpus]]
     short = [(d, w) for d, w in zip(devices, wanted, strict=False) if _free(d) < w]
     if len(devices) < gpus or short:
         device, want = short[0] if short else (devices[-1], wanted[-1])
-        raise ResourceExhaustedError(
+        return ResourceExhaustedError(
             f"cannot start {name}'s engine: it takes {share:g} of each of its {gpus} GPU(s) "
             f"({want / 2**30:.1f} GiB on cuda:{device.index}), and cuda:{device.index} has "
             f"{_free(device) / 2**30:.1f} GiB free: this server holds {device.process_bytes / 2**30:.1f} GiB "
@@ -363,3 +370,4 @@ async def _check_engine_share(name: str, found: Estimate, devices: Sequence[GpuM
             available_bytes=_free(device),
             metadata={"field": found.share_field, "memory_kind": "gpu"},
         )
+    return None

@@ -4,6 +4,7 @@ vLLM's estimate, admission and start-up errors: what only a GPU machine reaches,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import types
 from pathlib import Path
@@ -18,11 +19,12 @@ import clemserve.service.residency as residency_module
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
 from clemserve.service.backends import estimate
-from clemserve.service.domain import GpuMemory
+from clemserve.service.domain import GpuMemory, ModelState
 from clemserve.service.loaded import LoadedModel
 from clemserve.service.memory import ResidencyPolicy, Sizing, budget_from_setting
 from clemserve.service.residency import Residency
-from tests.admission import admit, charged, unload_all
+from clemserve.service.resolver import cache_key
+from tests.admission import admit, charged, unload, unload_all
 from tests.tiny_model import write_sparse_safetensors
 
 GiB = 2**30
@@ -310,3 +312,40 @@ def test_engine_start_failures(error: Exception, kind: type[Exception], words: s
     found = engine_start_failure("m", "org/m", error)
     assert type(found) is kind and words in str(found)
     assert "weights" not in str(found) or isinstance(error, OSError)
+
+
+def test_idle_models_are_evicted_before_an_engine_that_wants_its_share_is_refused(
+    nvml: FakeNvml, tmp_path: Path
+) -> None:
+    """The budget has room, but the GPU does not have the engine's share free while an idle model holds it:
+    that model is evicted first; a busy one is not, and the refusal says so."""
+    pid = __import__("os").getpid()
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "1TiB", models)
+    idle = ModelSpec(model_name="idle", backend="fault", model_config={"memory_bytes": GiB})
+    idle_key = cache_key(idle)
+    models[idle_key] = LoadedModel(idle, state=ModelState.READY)
+    residency.charge(idle_key, GiB)
+    nvml.processes[0].append((pid, 45 * GiB))  # what the idle model holds on GPU 0
+    engine = _vllm(tmp_path, "engine", vllm_args={"gpu_memory_utilization": 0.5})
+
+    async def admit_engine() -> list[str]:
+        named = []
+        residents = [m.resident(k) for k, m in models.items()]
+        async with contextlib.aclosing(residency.admit(cache_key(engine), engine, residents)) as victims:
+            async for key in victims:
+                named.append(key)
+                nvml.processes[0].remove((pid, 45 * GiB))  # its unload hands the GPU memory back
+                unload(residency, models, key)
+        return named
+
+    assert asyncio.run(admit_engine()) == [idle_key]
+    assert residency.charged(cache_key(engine)) > 0 and idle_key not in models
+
+    busy = ModelSpec(model_name="busy", backend="fault", model_config={"memory_bytes": GiB})
+    models.clear()
+    residency.drained(residency.drain(cache_key(engine)))
+    models[cache_key(busy)] = LoadedModel(busy, state=ModelState.READY, in_flight=1)
+    nvml.processes[0].append((pid, 45 * GiB))
+    with pytest.raises(ResourceExhaustedError, match=r"takes 0\.5 of each .* has 34\.5 GiB free"):
+        asyncio.run(admit_engine())
