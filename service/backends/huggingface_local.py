@@ -36,6 +36,7 @@ from .chat import (
 )
 from .huggingface_multimodal import is_multimodal
 from .stream_decoding import BatchStreamer, on_loop
+from .weights import model_config
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +314,7 @@ def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
     stay as they are. Plus the KV-cache allowance of :func:`footprint.with_kv` (transformers allocates the
     cache as a batch grows, so each batch is checked again when it is admitted: memory.KvRoom); a
     vision-language model runs one row at a time."""
-    config = spec.get("model_config", {})
-    config = config if isinstance(config, dict) else {}
+    config = model_config(spec)
     if is_multimodal(config):
         sizing = dataclasses.replace(sizing, max_batch=1)
     if "gguf" in config:

@@ -39,7 +39,7 @@ from . import footprint, gguf
 from .base import Backend, Progress, lower_thread_priority, missing_dependency
 from .chat import check_chat_config, check_context, engine_prompt, precondition, refuse_images, weights_missing
 from .stream_decoding import on_loop
-from .weights import SnapshotFinder, Weights, cached_snapshot, packaged, transformers_weights
+from .weights import SnapshotFinder, Weights, cached_snapshot, model_config, packaged, transformers_weights
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +379,7 @@ class LlamaCppBackend(Backend):
 def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
     """llama.cpp maps the GGUF tensors as stored (quantized): the file's size; plus its float16 KV cache for
     the context the header declares, which it allocates whole (the backend loads with that context)."""
-    config = spec.get("model_config", {})
-    path = model_file(spec, config if isinstance(config, dict) else {})
+    path = model_file(spec, model_config(spec))
     _, hf_config = footprint.gguf_weights(path)
     kv_cache = footprint.kv_cache_bytes(
         hf_config, footprint.DTYPE_BYTES["float16"], footprint.context(hf_config, spec), 1
@@ -392,8 +391,7 @@ def weights(spec: ModelSpec, find: SnapshotFinder = cached_snapshot) -> Weights:
     """The entry's GGUF file: shipped in a distribution, else the one file ``model_config.filename`` matches
     in the ``huggingface_id`` folder or the hub's cache (a GGUF repository has no config.json); entries
     without a ``filename`` as a transformers checkpoint."""
-    config = spec.get("model_config", {})
-    config = config if isinstance(config, dict) else {}
+    config = model_config(spec)
     shipped = packaged(config)
     source = str(spec.get("huggingface_id", ""))
     if shipped is not None or not source or not isinstance(config.get("filename"), str):

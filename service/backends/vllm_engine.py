@@ -36,6 +36,7 @@ from .chat import (
     refuse_images,
     weights_missing,
 )
+from .weights import model_config
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,7 @@ def estimate(spec: Any, sizing: Sizing) -> Estimate:
     share (0.9 unless set) of each of its ``tensor_parallel_size`` GPUs minus the weights (vLLM takes that
     share whole, on every GPU it uses, and refuses to start where a GPU has less free), else
     ``VLLM_CPU_KVCACHE_SPACE`` GiB on a CPU."""
-    config = spec.get("model_config", {})
-    config = config if isinstance(config, dict) else {}
+    config = model_config(spec)
     folder = footprint.local_folder(str(spec.get("huggingface_id", "")))
     weights = footprint.safetensors_bytes(folder)
     if not weights:

@@ -12,6 +12,7 @@ from clemserve.service.labels import RequestLabels, backend_label, model_label
 from clemserve.service.metrics import OTHER, Metrics, MetricsSink
 from clemserve.service.model_cache import ModelCache
 from clemserve.v1 import clemserve_pb2 as pb
+from tests.unit.service.test_metrics import samples
 
 ECHO = ModelSpec.from_dict({"model_name": "echo-a", "backend": "echo", "model_id": "echo", "model_config": {}})
 HI = [{"role": "user", "content": "hi"}]
@@ -41,15 +42,6 @@ def test_backend_label_only_names_known_backends() -> None:
     assert backend_label("huggingface_local") == "huggingface_local"
     assert backend_label("llamacpp") == "llamacpp"  # known, not served
     assert backend_label("my.module:Class") == OTHER
-
-
-def samples(metrics: Metrics, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {
-        frozenset(s.labels.items()): s.value
-        for family in metrics.registry.collect()
-        for s in family.samples
-        if s.name == name
-    }
 
 
 def test_request_labels_come_from_the_resolved_selector(tmp_path: Path) -> None:
