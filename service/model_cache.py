@@ -111,7 +111,7 @@ class ModelCache:
         self._reaper.start()
         async with self.residency.load_slots:
             try:
-                model.admitted(await asyncio.to_thread(self.residency.estimate, key, model.spec))
+                model.admitted(await self.residency.load_estimate(key, model.spec))
                 async with contextlib.aclosing(self.residency.admit(key, model.spec, self._residents())) as victims:
                     async for victim in victims:
                         await self._unload(victim)

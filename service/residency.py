@@ -139,6 +139,11 @@ class Residency:
             found = self._estimates[key] = estimate(spec, sizing)
         return found
 
+    async def load_estimate(self, key: str, spec: ModelSpec) -> int:
+        """A load's estimate, after the budget is found (vLLM's estimate depends on the GPUs), off the loop."""
+        await self.find_budget(spec)
+        return await asyncio.to_thread(self.estimate, key, spec)
+
     def estimate_parts(self, key: str, spec: ModelSpec) -> Estimate:
         """The estimate with its parts (weights, KV allowance, source)."""
         return self._estimate(key, spec)
@@ -179,30 +184,32 @@ class Residency:
         budget says. ``residents``: the models in the cache now. Iterate it to the end, inside
         ``contextlib.aclosing``: admissions run one at a time, so two loads never count the same free bytes."""
         name = str(spec["model_name"])
-        budget = await self.find_budget(spec)
-        need = await asyncio.to_thread(self.estimate, key, spec)
+        need = await self.load_estimate(key, spec)
+        budget = self.budget
         async with self._admission:
             await self._check_available(key, spec, budget)
             if need > budget.total:
                 raise self._exhausted(key, name, need, residents, "it is larger than the whole budget")
             evicted: set[str] = set()
-            while budget.total - self.used() < need:
+            # evict while the budget is short or, on GPUs, an engine that takes a share of each GPU at start
+            # finds its share taken: least recently used idle models first, then refuse
+            while True:
                 left = [r for r in residents if r.key not in evicted]
+                engine_short: ResourceExhaustedError | None = None
+                if budget.total - self.used() < need:
+                    making_room_for = name
+                elif budget.kind == "gpu" and (
+                    engine_short := _engine_shortfall(name, self._estimate(key, spec), await self.devices())
+                ):
+                    making_room_for = f"{name}'s engine"
+                else:
+                    break
                 victim = self.least_recently_used(left, exclude=key)
                 if victim is None:
-                    raise self._exhausted(key, name, need, left, "no loaded model can be evicted")
-                log.info("evicting %s (idle %.0f s) to make room for %s", victim.name, victim.idle_s, name)
+                    raise engine_short or self._exhausted(key, name, need, left, "no loaded model can be evicted")
+                log.info("evicting %s (idle %.0f s) to make room for %s", victim.name, victim.idle_s, making_room_for)
                 evicted.add(victim.key)
                 yield victim.key
-            if budget.kind == "gpu":
-                # an engine that takes a share of each GPU at start: idle models there are evicted before refusing
-                while (short := _engine_shortfall(name, self._estimate(key, spec), await self.devices())) is not None:
-                    victim = self.least_recently_used([r for r in residents if r.key not in evicted], exclude=key)
-                    if victim is None:
-                        raise short
-                    log.info("evicting %s (idle %.0f s) to make room for %s's engine", victim.name, victim.idle_s, name)
-                    evicted.add(victim.key)
-                    yield victim.key
             self.charge(key, need)
 
     async def _check_available(self, key: str, spec: ModelSpec, budget: Budget) -> None:

@@ -349,3 +349,22 @@ def test_idle_models_are_evicted_before_an_engine_that_wants_its_share_is_refuse
     nvml.processes[0].append((pid, 45 * GiB))
     with pytest.raises(ResourceExhaustedError, match=r"takes 0\.5 of each .* has 34\.5 GiB free"):
         asyncio.run(admit_engine())
+
+
+def test_the_cache_estimates_a_load_after_the_budget_has_found_the_gpus(nvml: FakeNvml, tmp_path: Path) -> None:
+    """vLLM's estimate depends on the GPUs: made before the budget is found, it would count the CPU's KV space."""
+    from clemserve.registry import KeyRegistry, ModelRegistry
+    from clemserve.service.backends import BackendContext
+    from clemserve.service.model_cache import ModelCache
+
+    engine = _vllm(tmp_path, "engine")
+    context = BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path)
+    cache = ModelCache(ModelRegistry([engine]), context, residency=ResidencyPolicy(memory_budget="1TiB"))
+
+    async def load() -> int:
+        with contextlib.suppress(Exception):  # vLLM is not installed here: the load fails after admission
+            await cache.load("engine")
+        (model,) = cache.snapshot().models
+        return model.estimated_bytes
+
+    assert asyncio.run(load()) == int(80 * GiB * 0.9)  # the engine's share of its GPU, not weights + 4 GiB
