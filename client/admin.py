@@ -1,17 +1,22 @@
-"""Server-side model management: list, preload, unload."""
+"""Server-side model management: list, preload, unload; and the listing of several servers, each with its own
+models (as ``clemserve models --address A --address B`` and ``clemserve clemcore-setup`` ask for it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from clemserve.registry import ModelSpec
+from clemserve.registry.errors import ClemserveError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
 from .calls import call
-from .channel import channel_for, default_address
-from .convert import Selector, selector_to_proto, spec_from_proto
+from .channel import address_for, channel_for, default_address
+from .convert import Selector, selector_name, selector_to_proto, spec_from_proto
 from .retry import ServerWait
+from .spend import Spend
 
 _STATES = {
     pb.MODEL_STATE_NOT_LOADED: "not_loaded",
@@ -65,6 +70,11 @@ class ModelStatus:
     charged_memory_bytes: int = 0
     #: (GPU index, bytes) of each GPU the load allocated on
     devices: tuple[tuple[int, int], ...] = ()
+    #: its calls' usage and cost since the server started (all callers', ``clem run``'s included)
+    spend: Spend = field(default_factory=Spend)
+    #: while loaded: how it reuses prompt prefixes it computed before, and the bytes its prefix cache holds
+    prefix_caching: str = ""
+    prefix_cache_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -98,6 +108,9 @@ def _status(status: pb.ModelStatus) -> ModelStatus:
         rss_delta_bytes=status.rss_delta_bytes,
         charged_memory_bytes=status.charged_memory_bytes,
         devices=tuple((d.index, d.bytes) for d in status.devices),
+        spend=Spend.of_model(status.spend),
+        prefix_caching=status.prefix_caching,
+        prefix_cache_bytes=status.prefix_cache_bytes,
     )
 
 
@@ -175,12 +188,56 @@ def list_models_and_budget(
     return [_status(s) for s in reply.models], budget
 
 
+@dataclass(frozen=True)
+class ServerModels:
+    """One server's part of a listing across servers: its models and budget, or why it did not answer."""
+
+    address: str
+    models: tuple[ModelStatus, ...] = ()
+    budget: MemoryBudget | None = None
+    error: ClemserveError | None = None
+
+
+def list_servers(
+    addresses: Sequence[str], *, timeout: float | None = None, token: str | None = None
+) -> list[ServerModels]:
+    """Each server's registry entries with their load state, the servers asked at once, in the order given
+    (an address given twice is asked once). These are different servers, each with its own models; replicas of
+    one server are one address (a multi-address target such as ``ipv4:A,B``)."""
+    unique = list(dict.fromkeys(addresses))
+
+    def listing(address: str) -> ServerModels:
+        try:
+            models, budget = list_models_and_budget(address=address, timeout=timeout, token=token)
+        except ClemserveError as exc:
+            return ServerModels(address, error=exc)
+        return ServerModels(address, tuple(models), budget)
+
+    if len(unique) == 1:
+        return [listing(unique[0])]
+    with ThreadPoolExecutor(max_workers=min(len(unique), 16)) as pool:
+        return list(pool.map(listing, unique))
+
+
+def shared_names(listings: Sequence[ServerModels]) -> dict[str, list[str]]:
+    """The model names that more than one server can run (a server too old to say is taken at its word), each
+    with those servers, in listing order: a game that names one of them plays it where its entry (or route)
+    sends it, which the operator should know. A name only listed (every server lists the packaged registry)
+    is not counted."""
+    servers: dict[str, list[str]] = {}
+    for listing in listings:
+        runnable = (s.name for s in listing.models if s.runnable or s.availability == "unknown")
+        for name in dict.fromkeys(runnable):
+            servers.setdefault(name, []).append(listing.address)
+    return {name: found for name, found in servers.items() if len(found) > 1}
+
+
 def preload(
     selector: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
 ) -> ModelStatus:
     """Load a model on the server now, so the first generation does not wait for it (a server with an
     admin token wants that token here)."""
-    address = address or default_address()
+    address = address or address_for(selector_name(selector))
     request = pb.LoadModelRequest(model=selector_to_proto(selector))
     return _status(call(_stub(address, token).LoadModel, request, ServerWait(address, timeout)).status)
 
@@ -189,6 +246,6 @@ def unload(
     selector: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
 ) -> bool:
     """Free a model on the server; False if it was not loaded (a server with an admin token wants it here)."""
-    address = address or default_address()
+    address = address or address_for(selector_name(selector))
     request = pb.UnloadModelRequest(model=selector_to_proto(selector))
     return bool(call(_stub(address, token).UnloadModel, request, ServerWait(address, timeout)).was_loaded)

@@ -11,6 +11,7 @@ import weakref
 import grpc
 
 from .credentials import ConnectionSettings, Tls, aio_channel, remember, sync_channel, tls_for, token_for
+from .routes import route_for
 
 DEFAULT_ADDRESS = "localhost:50051"
 # Several replicas behind one target ("ipv4:127.0.0.1:P1,127.0.0.1:P2" or "dns:///name:port", whose DNS
@@ -86,6 +87,12 @@ def _path(value: str | os.PathLike[str] | None) -> str | None:
 
 def default_address() -> str:
     return _default_address or os.environ.get("CLEMSERVE_ADDRESS") or DEFAULT_ADDRESS
+
+
+def address_for(model_name: str | None) -> str:
+    """The server for the model named ``model_name``: its route (``CLEMSERVE_ROUTES``, ``CLEMSERVE_ROUTES_FILE``;
+    see :mod:`clemserve.client.routes`), else :func:`default_address`."""
+    return route_for(model_name) or default_address()
 
 
 def _key(address: str, token: str | None) -> Key:

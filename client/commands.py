@@ -19,15 +19,25 @@ EXIT_OK, EXIT_USAGE, EXIT_SERVER, EXIT_UNREACHABLE = 0, 2, 3, 4
 DEFAULT_ADDRESS = "localhost:50051"
 
 
-def add_connection_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+def add_connection_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str], several: bool = False) -> None:
     """Where the server is and how to reach it: ``clemserve`` and each client command take these flags, so they
     go before or after the command's name. No flag has a default here (one not given leaves no attribute), so
     that a command's own parser cannot overwrite what came before its name: given in both places, the later
-    one wins. ``connect`` fills in the rest from the environment."""
+    one wins. ``connect`` fills in the rest from the environment. ``several``: the command's ``--address`` may
+    be repeated, naming several servers, each with its own models."""
     address = environ.get("CLEMSERVE_ADDRESS") or DEFAULT_ADDRESS
     flags = parser.add_argument_group("connection (before or after the command; given twice, the later wins)")
     unset = argparse.SUPPRESS
-    flags.add_argument("--address", default=unset, help=f"server host:port [env CLEMSERVE_ADDRESS; now {address}]")
+    if several:
+        flags.add_argument(
+            "--address",
+            action="append",
+            default=unset,
+            help="server host:port; repeat it for several servers, each with its own models (replicas of one "
+            f"server are one address: ipv4:A,B) [env CLEMSERVE_ADDRESS; now {address}]",
+        )
+    else:
+        flags.add_argument("--address", default=unset, help=f"server host:port [env CLEMSERVE_ADDRESS; now {address}]")
     flags.add_argument("--timeout", type=float, default=unset, help="seconds before giving up on the server")
     flags.add_argument(
         "--token",
@@ -65,27 +75,34 @@ def connect(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
-    settings = ConnectionSettings(
-        args.address,
-        args.token,
-        True if args.tls else None,  # None: plain text unless CLEMSERVE_TLS or a file says TLS
-        args.tls_ca,
-        args.tls_cert,
-        args.tls_key,
-    )
+    # a repeatable --address (models, clemcore-setup) is a list: every server named, each called the same way
+    args.addresses = list(dict.fromkeys(args.address)) if isinstance(args.address, list) else [args.address]
+    args.address = args.addresses[0]
+    every = [
+        ConnectionSettings(
+            address,
+            args.token,
+            True if args.tls else None,  # None: plain text unless CLEMSERVE_TLS or a file says TLS
+            args.tls_ca,
+            args.tls_cert,
+            args.tls_key,
+        )
+        for address in args.addresses
+    ]
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         # read the files now: a missing one, or a certificate without its key, is the caller's mistake (OSError,
         # ValueError), not a failed call
-        settings.files.credentials()
-    use(settings)
+        every[0].files.credentials()
+    for settings in reversed(every):  # the first is the default address
+        use(settings)
 
 
 def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     """Add the client-side subcommands to the ``clemserve`` parser."""
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, several: bool = False) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
-        add_connection_flags(parser, environ)
+        add_connection_flags(parser, environ, several)
         return parser
 
     models = command(
@@ -93,7 +110,9 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
         "the server's models as a table: name, backend, state, availability, load time, memory (ESTIMATE before "
         "loading; MEASURED once loaded: N/params the bytes of its tensors on the CPU, N/cuda the CUDA memory its "
         "load allocated, or estimate where the model is out of reach; RSS the server process's growth across the "
-        "load, imports included, for information only)",
+        "load, imports included, for information only); with --address repeated, every server's models, each "
+        "row with its SERVER, and a note for each name that more than one server lists",
+        several=True,
     )
     models.add_argument(
         "--available", action="store_true", help="only the models that can run on the server now (ready or can load)"
@@ -140,13 +159,22 @@ def run(args: argparse.Namespace) -> int:
 
 def report(exc: Exception) -> int:
     """Print why the server did not answer (unreachable) or refused; the exit code that says which."""
-    from clemserve.client import UnavailableError
+    from clemserve.client import ShuttingDownError, UnavailableError
 
     if isinstance(exc, UnavailableError):
         print(f"clemserve: {exc}", file=sys.stderr)
+        if not isinstance(exc, ShuttingDownError):  # one is there, on its way out
+            print(UNREACHABLE_HINT, file=sys.stderr)
         return EXIT_UNREACHABLE
     print(f"clemserve: {type(exc).__name__}: {exc}", file=sys.stderr)
     return EXIT_SERVER
+
+
+#: what to do when no server answers at the address
+UNREACHABLE_HINT = (
+    "  is a server running there? Start one (clemserve serve), or name the one to use: --address HOST:PORT "
+    "(before or after the command) or the CLEMSERVE_ADDRESS environment variable"
+)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -155,41 +183,75 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def _models(args: argparse.Namespace) -> int:
+    """One server's models as a table; several servers' (--address repeated) with a SERVER column, a note for
+    each name that more than one lists, and a report for each server that did not answer."""
+    from clemserve.client.admin import list_servers, shared_names
+
+    several = len(args.addresses) > 1
     rows = [
         [
-            "NAME", "BACKEND", "STATE", "AVAILABILITY", "LOAD S", "IN FLIGHT", "QUEUED", "LEASES",
-            "ESTIMATE MIB", "MEASURED MIB", "RSS MIB", "SOURCE", "AVAILABILITY DETAIL",
+            *(["SERVER"] if several else []), "NAME", "BACKEND", "STATE", "AVAILABILITY", "LOAD S", "IN FLIGHT",
+            "QUEUED", "LEASES", "ESTIMATE MIB", "MEASURED MIB", "RSS MIB", "SOURCE", "AVAILABILITY DETAIL",
         ]
     ]  # fmt: skip
-    from clemserve.client.admin import list_models_and_budget
-
-    statuses, budget = list_models_and_budget(address=args.address, timeout=args.timeout)
-    for status in statuses:
-        if args.available and not status.runnable:
-            continue
-        spec = status.model_spec
-        state = status.state if not status.state_reason else f"{status.state}: {status.state_reason[:60]}"
-        rows.append(
-            [
-                status.name,
-                str(spec.get("backend", "")),
-                state,
-                status.availability,
-                f"{status.load_seconds:.1f}" if status.load_seconds else "-",
-                str(status.requests_in_flight),
-                str(status.requests_queued),
-                str(status.leases),
-                _mib(status.estimated_memory_bytes),
-                _measured(status),
-                _mib(status.rss_delta_bytes),
-                str(spec.get("lookup_source", "")),
-                status.availability_detail,
-            ]
+    listings = list_servers(args.addresses, timeout=args.timeout)
+    if not several and listings[0].error is not None:
+        raise listings[0].error
+    for listing in listings:
+        server = [listing.address] if several else []
+        rows.extend(
+            [*server, *_model_row(status)] for status in listing.models if status.runnable or not args.available
         )
-    print(_table(rows))
+    if any(listing.error is None for listing in listings):
+        print(_table(rows))
+    for name, servers in shared_names(listings).items():
+        print(f"note: {name} is on {len(servers)} servers: {', '.join(servers)}", file=sys.stderr)
+    spent = [(listing, status) for listing in listings for status in listing.models if status.spend.calls]
+    if spent:
+        print("\nspent since the server started:")
+        for listing, status in spent:
+            print(f"  {f'{listing.address} ' if several else ''}{status.name}: {status.spend.line()}")
+    reusing = [(listing, status) for listing in listings for status in listing.models if status.prefix_caching]
+    if reusing:
+        print("\nprefix reuse of loaded models:")
+        for listing, status in reusing:
+            print(f"  {f'{listing.address} ' if several else ''}{status.name}: {_prefix_reuse(status)}")
     if args.memory:
-        print(_budget_lines(budget))
-    return EXIT_OK
+        for listing in listings:
+            if listing.budget is not None:
+                print(("" if not several else f"{listing.address}: ") + _budget_lines(listing.budget))
+    codes = [report(listing.error) for listing in listings if listing.error is not None]
+    return max(codes, default=EXIT_OK)
+
+
+def _prefix_reuse(status: Any) -> str:
+    """How a loaded model reuses prompt prefixes, what its prefix cache holds, and the share of its prompt
+    tokens a cache served since the server started."""
+    held = f", holding {status.prefix_cache_bytes / 2**20:.1f} MiB" if status.prefix_cache_bytes else ""
+    spend = status.spend
+    if not spend.prompt_tokens:
+        return f"{status.prefix_caching}{held}"
+    return f"{status.prefix_caching}{held}; {spend.cached_share:.0%} of {spend.prompt_tokens} prompt tokens reused"
+
+
+def _model_row(status: Any) -> list[str]:
+    spec = status.model_spec
+    state = status.state if not status.state_reason else f"{status.state}: {status.state_reason[:60]}"
+    return [
+        status.name,
+        str(spec.get("backend", "")),
+        state,
+        status.availability,
+        f"{status.load_seconds:.1f}" if status.load_seconds else "-",
+        str(status.requests_in_flight),
+        str(status.requests_queued),
+        str(status.leases),
+        _mib(status.estimated_memory_bytes),
+        _measured(status),
+        _mib(status.rss_delta_bytes),
+        str(spec.get("lookup_source", "")),
+        status.availability_detail,
+    ]
 
 
 def _mib(size: int) -> str:
@@ -244,6 +306,7 @@ def _health(args: argparse.Namespace) -> int:
         reply = check(b"", timeout=args.timeout or 5)
     except grpc.RpcError as exc:
         print(f"clemserve: no server at {args.address}: {exc.code().name}", file=sys.stderr)
+        print(UNREACHABLE_HINT, file=sys.stderr)
         return EXIT_UNREACHABLE
     status = _SERVING_STATUS.get(reply.status, str(reply.status))
     print(f"{args.address}: {status}")

@@ -29,6 +29,14 @@ def selector_to_proto(selector: Selector) -> pb.ModelSelector:
     return pb.ModelSelector(spec=pb.ModelSpec(json=spec.to_string()))
 
 
+def selector_name(selector: Selector) -> str | None:
+    """The model name a selector gives (what a route matches), None where it names none."""
+    if isinstance(selector, str):
+        return selector
+    name = selector.get("model_name")
+    return str(name) if name else None
+
+
 def spec_from_proto(spec: pb.ModelSpec) -> ModelSpec:
     return ModelSpec.from_dict(json.loads(spec.json))
 

@@ -115,6 +115,8 @@ def error_from_row(row: clemserve_pb2.RowError) -> ClemserveError:
 
 
 def _with_details(err: ClemserveError, found: _Details) -> ClemserveError:
+    if found.reason:  # the server's own reason, more precise than its class's (REPLAY_MISS, QUOTA_EXCEEDED)
+        err.reason = found.reason
     err.request_id = found.request_id
     err.metadata = found.metadata
     err.retry_after_s = found.retry_after_s

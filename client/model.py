@@ -15,8 +15,8 @@ from clemserve.registry.errors import ClemserveError
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
 
-from .calls import acall, astream, call, stream
-from .channel import aio_channel_for, channel_for, channel_key, default_address
+from .calls import acall, astream, call, model_metadata, stream
+from .channel import address_for, aio_channel_for, channel_for, channel_key
 from .convert import (
     Selector,
     Triple,
@@ -28,7 +28,8 @@ from .convert import (
 )
 from .errors import error_from_row
 from .retry import Lease, ServerWait, StreamWait
-from .streaming import StreamEvent, TextDelta
+from .spend import Spend, total
+from .streaming import StreamEvent, StreamReply, TextDelta
 
 PROGRAMMATIC_SPECS = ("mock", "programmatic")
 HUMAN_SPECS = ("human", "terminal")
@@ -57,7 +58,8 @@ class _ModelBase:
     ) -> None:
         assert "model_name" in model_spec, "The passed ModelSpec must have a `model_name` attribute"
         self.model_spec = model_spec
-        self.address = address or default_address()
+        #: the server: ``address=``, else the model's route (CLEMSERVE_ROUTES), else the default address
+        self.address = address or address_for(str(model_spec["model_name"]))
         #: sent as "authorization: Bearer ..." (None: connect()'s token for the address, else CLEMSERVE_TOKEN)
         self._token = token
         #: seconds per call (None: no deadline); generations on a cold model include its load
@@ -176,6 +178,10 @@ def _outcomes(reply: pb.GenerateBatchResponse) -> list[Triple | ClemserveError]:
     ]
 
 
+def _batch_spend(reply: pb.GenerateBatchResponse) -> Spend:
+    return total(Spend.of_reply(row.response) for row in reply.results if row.HasField("response"))
+
+
 def _raise_first(outcomes: list[Triple | ClemserveError]) -> list[Triple]:
     for outcome in outcomes:
         if isinstance(outcome, ClemserveError):
@@ -189,6 +195,10 @@ class Model(_ModelBase):
     _sync_stub: pb_grpc.ModelServiceStub | None = None
     #: the channel_key of the stub's channel: each call is told it instead of reading it again
     _channel_key: Any = None
+    #: the tokens this model's replies generated so far (their usage), for progress displays
+    tokens_generated = 0
+    #: what this model's calls spent so far (tokens, cost, compute seconds): the triple stays clemcore's
+    spent = Spend()
 
     def _stub(self) -> pb_grpc.ModelServiceStub:
         if self._sync_stub is None:
@@ -205,7 +215,8 @@ class Model(_ModelBase):
         """Take (or renew an expired) lease; the sync call is kept open without a thread."""
         lease = self._lease
         lease.drop()
-        rpc = self._stub().LeaseModel(self._lease_request())
+        request = self._lease_request()
+        rpc = self._stub().LeaseModel(request, metadata=model_metadata(request))
         try:
             lease.taken(rpc, next(rpc), self.name)
         except grpc.RpcError as exc:
@@ -226,14 +237,20 @@ class Model(_ModelBase):
         self._keep_lease()
         stub = self._stub()
         wait = ServerWait(self.address, self.timeout, self._token, key=self._channel_key)
-        return triple_from_proto(call(stub.Generate, self._request(messages), wait))
+        reply = call(stub.Generate, self._request(messages), wait)
+        self.tokens_generated += reply.usage.completion_tokens
+        self.spent += Spend.of_reply(reply)
+        return triple_from_proto(reply)
 
     def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[StreamEvent]:
         """The reply as it happens: StreamState events (loading, queued, ready), TextDelta pieces, and last a
         StreamReply with generate_response's triple. Leaving the loop early cancels the call on the server."""
         self._keep_lease()
         wait = StreamWait(self.address, self.timeout, self._token)
-        yield from stream(self._stub().GenerateStream, self._stream_request(messages), wait)
+        for event in stream(self._stub().GenerateStream, self._stream_request(messages), wait):
+            if isinstance(event, StreamReply):
+                self.spent += event.spend
+            yield event
 
     def stream_text(self, messages: Sequence[Mapping[str, Any]]) -> Iterator[str]:
         """Only the text pieces of :meth:`generate_stream`."""
@@ -248,7 +265,10 @@ class Model(_ModelBase):
         """One outcome per conversation: its triple, or the error that row alone got."""
         self._keep_lease()
         wait = ServerWait(self.address, self.timeout, self._token)
-        return _outcomes(call(self._stub().GenerateBatch, self._batch_request(batch_messages), wait))
+        reply = call(self._stub().GenerateBatch, self._batch_request(batch_messages), wait)
+        self.tokens_generated += sum(row.response.usage.completion_tokens for row in reply.results)
+        self.spent += _batch_spend(reply)
+        return _outcomes(reply)
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
         wait = ServerWait(self.address, self.timeout, self._token)
@@ -289,7 +309,8 @@ class AsyncModel(_ModelBase):
     async def _hold_lease(self) -> None:
         lease = self._lease
         lease.drop()
-        rpc = self._stub().LeaseModel(self._lease_request())
+        request = self._lease_request()
+        rpc = self._stub().LeaseModel(request, metadata=model_metadata(request))
         try:
             lease.taken(rpc, await rpc.read(), self.name)
         except grpc.RpcError as exc:
@@ -305,9 +326,13 @@ class AsyncModel(_ModelBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    #: what this model's calls spent so far, as :attr:`Model.spent`
+    spent = Spend()
+
     async def generate_response(self, messages: Sequence[Mapping[str, Any]]) -> Triple:
         await self._keep_lease()
         reply = await self._acall(self._stub().Generate, self._request(messages))
+        self.spent += Spend.of_reply(reply)
         return triple_from_proto(reply)
 
     async def generate_stream(self, messages: Sequence[Mapping[str, Any]]) -> AsyncIterator[StreamEvent]:
@@ -317,6 +342,8 @@ class AsyncModel(_ModelBase):
         events = astream(self._stub().GenerateStream, self._stream_request(messages), wait)
         async with contextlib.aclosing(events):  # leaving the loop early cancels the call at once
             async for event in events:
+                if isinstance(event, StreamReply):
+                    self.spent += event.spend
                 yield event
 
     async def generate_batch_response(self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]) -> list[Triple]:
@@ -326,7 +353,9 @@ class AsyncModel(_ModelBase):
         self, batch_messages: Sequence[Sequence[Mapping[str, Any]]]
     ) -> list[Triple | ClemserveError]:
         await self._keep_lease()
-        return _outcomes(await self._acall(self._stub().GenerateBatch, self._batch_request(batch_messages)))
+        reply = await self._acall(self._stub().GenerateBatch, self._batch_request(batch_messages))
+        self.spent += _batch_spend(reply)
+        return _outcomes(reply)
 
     async def count_tokens(self, messages: Sequence[Mapping[str, Any]]) -> TokenCount:
         reply = await self._acall(self._stub().CountTokens, self._count_request(messages))
@@ -364,6 +393,14 @@ def _as_spec(selector: Selector) -> ModelSpec:
     return ModelSpec.from_dict(dict(selector))
 
 
+def _server(selector: Selector, address: str | None) -> str:
+    """``address`` when given, else the route of the selector's model name, else the default address."""
+    if address:
+        return address
+    name = _as_spec(selector).get("model_name")
+    return address_for(str(name) if name else None)
+
+
 def _local_model(spec: ModelSpec, address: str | None) -> Model | None:
     """clembench resolves human and programmatic names without any registry; so does the client."""
     name = spec.get("model_name")
@@ -380,7 +417,7 @@ def resolve(
     selector: Selector, *, address: str | None = None, timeout: float | None = None, token: str | None = None
 ) -> ModelSpec:
     """The server's unified registry entry for ``selector``; loads nothing."""
-    address = address or default_address()
+    address = _server(selector, address)
     stub = pb_grpc.ModelServiceStub(channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(selector))
     return spec_from_proto(call(stub.ResolveModel, request, ServerWait(address, timeout, token)).model_spec)
@@ -401,10 +438,13 @@ def get_model_for(
     ``lease``: from its first generation on, the model holds a lease that keeps it loaded on the server until
     ``close()`` (or ``with get_model_for(...) as model:``), the model's garbage collection, the end of this
     process or the server's lease timeout (renewed at the next call).
+    The server: ``address``, else the model name's route (``CLEMSERVE_ROUTES``; see
+    :mod:`clemserve.client.routes`), else ``connect()``'s address, ``CLEMSERVE_ADDRESS``, localhost:50051.
     """
     local = _local_model(_as_spec(model_spec), address)
     if local is not None:
         return local
+    address = _server(model_spec, address)
     spec = resolve(model_spec, address=address, timeout=timeout, token=token)
     return Model(spec, address=address, timeout=timeout, token=token, lease=lease)
 
@@ -418,7 +458,7 @@ async def get_async_model_for(
     lease: bool = True,
 ) -> AsyncModel:
     """The asyncio twin of :func:`get_model_for`."""
-    address = address or default_address()
+    address = _server(model_spec, address)
     stub = pb_grpc.ModelServiceStub(aio_channel_for(address, token))
     request = pb.ResolveModelRequest(model=selector_to_proto(model_spec))
     reply = await acall(stub.ResolveModel, request, ServerWait(address, timeout, token))

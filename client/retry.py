@@ -5,13 +5,22 @@ A call is sent again only while the server is away: the connection failed, or th
 (``SHUTTING_DOWN``), as a restart does. The pauses double from 0.1 s to 1 s, for up to
 ``CLEMSERVE_WAIT_FOR_SERVER`` seconds and never past the call's deadline. A stream is not sent again once
 text or its reply reached the caller.
+
+What the process saw of a server's absence is one :class:`Outage`, however many calls and threads waited
+through it: logged once when the first call finds the server gone and once when the first call is answered
+again, and told to whoever watches (:func:`watch_outages`: ``clem run``'s stderr, ``clemserve run``'s
+progress line).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -47,6 +56,101 @@ def wait_for_server_s() -> float:
         return max(0.0, float(value))
     except ValueError:
         raise ValueError(f"CLEMSERVE_WAIT_FOR_SERVER must be a number of seconds, got {value!r}") from None
+
+
+@dataclass
+class Outage:
+    """A server's time away as this process saw it: from the first call that found it gone to the first call
+    it answered again. The time it took calls again (the start of that call's last try) is told apart from
+    how long that call then took (a model load and the generation, which say nothing about the outage)."""
+
+    address: str
+    #: what the first failed call was told (the connection refused, the server shutting down)
+    cause: str
+    #: how long each call waits for the server (CLEMSERVE_WAIT_FOR_SERVER)
+    patience_s: float
+    #: when the first call found it away (time.monotonic, which every process on the machine shares)
+    since: float
+    #: seconds from ``since`` until the server took a call again; None while it is away
+    reconnected_s: float | None = None
+    #: how long that first call answered again then took
+    call_s: float = 0.0
+
+    @property
+    def away(self) -> bool:
+        return self.reconnected_s is None
+
+    def message(self) -> str:
+        """The line for the log and the terminal: that it is away, or back and after how long."""
+        if self.reconnected_s is None:
+            return (
+                f"clemserve at {self.address} is away ({self.cause}); waiting up to {self.patience_s:.0f} s "
+                "for it (CLEMSERVE_WAIT_FOR_SERVER)"
+            )
+        return (
+            f"clemserve at {self.address} is back after {self.reconnected_s:.1f} s away "
+            f"(the first call sent to it again then took {self.call_s:.1f} s)"
+        )
+
+
+#: the outage of each server address that is away now
+_outages: dict[str, Outage] = {}
+_outages_lock = threading.Lock()
+#: told each outage when it begins and when it ends (watch_outages)
+_watchers: list[Callable[[Outage], None]] = []
+
+
+def watch_outages(watcher: Callable[[Outage], None]) -> None:
+    """Have ``watcher`` told every outage of every server this process calls, once when it begins and once
+    when it ends (``outage.away`` says which), in the thread of the call that found it."""
+    with _outages_lock:
+        if watcher not in _watchers:
+            _watchers.append(watcher)
+
+
+def unwatch_outages(watcher: Callable[[Outage], None]) -> None:
+    with _outages_lock:
+        if watcher in _watchers:
+            _watchers.remove(watcher)
+
+
+def print_outage(outage: Outage) -> None:
+    """A watcher for a command run in a terminal (``clem run``): each outage's lines on stderr, where the
+    user looks, as well as in the log."""
+    print(outage.message(), file=sys.stderr, flush=True)
+
+
+def _away(address: str, cause: str, patience_s: float) -> Outage:
+    """The address's outage: the one under way, or a new one (logged and told, once)."""
+    with _outages_lock:
+        outage = _outages.get(address)
+        if outage is not None:
+            return outage
+        outage = _outages[address] = Outage(address, cause, patience_s, time.monotonic())
+    _tell(outage)
+    return outage
+
+
+def _back(outage: Outage, try_sent: float) -> None:
+    """A call sent at ``try_sent`` was answered: the outage ends, unless another call ended it first."""
+    with _outages_lock:
+        if not outage.away:
+            return
+        now = time.monotonic()
+        outage.reconnected_s = max(0.0, try_sent - outage.since)
+        outage.call_s = now - max(try_sent, outage.since)
+        if _outages.get(outage.address) is outage:
+            del _outages[outage.address]
+    _tell(outage)
+
+
+def _tell(outage: Outage) -> None:
+    log.warning("%s", outage.message())
+    for watcher in list(_watchers):
+        try:
+            watcher(outage)
+        except Exception:  # a watcher's failure must not fail the call that found the outage
+            log.exception("an outage watcher failed")
 
 
 #: whether a request message type has a request_id field, by type
@@ -85,6 +189,10 @@ class ServerWait:
         self._away_since: float | None = None
         self._away: grpc.RpcError | None = None
         self._pause = _FIRST_PAUSE_S
+        #: the process's outage of the server this call waited through (None: it found the server there)
+        self._outage: Outage | None = None
+        #: when the call's latest try was sent
+        self._try_sent = 0.0
 
     @property
     def metadata(self) -> tuple[tuple[str, str]]:
@@ -100,8 +208,10 @@ class ServerWait:
         return self.metadata
 
     def timeout(self) -> float | None:
-        """What is left of the call's deadline, for the next try."""
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        """What is left of the call's deadline, for the try being sent now (noted: a try answered after an
+        outage tells when the server took calls again)."""
+        now = self._try_sent = time.monotonic()
+        return None if self._deadline is None else max(0.0, self._deadline - now)
 
     @property
     def waited_s(self) -> float:
@@ -110,9 +220,10 @@ class ServerWait:
     def answered(self) -> None:
         """The server answered (a reply, or a status it decided)."""
         _reached.add(self._key)
-        if self._away_since is not None:
-            log.warning("clemserve at %s is back after %.1f s", self.address, self.waited_s)
-            self._away_since = None
+        if self._outage is not None:
+            _back(self._outage, self._try_sent)
+            self._outage = None
+        self._away_since = None
 
     def pause_after(self, exc: grpc.RpcError) -> float | None:
         """How long to wait before trying ``exc``'s call again, or None: raise :meth:`error` for it."""
@@ -127,12 +238,8 @@ class ServerWait:
         now, self._away = time.monotonic(), exc
         if self._away_since is None:
             self._away_since = now
-            log.warning(
-                "clemserve at %s is away (%s); waiting up to %.0f s for it (CLEMSERVE_WAIT_FOR_SERVER)",
-                self.address,
-                exc.details(),
-                self._patience,
-            )
+        if self._outage is None or not self._outage.away:
+            self._outage = _away(self.address, exc.details() or exc.code().name, self._patience)
         pause, self._pause = self._pause, min(2 * self._pause, _LAST_PAUSE_S)
         if now + pause > self._away_since + self._patience:
             return None
@@ -164,6 +271,8 @@ class StreamWait(ServerWait):
     def event(self, message: pb.GenerateStreamResponse) -> StreamEvent:
         """The event for the caller; notes whether it is one that ends the call's retries."""
         event = event_from_proto(message)
+        if self._outage is not None:  # the server is back: its first event tells, not the stream's end
+            self.answered()
         if not isinstance(event, StreamState):
             self.delivered = True
         return event

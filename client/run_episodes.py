@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .spend import Spend
 
 #: clemcore's marker of an episode that finished without an error (SignalFileSaver writes it last)
 COMPLETED = "completed.json"
@@ -43,17 +46,21 @@ class Episode:
 class Outcome:
     episode: Episode
     error: str | None = None
+    #: what the episode's calls spent, by model name (clemserve models only)
+    spend: dict[str, Spend] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """What every worker sets up from: the models as named on the command line, the generation arguments,
-    the results folder and the selected games' specs."""
+    the results folder, the selected games' specs, and the server of each model where ``--address`` named
+    several (``run_servers``; empty: each model's entry says)."""
 
     models: list[str]
     gen_args: dict[str, Any]
     results_dir: Path
     games: dict[str, dict[str, Any]]
+    routes: dict[str, str] = field(default_factory=dict)
 
 
 #: clemcore modules that ``clemcore.clemgame`` imports for its OpenEnv environment server and client, which
@@ -107,3 +114,51 @@ def game_spec(spec: dict[str, Any]) -> Any:
     from clemcore.clemgame import GameSpec
 
     return GameSpec(**spec)
+
+
+class GameLoadError(Exception):
+    """A game whose master cannot be loaded (a package it imports is missing, an error in its code): its
+    episodes fail, the other games are played. The message says what to do."""
+
+
+def load_game(spec: dict[str, Any]) -> Any:
+    """The game's ``GameBenchmark``, loaded as ``clem run`` loads it (close it, or use it in a ``with``, before
+    loading another game: helper modules of two games may share a name).
+
+    A master that fails to load leaves nothing behind: clemcore's loader keeps the game's folder on
+    ``sys.path`` and the modules imported so far when the master raises, where the next game would find them.
+    """
+    from clemcore.clemgame import GameBenchmark
+
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        return GameBenchmark.load_from_spec(game_spec(spec))
+    except Exception as exc:
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            del sys.modules[name]
+        logging.getLogger(__name__).error("cannot load game %s", spec.get("game_name"), exc_info=True)
+        raise GameLoadError(cannot_load(spec, exc)) from exc
+
+
+def cannot_load(spec: dict[str, Any], exc: BaseException) -> str:
+    """Why the game cannot be played, and what to do about it."""
+    name = spec.get("game_name", "?")
+    cause = f"{name} cannot be loaded: {type(exc).__name__}: {exc}"
+    if not isinstance(exc, ImportError):
+        return f"{cause} (clembench.log has the traceback)"
+    requirements = _requirements(Path(str(spec.get("game_path", "."))))
+    install = f"-r {requirements}" if requirements else "-r requirements.txt (in the game checkout)"
+    return (
+        f"{cause}; the game needs packages this environment lacks: install its checkout's requirements here "
+        f"({sys.executable} -m pip install {install})"
+    )
+
+
+def _requirements(game_path: Path) -> Path | None:
+    """The requirements file nearest the game: in its folder, else in the checkout above it (clembench keeps
+    one at its root for all its games)."""
+    for folder in (game_path, *list(game_path.parents)[:2]):
+        if (folder / "requirements.txt").is_file():
+            return folder / "requirements.txt"
+    return None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .run_episodes import Episode, Outcome, WorkerConfig
+from .run_progress import RunCounters
 
 
 @dataclass
@@ -33,18 +34,26 @@ class WorkerPool:
     worker takes the slot if episodes are left. Ctrl-C reaches the workers only through ``cancel``.
     """
 
-    def __init__(self, config: WorkerConfig, jobs: int, serve: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        jobs: int,
+        serve: Callable[..., None] | None = None,
+        servers: Sequence[str] = (),
+    ) -> None:
         """``serve``: a worker's life, ``serve(connection, config, slot, calls)`` (None: ``run_worker.serve``,
-        which plays with clemcore)."""
+        which plays with clemcore); ``servers``: the addresses the models play on, for the progress line."""
         self.config = config
         self.jobs = jobs
+        self.servers = tuple(servers)
         self.slots: list[_Slot | None] = [None] * jobs
         self._serve = serve
+        self.stopped = False  # set by stop_starting
 
     def __enter__(self) -> WorkerPool:
         self.context = multiprocessing.get_context("forkserver")  # started early by start_fork_server
-        # calls per slot: each written by its worker alone, so no lock a killed worker could leave held
-        self.calls = self.context.RawArray("q", self.jobs)
+        # calls, tokens and outages per slot: each written by its worker alone
+        self.calls = RunCounters(self.context, self.jobs, self.servers)
         for index in range(self.jobs):
             self._start(index)
         return self
@@ -69,29 +78,42 @@ class WorkerPool:
         slot = self.slots[index] = _Slot(process, mine)
         return slot
 
+    def stop_starting(self) -> None:
+        """Start no more episodes; those in flight finish (a --max-cost cap was reached)."""
+        self.stopped = True
+
     def calls_made(self) -> int:
-        return sum(self.calls)
+        return self.calls.total_calls()
 
     def play(
         self, episodes: Sequence[Episode], finished: Callable[[Outcome], None], show: Callable[[int], None]
-    ) -> None:
+    ) -> list[Episode]:
         """Every episode played; ``finished`` is told each outcome as it comes, ``show`` the calls made so far
-        at least twice a second. Returns when all are done."""
+        at least twice a second. Returns when all are done; after ``stop_starting``, when those started are
+        done, with the episodes not started.
+
+        While a worker waits for a server that went away, no episode is started: every episode of a run plays
+        all its models, so it would wait too, after spending calls on the other servers' models. The waiting
+        episodes go on when the server is back, or fail when they give up (``CLEMSERVE_WAIT_FOR_SERVER``);
+        then the next ones start."""
         from multiprocessing.connection import wait
 
         todo = deque(episodes)
         for episode in todo:
             _discard(episode.folder)  # what an interrupted or failed earlier try left
         while True:
+            held = any(
+                self.calls.waiting(index) for index, slot in enumerate(self.slots) if slot and slot.episode is not None
+            )
             for index, slot in enumerate(self.slots):
-                if todo and (slot is None or slot.episode is None):
+                if todo and not held and not self.stopped and (slot is None or slot.episode is None):
                     if slot is None or not slot.process.is_alive():
                         slot = self._start(index)
                     slot.episode = todo.popleft()
                     slot.connection.send(slot.episode)
             busy = [slot for slot in self.slots if slot is not None and slot.episode is not None]
             if not busy:
-                return
+                return list(todo)
             ready = wait([s.connection for s in busy] + [s.process.sentinel for s in busy], timeout=0.5)
             show(self.calls_made())
             for slot in busy:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from clemserve.v1 import clemserve_pb2 as pb
 
 from .convert import Triple, triple_from_proto
+from .spend import Spend
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class StreamReply:
     prompt: Any
     response: Any
     response_text: str
+    #: what the call used and cost (beside the triple, which stays clemcore's)
+    spend: Spend = field(default_factory=Spend, compare=False)
 
     @property
     def triple(self) -> Triple:
@@ -49,7 +52,7 @@ def event_from_proto(message: pb.GenerateStreamResponse) -> StreamEvent:
     if kind == "delta":
         return TextDelta(message.delta.text)
     if kind == "reply":
-        return StreamReply(*triple_from_proto(message.reply))
+        return StreamReply(*triple_from_proto(message.reply), Spend.of_reply(message.reply))
     state = message.state
     phase = pb.StreamPhase.Name(state.phase).removeprefix("STREAM_PHASE_").lower()
     return StreamState(phase, state.progress, state.detail, state.requests_ahead)

@@ -177,12 +177,36 @@ def _not_found_hint(name: str, names: Sequence[str]) -> str:
         hint = f"; entries named {name} exist, but none matches the selector's other fields"
     else:
         by_folded = {known_name.lower(): known_name for known_name in known}
-        # a name the selector begins (gpt-4o for gpt-4o-2024-08-06) first, then difflib's close ones
-        starting = [folded for folded in by_folded if folded.startswith(name.lower())]
-        close = difflib.get_close_matches(name.lower(), list(by_folded), n=3, cutoff=0.6)
-        picked = list(dict.fromkeys(starting + close))[:3]
+        folded = name.lower()
+        # a name the selector begins (gpt-4o for gpt-4o-2024-08-06) first, then difflib's close ones, then the
+        # names whose stem is close to the selector's, where neither found one (smolm2 for smollm2-135m-instruct:
+        # whole names differ in their size and variant too much for difflib's cutoff)
+        starting = [known_name for known_name in by_folded if known_name.startswith(folded)]
+        close = difflib.get_close_matches(folded, list(by_folded), n=3, cutoff=0.6)
+        picked = list(dict.fromkeys(starting + close))[:3] or _close_stems(folded, list(by_folded))[:3]
         hint = f"; did you mean {' or '.join(by_folded[c] for c in picked)}?" if picked else ""
     return f"{hint} (see `clemserve models`)"
+
+
+def name_stem(name: str) -> str:
+    """The part of a model name before its size, version, date and variant: smollm2 of smollm2-135m-instruct,
+    gpt of gpt-4o-2024-08-06, claude-sonnet of claude-sonnet-4-5-20250929 (the parts from the first one that
+    begins with a digit on); a name without such a part is its own stem."""
+    parts = name.lower().split("-")
+    for index, part in enumerate(parts):
+        if index and part[:1].isdigit():
+            return "-".join(parts[:index])
+    return name.lower()
+
+
+def _close_stems(folded: str, names: Sequence[str]) -> list[str]:
+    """The names whose stem is close to the selector's stem, the names closest as a whole first."""
+    stems: dict[str, list[str]] = {}
+    for known_name in names:
+        stems.setdefault(name_stem(known_name), []).append(known_name)
+    close = difflib.get_close_matches(name_stem(folded), list(stems), n=3, cutoff=0.75)
+    found = [known_name for stem in close for known_name in stems[stem]]
+    return sorted(found, key=lambda known_name: -difflib.SequenceMatcher(None, folded, known_name).ratio())
 
 
 def _to_spec(selector: str | Mapping[str, Any] | ModelSpec) -> ModelSpec:

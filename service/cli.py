@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from clemserve.registry.errors import ClemserveError
 
-from .config import add_server_options, config_from_args
+from .config import add_server_options, config_from_args, hub_environment
 from .logs import configure_logging
 from .security.settings import exposure_problem, metrics_exposure_problem
 
@@ -40,7 +40,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = config_from_args(args)
+    # before anything imports huggingface_hub, which reads it once
+    os.environ.update(hub_environment(config.online, os.environ))
     configure_logging(config.log_level)
+    log.info(
+        "Hugging Face hub: %s",
+        "online (loads may download weights)"
+        if config.online
+        else "offline (local folders and the Hugging Face cache only; --online downloads)",
+    )
     exposed = exposure_problem(config.host, config.security) if args.command == "serve" else None
     if args.command == "serve" and config.metrics.port:
         exposed = exposed or metrics_exposure_problem(config.metrics.host, config.metrics.public)

@@ -8,10 +8,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends import catalog, served_backends
 from .backends.base import RetryPolicy
+from .backends.rate_limits import RateLimit, parse_rate_limit
 from .memory import ResidencyPolicy, parse_bytes
+from .record import MISS_POLICIES, RecordSettings
 from .scheduler import SchedulingPolicy
 from .security.settings import Security, _switch, security_from_args
+from .spend import SpendLimit, parse_spend_limit
 from .validation import Limits
 
 
@@ -32,6 +36,8 @@ class ServerConfig:
     port: int = 50051
     registries: tuple[Path, ...] = ()
     key_file: Path | None = None
+    #: prices that override genai-prices' for paid models, by model_name or model_id (service/pricing.py)
+    prices: Path | None = None
     log_level: str = "INFO"
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "clemserve")
     grace_period_s: float = 30.0
@@ -50,6 +56,16 @@ class ServerConfig:
     compute_nice: int = 5
     #: let a huggingface_local model meant for GPUs run some layers on the CPU or disk when it does not fit
     allow_offload: bool = False
+    #: bytes of a huggingface_local model's prefix cache; None: the default for its dtype; 0: off
+    prefix_cache_bytes: int | None = None
+    #: weights may come from the Hugging Face hub; off, the server reads local folders and the hub's cache only
+    online: bool = False
+    #: the limits remote calls wait under, per key entry or backend name (--rate-limit)
+    rate_limits: tuple[tuple[str, RateLimit], ...] = ()
+    #: the most a provider or key entry may spend per calendar period (--spend-limit, service/spend.py)
+    spend_limits: tuple[SpendLimit, ...] = ()
+    #: --record, --replay and --replay-miss (service/record.py)
+    recording: RecordSettings = field(default_factory=RecordSettings)
 
     @property
     def address(self) -> str:
@@ -65,6 +81,8 @@ class _Option:
     repeatable: bool = False
     #: a flag without a value; its twin is on when set to 1, true, yes or on
     switch: bool = False
+    #: what separates a repeatable flag's values in its environment twin (--registry: os.pathsep)
+    separator: str = ","
 
 
 _OPTIONS = (
@@ -84,12 +102,27 @@ _OPTIONS = (
         "key.json with API keys (default: ./key.json, then ~/.clemcore/key.json)",
         None,
     ),
+    _Option(
+        "--prices",
+        "CLEMSERVE_PRICES",
+        'JSON file of prices by model_name or model_id: {"m": {"input_per_mtok": USD, "output_per_mtok": USD, '
+        '"cached_input_per_mtok": USD}}; they override genai-prices\' (docs/spend.md)',
+        None,
+    ),
     _Option("--log-level", "CLEMSERVE_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO"),
     _Option(
         "--cache-dir",
         "CLEMSERVE_CACHE_DIR",
         "where prepared model files are kept (default: ~/.cache/clemserve)",
         None,
+    ),
+    _Option(
+        "--online",
+        "CLEMSERVE_ONLINE",
+        "let loads download weights from the Hugging Face hub (HF_ENDPOINT); without it the server is offline: "
+        "local folders and the Hugging Face cache only, and HF_HUB_OFFLINE=1 in the environment refuses --online",
+        None,
+        switch=True,
     ),
     _Option(
         "--grace-period",
@@ -162,6 +195,14 @@ _OPTIONS = (
         None,
         switch=True,
     ),
+    _Option(
+        "--prefix-cache",
+        "CLEMSERVE_PREFIX_CACHE",
+        "KV states a huggingface_local model keeps by prompt prefix, so that a prompt repeating an earlier one's "
+        "beginning computes only the rest: auto (1GiB for float32 weights, where reuse gives the same greedy "
+        "outputs; off for others), a size such as 2GiB (on for every dtype), or 0 (off) (docs/prefix-cache.md)",
+        "auto",
+    ),
     # residency: which models stay loaded (service/residency.py, docs/residency.md)
     _Option(
         "--memory-budget",
@@ -187,8 +228,16 @@ _OPTIONS = (
     _Option(
         "--load-timeout",
         "CLEMSERVE_LOAD_TIMEOUT",
-        "seconds a load may take before it fails with UNAVAILABLE (LOAD_TIMEOUT) (0 or less: no limit)",
+        "seconds a load may take before it fails with UNAVAILABLE (LOAD_TIMEOUT), counted after the download of "
+        "its weights from the hub (0 or less: no limit)",
         "1800",
+    ),
+    _Option(
+        "--download-stall-timeout",
+        "CLEMSERVE_DOWNLOAD_STALL_TIMEOUT",
+        "seconds a download of weights from the hub may go without a byte before the load fails with UNAVAILABLE "
+        "(DOWNLOAD_STALLED) (0 or less: never)",
+        "300",
     ),
     _Option(
         "--lease-timeout",
@@ -270,12 +319,57 @@ _OPTIONS = (
         None,
         switch=True,
     ),
+    # record and replay: see service/record.py and docs/spend.md
+    _Option(
+        "--record",
+        "CLEMSERVE_RECORD",
+        "append every call answered (its canonical request, the reply's triple, usage and time) to this JSON Lines "
+        "file, created 0600: it holds prompts, never keys",
+        None,
+    ),
+    _Option(
+        "--replay",
+        "CLEMSERVE_REPLAY",
+        "answer each request recorded in this file (a --record file) from it, identical requests in their "
+        "recorded order, without calling the model",
+        None,
+    ),
+    _Option(
+        "--replay-miss",
+        "CLEMSERVE_REPLAY_MISS",
+        "what a request not in the --replay file gets: refuse (FAILED_PRECONDITION, reason REPLAY_MISS) or "
+        "forward (the model answers it, and is paid for it)",
+        "refuse",
+    ),
     _Option(
         "--preload",
         "CLEMSERVE_PRELOAD",
         "model name to load before reporting SERVING (repeatable; the twin separates names with ',')",
         None,
         repeatable=True,
+    ),
+    # rate limits per provider key: see service/backends/rate_limits.py and docs/spend.md
+    _Option(
+        "--rate-limit",
+        "CLEMSERVE_RATE_LIMIT",
+        "limits for a key.json entry or remote backend, held by the server, which queues calls instead of meeting "
+        "429s: NAME=concurrency:N,rpm:N,tpm:N (any of the three; concurrency adapts to 429 answers) "
+        "(repeatable; the twin separates limits with ';')",
+        None,
+        repeatable=True,
+        separator=";",
+    ),
+    # spend limits per provider or key: see service/spend.py and docs/spend.md
+    _Option(
+        "--spend-limit",
+        "CLEMSERVE_SPEND_LIMIT",
+        "the most a key.json entry or remote backend may spend per calendar period in UTC: NAME=USD/PERIOD, PERIOD "
+        "hour, day or month (openai=50/day); a call whose worst case would pass it is refused (RESOURCE_EXHAUSTED, "
+        "QUOTA_EXCEEDED); what was spent is kept in <cache dir>/spend.sqlite3 (repeatable; the twin separates "
+        "limits with ';')",
+        None,
+        repeatable=True,
+        separator=";",
     ),
 )
 
@@ -287,7 +381,7 @@ def add_server_options(parser: argparse.ArgumentParser, environ: Mapping[str, st
         env_value = environ.get(opt.env)
         help_text = f"{opt.help} [env {opt.env}]"
         if opt.repeatable:
-            sep = os.pathsep if opt.flag == "--registry" else ","
+            sep = os.pathsep if opt.flag == "--registry" else opt.separator
             default = [v for v in env_value.split(sep) if v] if env_value else []
             parser.add_argument(opt.flag, dest=dest, action="append", default=None, help=help_text)
             parser.set_defaults(**{f"{dest}_env": default})
@@ -317,6 +411,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=int(number("port", args.port, int)),
         registries=tuple(Path(p) for p in registries),
         key_file=Path(args.key_file) if args.key_file else None,
+        prices=Path(args.prices) if args.prices else None,
         log_level=level,
         cache_dir=Path(args.cache_dir) if args.cache_dir else defaults.cache_dir,
         grace_period_s=number("grace_period", args.grace_period, float),
@@ -335,7 +430,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         compute_nice=_compute_nice(int(number("compute_nice", args.compute_nice, int))),
         allow_offload=_switch(args.allow_offload),
+        prefix_cache_bytes=_prefix_cache(str(args.prefix_cache)),
+        online=_switch(args.online),
         limits=limits_from_args(args),
+        rate_limits=rate_limits_from(args.rate_limit if args.rate_limit is not None else args.rate_limit_env),
+        spend_limits=spend_limits_from(args.spend_limit if args.spend_limit is not None else args.spend_limit_env),
         security=security_from_args(args),
         metrics=MetricsSettings(
             port=_metrics_port(int(number("metrics_port", args.metrics_port, int))),
@@ -343,7 +442,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             public=_switch(args.metrics_public),
         ),
         residency=residency_from_args(args, number),
+        recording=recording_from_args(args),
     )
+
+
+def recording_from_args(args: argparse.Namespace) -> RecordSettings:
+    miss = str(args.replay_miss).strip().lower()
+    if miss not in MISS_POLICIES:
+        raise SystemExit(f"clemserve: --replay-miss must be refuse or forward, got {args.replay_miss!r}")
+    record = Path(args.record) if args.record else None
+    replay = Path(args.replay) if args.replay else None
+    if record is not None and replay is not None and record.resolve() == replay.resolve():
+        raise SystemExit(f"clemserve: --record and --replay name the same file ({record}): record to another one")
+    return RecordSettings(record=record, replay=replay, replay_miss=miss)
 
 
 def residency_from_args(args: argparse.Namespace, number: Callable[[str, str, type[float]], float]) -> ResidencyPolicy:
@@ -361,6 +472,7 @@ def residency_from_args(args: argparse.Namespace, number: Callable[[str, str, ty
         keep_alive_s=number("keep_alive", args.keep_alive, float),
         max_concurrent_loads=max(1, int(number("max_concurrent_loads", args.max_concurrent_loads, float))),
         load_timeout_s=number("load_timeout", args.load_timeout, float),
+        download_stall_s=number("download_stall_timeout", args.download_stall_timeout, float),
         lease_timeout_s=lease_timeout,
         kv_cache_tokens=_kv_cache_tokens(args.kv_cache_tokens),
     )
@@ -374,6 +486,15 @@ def _kv_cache_tokens(value: str) -> int:
     if tokens <= 0:
         raise SystemExit(f"clemserve: --kv-cache-tokens must be a positive number of tokens, got {value!r}")
     return tokens
+
+
+def _prefix_cache(value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise SystemExit(f"clemserve: --prefix-cache must be auto, 0 or a size such as 2GiB: {exc}") from None
 
 
 def _compute_nice(increment: int) -> int:
@@ -413,6 +534,74 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         total_image_bytes=mib("max_images_mb"),
         json_depth=int(positive("max_json_depth", int)),
     )
+
+
+def rate_limits_from(values: Sequence[str]) -> tuple[tuple[str, RateLimit], ...]:
+    """The ``--rate-limit`` values, each for a key.json entry of a remote backend or such a backend's name,
+    each name once; SystemExit naming the flag, the name and the field that is wrong."""
+    known = set()
+    for backend in served_backends():
+        keys = {route.key for route in catalog(backend).routes if route.key}
+        if keys:  # a remote backend
+            known |= keys | {backend}
+    limits: dict[str, RateLimit] = {}
+    for value in values:
+        try:
+            name, limit = parse_rate_limit(value)
+        except ValueError as exc:
+            raise SystemExit(f"clemserve: --rate-limit: {exc}") from None
+        if name not in known:
+            raise SystemExit(
+                f"clemserve: --rate-limit: unknown name {name!r}; a key.json entry or remote backend: "
+                + ", ".join(sorted(known))
+            )
+        if name in limits:
+            raise SystemExit(f"clemserve: --rate-limit: {name} is given twice")
+        limits[name] = limit
+    return tuple(limits.items())
+
+
+def spend_limits_from(values: Sequence[str]) -> tuple[SpendLimit, ...]:
+    """The ``--spend-limit`` values, each for a key.json entry of a remote backend or such a backend's name,
+    each name and period once; SystemExit naming the flag, the name and the field that is wrong."""
+    known = _remote_names()
+    limits: dict[tuple[str, str], SpendLimit] = {}
+    for value in values:
+        try:
+            limit = parse_spend_limit(value)
+        except ValueError as exc:
+            raise SystemExit(f"clemserve: --spend-limit: {exc}") from None
+        if limit.name not in known:
+            raise SystemExit(
+                f"clemserve: --spend-limit: unknown name {limit.name!r}; a key.json entry or remote backend: "
+                + ", ".join(sorted(known))
+            )
+        if (limit.name, limit.period) in limits:
+            raise SystemExit(f"clemserve: --spend-limit: {limit.name} has two limits per {limit.period}")
+        limits[limit.name, limit.period] = limit
+    return tuple(limits.values())
+
+
+def _remote_names() -> set[str]:
+    """The remote backends' names and the key.json entries they read."""
+    known = set()
+    for backend in served_backends():
+        keys = {route.key for route in catalog(backend).routes if route.key}
+        if keys:
+            known |= keys | {backend}
+    return known
+
+
+def hub_environment(online: bool, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variable that keeps huggingface_hub (and so transformers, llama.cpp's and vLLM's downloads, in this
+    process and those it starts) as offline as the server is: set before any of them is imported. An
+    HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) that says offline refuses --online rather than losing to it."""
+    if not online:
+        return {"HF_HUB_OFFLINE": "1"}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if _switch(environ.get(name, "")):
+            raise SystemExit(f"clemserve: --online, but {name}={environ[name]} in the environment keeps the hub off")
+    return {"HF_HUB_OFFLINE": "0"}
 
 
 def parse_server_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConfig:

@@ -23,6 +23,7 @@ from .domain import (
     Message,
     ModelSnapshot,
     ModelState,
+    Spend,
     TokenCount,
 )
 from .provenance import Provenance
@@ -197,6 +198,8 @@ def resolved_to_proto(spec: ModelSpec, served: Provenance | None) -> pb.ResolveM
         revision=served.revision,
         dtype=served.dtype,
         device=served.device,
+        unpriced=served.unpriced,
+        prefix_caching=served.prefix_caching,
     )
 
 
@@ -224,6 +227,11 @@ def generation_to_proto(generation: Generation, spec: ModelSpec, request_id: str
     # set in place: a sub-message passed to the constructor is built, then copied in
     usage = reply.usage
     usage.prompt_tokens, usage.completion_tokens = generation.prompt_tokens, generation.completion_tokens
+    usage.cached_prompt_tokens, usage.reasoning_tokens = generation.cached_prompt_tokens, generation.reasoning_tokens
+    if generation.cost is not None:
+        cost, charged = reply.cost, generation.cost
+        cost.usd, cost.unpriced, cost.price_source = charged.usd, charged.unpriced, charged.source
+        cost.compute_seconds = charged.compute_seconds
     reply.model_spec.json = spec.to_string()
     return reply
 
@@ -281,6 +289,26 @@ def model_status_to_proto(model: ModelSnapshot) -> pb.ModelStatus:
         idle_seconds=model.idle_seconds,
         availability=_availability_to_proto(model),
         availability_detail=model.availability_detail,
+        spend=_spend_to_proto(model.spend),
+        prefix_caching=model.prefix.in_force,
+        prefix_cache_bytes=model.prefix.bytes,
+    )
+
+
+def _spend_to_proto(spend: Spend) -> pb.ModelSpend:
+    usage = pb.Usage(
+        prompt_tokens=spend.prompt_tokens,
+        completion_tokens=spend.completion_tokens,
+        cached_prompt_tokens=spend.cached_prompt_tokens,
+        reasoning_tokens=spend.reasoning_tokens,
+    )
+    return pb.ModelSpend(
+        calls=spend.calls,
+        usage=usage,
+        cost_usd=spend.cost_usd,
+        compute_seconds=spend.compute_seconds,
+        unpriced_calls=spend.unpriced_calls,
+        unpriced=spend.unpriced,
     )
 
 

@@ -61,6 +61,60 @@ class Generation:
     #: ``clem_player`` block in the reply); None before the call is done
     call_start: datetime | None = None
     call_duration: timedelta | None = None
+    #: prompt tokens whose states a prefix cache served instead of computing them (huggingface_local), or
+    #: that the provider's prompt cache served (remote backends; priced at its cached-input price)
+    cached_prompt_tokens: int = 0
+    #: of completion_tokens, the model's reasoning tokens, where the provider reports them
+    reasoning_tokens: int = 0
+    #: of prompt_tokens, those the provider wrote to its prompt cache (Anthropic; priced at its cache-write price)
+    cache_write_tokens: int = 0
+    #: seconds from leaving the queue to the reply (the scheduler's measure; local models' compute seconds)
+    generation_seconds: float = 0.0
+    #: what the call cost (service/pricing.py), set once the call is done
+    cost: Cost | None = None
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One call's cost: US dollars at the model's prices (a paid API), or compute seconds (a model the server
+    runs, whose money cost is 0). ``unpriced`` says why a paid call has no price (its usd is then 0)."""
+
+    usd: float = 0.0
+    unpriced: str = ""
+    #: where the price came from ("genai-prices 0.2.5", "model_config.price", "--prices FILE", "local")
+    source: str = ""
+    compute_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Spend:
+    """A model's calls summed: tokens, money, compute seconds, and the calls that had no price (with the last
+    reason)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    compute_seconds: float = 0.0
+    unpriced_calls: int = 0
+    unpriced: str = ""
+
+    def add(self, generation: Generation) -> Spend:
+        """This total with one more call (its ``cost`` set)."""
+        cost = generation.cost or Cost()
+        return Spend(
+            self.calls + 1,
+            self.prompt_tokens + generation.prompt_tokens,
+            self.completion_tokens + generation.completion_tokens,
+            self.cached_prompt_tokens + generation.cached_prompt_tokens,
+            self.reasoning_tokens + generation.reasoning_tokens,
+            self.cost_usd + cost.usd,
+            self.compute_seconds + cost.compute_seconds,
+            self.unpriced_calls + bool(cost.unpriced),
+            cost.unpriced or self.unpriced,
+        )
 
 
 #: one request's result in a batch: its generation or its own error
@@ -126,6 +180,15 @@ class GpuMemory:
 
 
 @dataclass(frozen=True)
+class PrefixReuse:
+    """What a loaded model does with prompt prefixes it computed before (docs/prefix-cache.md): in words ("" where
+    its backend cannot tell), and the bytes its prefix cache holds now (0 where the engine keeps them itself)."""
+
+    in_force: str = ""
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
 class ModelSnapshot:
     """One model's place in the cache at one moment, as ListModels and the metrics read it."""
 
@@ -152,6 +215,10 @@ class ModelSnapshot:
     #: whether it can run here (None: not looked at; ListModels looks), and what is missing in words
     availability: Availability | None = None
     availability_detail: str = ""
+    #: its usage and cost since the server started (by model name; ListModels fills it)
+    spend: Spend = Spend()
+    #: its prefix reuse, while it is loaded
+    prefix: PrefixReuse = PrefixReuse()
 
     @property
     def name(self) -> str:

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
 
-from .availability import Machine, availability, hub_offline
-from .domain import Availability, CacheSnapshot, MemoryFigures, ModelSnapshot, ModelState
+from .availability import HubProbe, Machine, availability_of, hub_offline
+from .domain import Availability, CacheSnapshot, MemoryFigures, ModelSnapshot, ModelState, Spend
 from .residency import Residency
 from .resolver import cache_key
 
@@ -19,14 +19,20 @@ Snapshot = Callable[[ModelSpec | None], ModelSnapshot]
 
 
 async def list_models(
-    registry: ModelRegistry, residency: Residency, keys: KeyRegistry, loaded: Mapping[str, Snapshot]
+    registry: ModelRegistry,
+    residency: Residency,
+    keys: KeyRegistry,
+    loaded: Mapping[str, Snapshot],
+    hub: HubProbe | None = None,
+    spend: Mapping[str, Spend] | None = None,
 ) -> CacheSnapshot:
-    """``loaded``: the models in the cache by cache key. Reads file headers, installed packages and the
-    Hugging Face cache off the event loop."""
+    """``loaded``: the models in the cache by cache key; ``hub``: asks an online server's hub about weights
+    not cached; ``spend``: each model's usage and cost so far, by model name. Reads file headers, installed
+    packages and the Hugging Face cache (and asks the hub) off the event loop."""
     budget = await residency.find_budget()
     await asyncio.to_thread(residency.estimate_all, registry)
-    machine = Machine(keys=keys, has_gpu=budget.kind == "gpu", offline=hub_offline())
-    found = await asyncio.to_thread(lambda: [availability(entry, machine) for entry in registry])
+    machine = Machine(keys=keys, has_gpu=budget.kind == "gpu", offline=hub_offline(), hub=hub)
+    found = await asyncio.to_thread(availability_of, list(registry), machine)
     listed: list[ModelSnapshot] = []
     seen: set[str] = set()
     for entry, (available, detail) in zip(registry, found, strict=True):
@@ -46,8 +52,9 @@ async def list_models(
             )
         seen.add(key)
     listed.extend(_available(snapshot(None), None, "") for key, snapshot in loaded.items() if key not in seen)
+    spent = spend or {}
     return CacheSnapshot(
-        tuple(listed),
+        tuple(replace(model, spend=spent[model.name]) if model.name in spent else model for model in listed),
         budget.total,
         residency.used(),
         budget.kind,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from clemserve.registry import ModelSpec
 
 from .backends import Backend
-from .domain import MemoryFigures, ModelSnapshot, ModelState
+from .domain import MemoryFigures, ModelSnapshot, ModelState, PrefixReuse
 from .scheduler import Scheduler
 from .streaming import StreamObserver
 
@@ -154,4 +154,5 @@ class LoadedModel:
             memory=self.memory,
             progress=self.progress,
             idle_seconds=time.monotonic() - self.last_used if self.ready and not self.in_flight else 0.0,
+            prefix=self.backend.prefix_reuse() if self.ready and self.backend is not None else PrefixReuse(),
         )

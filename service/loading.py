@@ -1,5 +1,7 @@
-"""Loading one admitted model: its backend built and loaded (bounded by --load-timeout), its memory measured,
-its scheduler started; a failed load's backend unloaded and its memory handed back.
+"""Loading one admitted model: weights the load would fetch from the hub downloaded first (bounded by
+--download-stall-timeout, not by --load-timeout), its backend built and loaded (bounded by --load-timeout,
+counted from the end of the download), its memory measured, its scheduler started; a failed load's backend
+unloaded and its memory handed back.
 
 The model cache (service/model_cache.py) admits a load with residency first, then hands it here.
 """
@@ -7,12 +9,16 @@ The model cache (service/model_cache.py) admits a load with residency first, the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 from clemserve.registry.errors import ClemserveError, ResourceExhaustedError, UnavailableError
 
-from .backends import Backend, BackendContext, BackendDeadError, backend_for
+from .backends import Backend, BackendContext, BackendDeadError, backend_for, locate_weights
+from .backends.download import fetch, hub_token
+from .backends.hub import offline
 from .loaded import LoadedModel
 from .memory import free_memory, measure, reading
 from .metrics import MetricsSink
@@ -52,18 +58,23 @@ class Loader:
             for observer in model.load_observers:
                 observer.loading(fraction, line)
 
-        def progress(line: str, fraction: float | None = None) -> None:
+        def show(line: str, fraction: float | None = None) -> None:
             """Backends report from their load thread or the event loop; observers are told on the loop."""
             model.report(line, fraction)
-            log.info("loading %s: %s", name, line)
             loop.call_soon_threadsafe(tell, line, model.progress)
+
+        def progress(line: str, fraction: float | None = None) -> None:
+            show(line, fraction)
+            log.info("loading %s: %s", name, line)
 
         started = time.perf_counter()
         before = reading()
         backend: Backend | None = None
         timeout = self.residency.policy.load_timeout_s
         try:
-            backend = backend_for(model.spec)(model.spec, self.context)
+            await self._download(model, show)  # logs at its own pace
+            context = dataclasses.replace(self.context, grant=self.residency.granted(key))
+            backend = backend_for(model.spec)(model.spec, context)
             await asyncio.wait_for(backend.load(progress), timeout if timeout > 0 else None)
         except BaseException as exc:
             if isinstance(exc, asyncio.TimeoutError):  # Python 3.10: not yet the builtin
@@ -106,6 +117,15 @@ class Loader:
         )
         self.metrics.load(name, None)
         return backend
+
+    async def _download(self, model: LoadedModel, show: Callable[[str, float], None]) -> None:
+        """Weights that the backend would fetch from the hub as it loads, fetched first (where the server is
+        online and the backend's catalog entry says which files), so that --load-timeout counts from here."""
+        found = await asyncio.to_thread(locate_weights, model.spec)
+        if found is None or not found.download or found.fetch is None or offline():
+            return
+        token = hub_token(model.spec, self.context.keys)
+        await fetch(found.source, found.fetch, show, stall_s=self.residency.policy.download_stall_s, token=token)
 
     def _discard(self, key: str, model: LoadedModel, backend: Backend | None, *, cuda: bool) -> asyncio.Task[None]:
         """A failed load's backend is unloaded and its memory freed (``cuda``: torch's cached CUDA blocks too);

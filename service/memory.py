@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,15 +54,19 @@ class Estimate:
     source: str = "none"
     kv_per_token: int = 0
     context: int = 0
-    #: an engine that takes this share of each of its ``gpus`` GPUs when it starts (0: none), whatever its
-    #: model needs, and the registry field that sets the share
+    #: an engine that takes this share of each of its GPUs when it starts (0: none), whatever its model
+    #: needs, and the registry field that sets the share
     gpu_share: float = 0.0
-    gpus: int = 1
+    #: the GPUs its engine runs on (vLLM: tensor_parallel_size); 0: the entry's number_gpus, else as many as
+    #: hold it
+    gpus: int = 0
     share_field: str = ""
+    #: what an engine takes beyond weights and KV cache (its CUDA context, activations, CUDA graphs)
+    overhead: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache
+        return self.weights + self.kv_cache + self.overhead
 
 
 @dataclass(frozen=True)
@@ -100,18 +104,22 @@ class Budget:
     source: str = ""
 
 
-def budget_from_setting(setting: str, *, may_import_torch: bool = False) -> Budget:
+def budget_from_setting(
+    setting: str, *, may_import_torch: bool = False, engines: Mapping[int, int] | None = None
+) -> Budget:
     """``auto``: on a GPU machine, 90% of every visible GPU, or what other processes leave of it where that
-    is less; else 80% of the machine's RAM. A size: that, over the GPUs where there are any.
+    is less; else 80% of the machine's RAM. A size: that, over the GPUs where there are any (each GPU's part
+    then what other processes leave of it).
 
     GPUs are read through NVML where it is installed, else through torch where the driver lists GPUs or
-    ``may_import_torch`` (a GPU backend is loading, so torch is imported anyway). Blocks: call it off the
-    event loop.
+    ``may_import_torch`` (a GPU backend is loading, so torch is imported anyway). ``engines``: what the
+    engines this server started hold on each GPU (the server's, not others'). Blocks: call it off the event
+    loop.
     """
-    found, how = gpu_reader.read_gpus(may_import_torch=may_import_torch)
+    found, how = gpu_reader.read_gpus(may_import_torch=may_import_torch, engines=engines)
     auto = setting.strip().lower() == "auto"
     if found:
-        devices = tuple(_with_budget(gpu) for gpu in found)
+        devices = tuple(_with_budget(gpu, AUTO_GPU_SHARE if auto else 1.0) for gpu in found)
         if auto:
             return Budget(sum(d.budget_bytes for d in devices), "gpu", devices, how)
         return Budget(parse_bytes(setting), "gpu", devices, "--memory-budget")
@@ -120,19 +128,20 @@ def budget_from_setting(setting: str, *, may_import_torch: bool = False) -> Budg
     return Budget(parse_bytes(setting), "ram", (), "--memory-budget")
 
 
-def _with_budget(gpu: GpuMemory) -> GpuMemory:
-    """The device with its part of an ``auto`` budget: its share, or what others leave of it where that is
-    less (the driver's few hundred MiB fit in the share's headroom; another process's model does not)."""
-    share = min(int(gpu.total_bytes * AUTO_GPU_SHARE), gpu.total_bytes - gpu.used_by_others_bytes)
-    return GpuMemory(**{**gpu.__dict__, "budget_bytes": max(0, share)})
+def _with_budget(gpu: GpuMemory, share: float) -> GpuMemory:
+    """The device with its part of the budget: its ``share``, or what others leave of it where that is less
+    (the driver's few hundred MiB fit in the share's headroom; another process's model does not)."""
+    part = min(int(gpu.total_bytes * share), gpu.total_bytes - gpu.used_by_others_bytes)
+    return GpuMemory(**{**gpu.__dict__, "budget_bytes": max(0, part)})
 
 
-def read_devices(budget: Budget) -> tuple[GpuMemory, ...]:
-    """The budget's GPUs as they stand now (each keeping its part of the budget); blocks."""
+def read_devices(budget: Budget, engines: Mapping[int, int] | None = None) -> tuple[GpuMemory, ...]:
+    """The budget's GPUs as they stand now (each keeping its part of the budget); ``engines`` as for
+    :func:`budget_from_setting`. Blocks."""
     if budget.kind != "gpu":
         return ()
     parts = {d.index: d.budget_bytes for d in budget.devices}
-    found, _ = gpu_reader.read_gpus(may_import_torch=False)
+    found, _ = gpu_reader.read_gpus(may_import_torch=False, engines=engines)
     return tuple(GpuMemory(**{**d.__dict__, "budget_bytes": parts.get(d.index, 0)}) for d in found)
 
 
@@ -222,7 +231,8 @@ def free_memory(*, cuda: bool = True) -> None:
     CUDA error, ``cuda=False``: every CUDA call fails then)."""
     gc.collect()
     torch = sys.modules.get("torch")
-    if cuda and torch is not None and torch.cuda.is_available():
+    # is_initialized first: asking is_available of a process that never started CUDA would start its driver
+    if cuda and torch is not None and torch.cuda.is_initialized() and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -317,8 +327,12 @@ class ResidencyPolicy:
     keep_alive_s: float = 1800.0
     #: loads running at once; more wait their turn
     max_concurrent_loads: int = 1
-    #: a load that takes longer fails (UNAVAILABLE, reason LOAD_TIMEOUT); 0 or less: no limit
+    #: a load that takes longer fails (UNAVAILABLE, reason LOAD_TIMEOUT); 0 or less: no limit. Counted after
+    #: the download of weights from the hub, where a load has one
     load_timeout_s: float = 1800.0
+    #: a download of weights that gains no byte for this long fails (UNAVAILABLE, DOWNLOAD_STALLED); 0 or
+    #: less: never
+    download_stall_s: float = 300.0
     #: the longest a lease lasts; a request's ttl_seconds may shorten it
     lease_timeout_s: float = 1800.0
     #: the KV-cache tokens a model's estimate allows its batches (rows x (prompt + max_tokens))

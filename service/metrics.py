@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .domain import CacheSnapshot, ModelState
+from .domain import CacheSnapshot, Generation, ModelState
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -35,6 +35,25 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 Snapshot = Callable[[], CacheSnapshot]
 
 
+class LimiterReading(Protocol):
+    """One rate limiter's state (service/backends/rate_limits.py): its name is a configured key entry or
+    backend, a bounded set."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def rate_limited(self) -> int: ...
+
+
+Readings = Callable[[], Iterable[LimiterReading]]
+
+
 class MetricsSink(Protocol):
     """What the server reports: plain values, labels set by the caller."""
 
@@ -44,9 +63,11 @@ class MetricsSink(Protocol):
     def queued(self, model: str, seconds: float) -> None: ...
     def batch(self, model: str, rows: int) -> None: ...
     def first_token(self, model: str, seconds: float) -> None: ...
-    def tokens(self, model: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def spent(self, model: str, generation: Generation) -> None: ...
+    def replayed(self, model: str, answered: bool) -> None: ...
     def load(self, model: str, error: BaseException | None) -> None: ...
     def watch(self, snapshot: Snapshot) -> None: ...
+    def watch_limits(self, readings: Readings) -> None: ...
     def serve(self, host: str, port: int) -> int: ...
     def stop(self) -> None: ...
 
@@ -75,14 +96,20 @@ class NoMetrics:
         """A streamed request's first text arrived ``seconds`` after the request did (a load and the queue
         included); a unary call cannot tell its first token from its last, so it records none."""
 
-    def tokens(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """A generation's usage."""
+    def spent(self, model: str, generation: Generation) -> None:
+        """A finished generation's usage and cost (its ``cost`` set)."""
+
+    def replayed(self, model: str, answered: bool) -> None:
+        """A call that a ``--replay`` server looked up in its record: answered from it, or a miss."""
 
     def load(self, model: str, error: BaseException | None) -> None:
         """A load attempt ended: ``error`` None when it succeeded."""
 
     def watch(self, snapshot: Snapshot) -> None:
         """Read the model cache's state from ``snapshot()`` at scrape time."""
+
+    def watch_limits(self, readings: Readings) -> None:
+        """Read the rate limiters' state from ``readings()`` at scrape time."""
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (0: none)."""
@@ -146,6 +173,42 @@ class Metrics(NoMetrics):
         self._completion_tokens = Counter(
             "clemserve_completion_tokens", "completion tokens of finished generations", ("model",), registry=reg
         )
+        self._cached_prompt_tokens = Counter(
+            "clemserve_cached_prompt_tokens",
+            "prompt tokens a cache served (the provider's prompt cache, or the server's prefix cache)",
+            ("model",),
+            registry=reg,
+        )
+        self._computed_prompt_tokens = Counter(
+            "clemserve_computed_prompt_tokens",
+            "prompt tokens no cache served: computed by the model (or sent to the provider uncached)",
+            ("model",),
+            registry=reg,
+        )
+        self._reasoning_tokens = Counter(
+            "clemserve_reasoning_tokens",
+            "completion tokens the model spent reasoning, where its provider reports them",
+            ("model",),
+            registry=reg,
+        )
+        self._cost = Counter(
+            "clemserve_cost_usd", "US dollars of priced generations at the model's prices", ("model",), registry=reg
+        )
+        self._compute = Counter(
+            "clemserve_compute_seconds",
+            "generation seconds of models the server runs (from leaving the queue to the reply)",
+            ("model",),
+            registry=reg,
+        )
+        self._unpriced = Counter(
+            "clemserve_unpriced_generations", "paid generations that had no price", ("model",), registry=reg
+        )
+        self._replayed = Counter(
+            "clemserve_replayed_calls",
+            "calls a --replay server looked up in its record, by result (answered, miss)",
+            ("model", "result"),
+            registry=reg,
+        )
         self._loads = Counter(
             "clemserve_model_loads",
             "model load attempts by outcome (ok, error, cancelled)",
@@ -170,9 +233,22 @@ class Metrics(NoMetrics):
     def first_token(self, model: str, seconds: float) -> None:
         self._child(self._first_token, model).observe(seconds)
 
-    def tokens(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self._child(self._prompt_tokens, model).inc(prompt_tokens)
-        self._child(self._completion_tokens, model).inc(completion_tokens)
+    def spent(self, model: str, generation: Generation) -> None:
+        self._child(self._prompt_tokens, model).inc(generation.prompt_tokens)
+        self._child(self._completion_tokens, model).inc(generation.completion_tokens)
+        self._child(self._cached_prompt_tokens, model).inc(generation.cached_prompt_tokens)
+        computed = max(0, generation.prompt_tokens - generation.cached_prompt_tokens)
+        self._child(self._computed_prompt_tokens, model).inc(computed)
+        self._child(self._reasoning_tokens, model).inc(generation.reasoning_tokens)
+        cost = generation.cost
+        if cost is not None:
+            self._child(self._cost, model).inc(cost.usd)
+            self._child(self._compute, model).inc(cost.compute_seconds)
+            if cost.unpriced:
+                self._child(self._unpriced, model).inc()
+
+    def replayed(self, model: str, answered: bool) -> None:
+        self._child(self._replayed, model, "answered" if answered else "miss").inc()
 
     def _child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, kept: the label sets are bounded, and prometheus_client's own lookup
@@ -191,6 +267,9 @@ class Metrics(NoMetrics):
 
     def watch(self, snapshot: Snapshot) -> None:
         self.registry.register(_CacheCollector(snapshot, self.backends))
+
+    def watch_limits(self, readings: Readings) -> None:
+        self.registry.register(_LimitCollector(readings))
 
     def serve(self, host: str, port: int) -> int:
         from prometheus_client import start_http_server
@@ -262,3 +341,34 @@ class _CacheCollector:
                 family.add_metric(list(labels), value)
             yield family
         yield GaugeMetricFamily("clemserve_models_loaded", "models ready to serve", value=loaded)
+
+
+class _LimitCollector:
+    """The rate limiters' gauges, read when Prometheus scrapes."""
+
+    def __init__(self, readings: Readings) -> None:
+        self.readings = readings
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        concurrency = GaugeMetricFamily(
+            "clemserve_rate_limit_concurrency",
+            "a rate limiter's current concurrency limit, as 429 answers lowered it and successes raised it",
+            labels=["limit"],
+        )
+        flight = GaugeMetricFamily(
+            "clemserve_rate_limit_in_flight", "calls a rate limiter has let through to the provider", labels=["limit"]
+        )
+        waiting = GaugeMetricFamily(
+            "clemserve_rate_limit_waiting", "calls waiting in a rate limiter's queue", labels=["limit"]
+        )
+        limited = CounterMetricFamily(
+            "clemserve_rate_limit_upstream_429", "429 answers the provider gave under a rate limiter", labels=["limit"]
+        )
+        for reading in self.readings():
+            concurrency.add_metric([reading.name], reading.concurrency)
+            flight.add_metric([reading.name], reading.in_flight)
+            waiting.add_metric([reading.name], reading.waiting)
+            limited.add_metric([reading.name], reading.rate_limited)
+        yield from (concurrency, flight, waiting, limited)

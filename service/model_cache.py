@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from clemserve.registry import ModelRegistry, ModelSpec, ensure_alternating_roles
 
 from . import listing
+from .availability import HubProbe
 from .backends import Backend, BackendContext, BackendDeadError
 from .domain import (
     CacheSnapshot,
@@ -34,10 +35,12 @@ from .loaded import LoadedModel, Resident
 from .loading import Loader, quietly_unload, reason
 from .memory import ResidencyPolicy, free_memory
 from .metrics import MetricsSink, NoMetrics
-from .provenance import Provenance, describe
+from .pricing import Pricing
+from .provenance import Provenance, described
 from .residency import Residency
 from .resolver import Resolver, Selector, cache_key
-from .scheduler import SchedulingPolicy
+from .scheduler import CallsInFlight, SchedulingPolicy
+from .spend import SpendGuard, SpendLedger
 from .streaming import StreamEvent, StreamObserver
 from .validation import validate_messages
 
@@ -54,6 +57,8 @@ class ModelCache:
         policy: SchedulingPolicy | None = None,
         metrics: MetricsSink | None = None,
         residency: ResidencyPolicy | None = None,
+        pricing: Pricing | None = None,
+        spend: SpendLedger | None = None,
     ) -> None:
         self.resolver = Resolver(registry, allow_client_specs=allow_client_specs)
         self.context = context
@@ -69,8 +74,12 @@ class ModelCache:
         self.on_process_unusable: Callable[[str], Awaitable[None]] | None = None
         self.metrics = metrics or NoMetrics()
         self.metrics.watch(self.snapshot)
+        self.pricing = pricing or Pricing()  # each model's totals (ListModels)
+        self.spend = SpendGuard(spend, self.pricing)  # prices each call; reserves and settles under --spend-limit
         self.loader = Loader(self.residency, context, self.policy, self.metrics)
         self._reaper = IdleUnloader(self.residency, self._residents, self._unload)
+        #: what an online server's hub said of weights not cached, kept for the process (ListModels)
+        self.hub = HubProbe()
 
     @property
     def registry(self) -> ModelRegistry:
@@ -208,7 +217,8 @@ class ModelCache:
         try:
             call_start = datetime.now()
             started = time.perf_counter()
-            generation = await scheduler.submit(merged, args, caller, observer)
+            submit = functools.partial(scheduler.submit, merged, args, caller, observer)
+            generation = await self.spend.call(spec, merged, args, submit)
             generation.call_start = call_start
             generation.call_duration = timedelta(seconds=time.perf_counter() - started)
             if observer is not None:
@@ -223,7 +233,7 @@ class ModelCache:
             raise
         finally:
             model.call_ended()
-        self.metrics.tokens(spec["model_name"], generation.prompt_tokens, generation.completion_tokens)
+        self.metrics.spent(spec["model_name"], generation)
         return spec, generation
 
     async def generate_stream(
@@ -264,7 +274,7 @@ class ModelCache:
         spec = self.resolver.resolve(selector)
         if not provenance:
             return spec, None
-        return spec, await asyncio.to_thread(describe, spec, self.engine_of(spec))
+        return spec, await asyncio.to_thread(described, spec, self.engine_of(spec), self.pricing)
 
     async def count_tokens(self, selector: Selector, messages: Sequence[Message]) -> TokenCount:
         spec, key = self.resolver.servable(selector)
@@ -311,6 +321,10 @@ class ModelCache:
             kv_cache_tokens=self.residency.policy.kv_cache_tokens,
         )
 
+    def calls_in_flight(self) -> list[CallsInFlight]:
+        """Each model's generations running now (the drain's report while the server stops)."""
+        return [f for m in self._models.values() if m.scheduler and (f := m.scheduler.in_flight()).calls]
+
     def engine_of(self, spec: ModelSpec) -> Backend | None:
         """The loaded backend serving ``spec``, or None while it is not loaded and ready."""
         model = self._models.get(cache_key(spec))
@@ -323,7 +337,9 @@ class ModelCache:
     async def list_models(self) -> CacheSnapshot:
         """Every registry entry (with its cache state when loaded, its estimate always), then loaded models
         no entry names, and the budget."""
-        return await listing.list_models(self.registry, self.residency, self.context.keys, self._snapshots())
+        return await listing.list_models(
+            self.registry, self.residency, self.context.keys, self._snapshots(), self.hub, self.pricing.totals()
+        )
 
     def _snapshots(self) -> dict[str, Callable[[ModelSpec | None], ModelSnapshot]]:
         """Each model in the cache, by key: its snapshot, listed under a given registry entry."""

@@ -16,13 +16,16 @@ import json
 import sys
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from clemserve.registry import ModelSpec
 
 from .backends import locate_weights, requirements
+from .backends.base import Backend
+from .domain import Generation
+from .pricing import Pricing
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _hashes: dict[tuple[tuple[str, int, int], ...], str] = {}
@@ -36,6 +39,15 @@ class Provenance:
     revision: str = ""
     dtype: str = ""
     device: str = ""
+    #: why the server cannot price the model's calls ("": it can, or the server runs the model)
+    unpriced: str = ""
+    #: how the loaded model reuses prompt prefixes it computed before ("": not loaded, or nothing to say)
+    prefix_caching: str = ""
+
+
+def described(spec: ModelSpec, engine: object | None, pricing: Pricing) -> Provenance:
+    """``describe``, with whether ``pricing`` can price the model's calls (clemserve run --max-cost asks)."""
+    return replace(describe(spec, engine), unpriced=pricing.cost(spec, Generation(None, {}, "")).unpriced)
 
 
 def describe(spec: ModelSpec, engine: object | None = None) -> Provenance:
@@ -51,7 +63,15 @@ def describe(spec: ModelSpec, engine: object | None = None) -> Provenance:
     config = spec.get("model_config") or {}
     folder, revision = _weights(spec)
     dtype, device = engine_facts(engine) if engine is not None else ("", "")
-    return Provenance(_version("clemserve"), versions, revision, dtype or _dtype(config, folder), device or _device())
+    reuse = engine.prefix_reuse().in_force if isinstance(engine, Backend) else ""
+    return Provenance(
+        _version("clemserve"),
+        versions,
+        revision,
+        dtype or _dtype(config, folder),
+        device or _device(),
+        prefix_caching=reuse,
+    )
 
 
 def engine_facts(engine: object) -> tuple[str, str]:

@@ -3,7 +3,9 @@
 A load is admitted when its estimate fits the budget beside what loaded and loading models hold; room is
 made by unloading the least recently used idle models (loaded, nothing in flight or queued, no lease).
 The budget is found (GPUs read through NVML or torch, see service/gpus.py) off the event loop, at the first
-load or listing. Each batch of a model is admitted again against its KV-cache room (memory.KvRoom).
+load or listing. A model that goes to the GPUs is placed on GPUs with room for it (service/devices.py): each
+GPU's part of the budget and its free memory are counted, not only the pool. Each batch of a model is
+admitted again against its KV-cache room (memory.KvRoom).
 Models idle past the keep-alive are unloaded in the background. A lease holds a model resident for its
 holder until the holder leaves, the lease expires, or the server stops.
 
@@ -26,7 +28,8 @@ from typing import Any
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ResourceExhaustedError
 
-from .backends import estimate, locate_weights, memory_of
+from .backends import Memory, estimate, locate_weights, memory_of
+from .devices import DeviceLedger, Grant, choose, gpu_count, shortfall
 from .domain import GpuMemory
 from .loaded import Resident
 from .memory import Budget, Estimate, KvRoom, ResidencyPolicy, Sizing, available_ram, budget_from_setting, read_devices
@@ -80,6 +83,8 @@ class Residency:
         self._admission = asyncio.Lock()
         #: bytes still held by models whose backend is being unloaded
         self._draining = 0
+        #: the GPUs each admitted model was placed on
+        self._devices = DeviceLedger()
 
     # -- the budget and the estimates ---------------------------------------------------------------
 
@@ -98,7 +103,9 @@ class Residency:
         gpu_load = loading is not None and memory_of(loading).on_gpus
         if self._budget is None or (gpu_load and not self._torch_asked and self._budget.kind != "gpu"):
             self._torch_asked = gpu_load
-            found = await asyncio.to_thread(budget_from_setting, self.policy.memory_budget, may_import_torch=gpu_load)
+            found = await asyncio.to_thread(
+                budget_from_setting, self.policy.memory_budget, may_import_torch=gpu_load, engines=self._engines()
+            )
             if self._budget is None or found != self._budget:
                 self._set_budget(found)
         return self.budget
@@ -119,7 +126,17 @@ class Residency:
     async def devices(self) -> tuple[GpuMemory, ...]:
         """The budget's GPUs as they stand now (read off the event loop); none for a RAM budget."""
         budget = self._budget
-        return await asyncio.to_thread(read_devices, budget) if budget is not None and budget.kind == "gpu" else ()
+        if budget is None or budget.kind != "gpu":
+            return ()
+        return await asyncio.to_thread(read_devices, budget, self._engines())
+
+    def _engines(self) -> dict[int, int]:
+        """What the engines this server started hold on each GPU: their charges (the server's own memory)."""
+        return self._devices.held(self._charges, engines_only=True)
+
+    def granted(self, key: str) -> Grant:
+        """What admission granted ``key``'s load: its GPUs and the bytes on each (none: not placed on GPUs)."""
+        return self._devices.grant(key)
 
     @property
     def known_budget(self) -> Budget | None:
@@ -169,6 +186,7 @@ class Residency:
         """``key``'s model is being unloaded: its bytes move from its charge to the draining count, where they
         stay counted until ``drained`` is told they are free. Returns them."""
         held = self._charges.pop(key, 0)
+        self._devices.forget(key)
         self._draining += held
         return held
 
@@ -181,68 +199,48 @@ class Residency:
         """Admit a load of ``spec``: name the cache keys to evict, least recently used first, one at a time
         (the caller unloads each before asking for the next), then reserve the estimate. Refuses a model that
         the budget cannot take, and one whose weights the memory they go to cannot take now, whatever the
-        budget says. ``residents``: the models in the cache now. Iterate it to the end, inside
-        ``contextlib.aclosing``: admissions run one at a time, so two loads never count the same free bytes."""
+        budget says. A model that goes to the GPUs is placed on GPUs with room (service/devices.py; evicting
+        only where no set of GPUs has room): ``granted`` says which. ``residents``: the models in the cache
+        now. Iterate it to the end, inside ``contextlib.aclosing``: admissions run one at a time, so two
+        loads never count the same free bytes."""
         name = str(spec["model_name"])
         need = await self.load_estimate(key, spec)
-        budget = self.budget
+        budget, found = self.budget, self._estimate(key, spec)
+        count = gpu_count(spec.get("model_config"), found)
+        placing = budget.kind == "gpu" and memory_of(spec).on_gpus and count <= len(budget.devices)
         async with self._admission:
-            await self._check_available(key, spec, budget)
+            await _check_available(spec, self._estimates.get(key), budget)
             if need > budget.total:
                 raise self._exhausted(key, name, need, residents, "it is larger than the whole budget")
+            devices = await self.devices() if placing else ()
+            if placing and not choose(devices, {}, need, count, found.gpu_share, empty=True):
+                raise shortfall(name, need, count, found, devices, {}, "not even with no model of this server loaded")
             evicted: set[str] = set()
-            # evict while the budget is short or, on GPUs, an engine that takes a share of each GPU at start
-            # finds its share taken: least recently used idle models first, then refuse
+            # evict while the budget is short or no set of GPUs has room (an engine that takes a share of each
+            # GPU at start: that share): least recently used idle models first, then refuse
             while True:
                 left = [r for r in residents if r.key not in evicted]
-                engine_short: ResourceExhaustedError | None = None
+                short: ResourceExhaustedError | None = None
+                chosen: tuple[GpuMemory, ...] = ()
                 if budget.total - self.used() < need:
                     making_room_for = name
-                elif budget.kind == "gpu" and (
-                    engine_short := _engine_shortfall(name, self._estimate(key, spec), await self.devices())
-                ):
-                    making_room_for = f"{name}'s engine"
+                elif placing and not (chosen := choose(devices, self._held(), need, count, found.gpu_share)):
+                    why = "no loaded model that can be evicted holds memory there"
+                    short, making_room_for = shortfall(name, need, count, found, devices, self._held(), why), name
                 else:
                     break
-                victim = self.least_recently_used(left, exclude=key)
+                victim = self.least_recently_used([r for r in left if not short or self._devices.placed(r.key)], key)
                 if victim is None:
-                    raise engine_short or self._exhausted(key, name, need, left, "no loaded model can be evicted")
+                    raise short or self._exhausted(key, name, need, left, "no loaded model can be evicted")
                 log.info("evicting %s (idle %.0f s) to make room for %s", victim.name, victim.idle_s, making_room_for)
                 evicted.add(victim.key)
                 yield victim.key
+                devices = await self.devices() if placing else ()
             self.charge(key, need)
+            self._devices.place(key, name, chosen, need, found, engine=memory_of(spec) is Memory.ENGINE)
 
-    async def _check_available(self, key: str, spec: ModelSpec, budget: Budget) -> None:
-        """The weights (with the loader's overhead) against the memory they go to, available now: free GPU
-        memory when the budget counts GPUs (the model goes there), else the machine's available RAM. A first,
-        coarse check that catches memory other processes hold. A local folder's weights are the size of its
-        weight files; others' (a hub id, a GGUF file), and quantised ones, the estimate's."""
-        if not memory_of(spec).read_through_ram:
-            return
-        found = self._estimates.get(key)
-        config = spec.get("model_config", {})
-        quantised = isinstance(config, dict) and (config.get("load_in_4bit") or config.get("load_in_8bit"))
-        located = None if quantised else await asyncio.to_thread(locate_weights, spec)
-        on_disk = located.bytes_on_disk() if located is not None else 0
-        if on_disk:
-            weights = int(on_disk * LOAD_OVERHEAD)
-        else:
-            weights = int(found.weights * LOAD_OVERHEAD) if found is not None else 0
-        if not weights:
-            return
-        if budget.kind == "gpu":
-            devices = await self.devices()
-            available, where = sum(_free(d) for d in devices), f"free on {len(devices)} GPU(s)"
-        else:
-            available, where = await asyncio.to_thread(available_ram), "available"
-        if available and weights > available:
-            raise ResourceExhaustedError(
-                f"{spec['model_name']} needs about {weights / 2**30:.1f} GiB to load; {available / 2**30:.1f} GiB is "
-                f"{where}",
-                required_bytes=weights,
-                available_bytes=available,
-                metadata={"memory_kind": budget.kind},
-            )
+    def _held(self) -> dict[int, int]:
+        return self._devices.held(self._charges)
 
     # -- the KV cache of running batches --------------------------------------------------------------
 
@@ -350,31 +348,30 @@ class Residency:
             return True
 
 
-def _free(device: GpuMemory) -> int:
-    """What a GPU has free now: its memory less what this process and others hold on it."""
-    return max(0, device.total_bytes - device.used_by_others_bytes - max(device.process_bytes, device.reserved_bytes))
-
-
-def _engine_shortfall(name: str, found: Estimate, devices: Sequence[GpuMemory]) -> ResourceExhaustedError | None:
-    """An engine that takes a share of each of its GPUs at start (vLLM: ``gpu_memory_utilization``, 0.9 unless
-    set) refuses to start when a GPU has less free: whatever the budget says, what this process already holds
-    there (its CUDA context, other models, other engines) and what other processes hold must leave it that
-    share. The refusal, or None where the share fits."""
-    if not found.gpu_share or not devices:
-        return None
-    share, gpus = found.gpu_share, found.gpus
-    wanted = [int(d.total_bytes * share) for d in devices[:gpus]]
-    short = [(d, w) for d, w in zip(devices, wanted, strict=False) if _free(d) < w]
-    if len(devices) < gpus or short:
-        device, want = short[0] if short else (devices[-1], wanted[-1])
-        return ResourceExhaustedError(
-            f"cannot start {name}'s engine: it takes {share:g} of each of its {gpus} GPU(s) "
-            f"({want / 2**30:.1f} GiB on cuda:{device.index}), and cuda:{device.index} has "
-            f"{_free(device) / 2**30:.1f} GiB free: this server holds {device.process_bytes / 2**30:.1f} GiB "
-            f"there (its CUDA context and loaded models) and other processes "
-            f"{device.used_by_others_bytes / 2**30:.1f} GiB. Lower {found.share_field} or unload models",
-            required_bytes=want,
-            available_bytes=_free(device),
-            metadata={"field": found.share_field, "memory_kind": "gpu"},
+async def _check_available(spec: ModelSpec, found: Estimate | None, budget: Budget) -> None:
+    """The weights (with the loader's overhead) against the machine's available RAM now, where the model
+    is read into it and stays there (a RAM budget; on GPUs, each GPU's free memory is counted where the
+    model is placed, after idle models are evicted). A first, coarse check that catches memory other
+    processes hold. A local folder's weights are the size of its weight files; others' (a hub id, a GGUF
+    file), and quantised ones, the estimate's."""
+    if not memory_of(spec).read_through_ram or budget.kind == "gpu":
+        return
+    config = spec.get("model_config", {})
+    quantised = isinstance(config, dict) and (config.get("load_in_4bit") or config.get("load_in_8bit"))
+    located = None if quantised else await asyncio.to_thread(locate_weights, spec)
+    on_disk = located.bytes_on_disk() if located is not None else 0
+    if on_disk:
+        weights = int(on_disk * LOAD_OVERHEAD)
+    else:
+        weights = int(found.weights * LOAD_OVERHEAD) if found is not None else 0
+    if not weights:
+        return
+    available = await asyncio.to_thread(available_ram)
+    if available and weights > available:
+        raise ResourceExhaustedError(
+            f"{spec['model_name']} needs about {weights / 2**30:.1f} GiB to load; {available / 2**30:.1f} GiB is "
+            "available",
+            required_bytes=weights,
+            available_bytes=available,
+            metadata={"memory_kind": budget.kind},
         )
-    return None

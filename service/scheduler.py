@@ -21,6 +21,7 @@ backend gets it in the request's :class:`Row`, the others as ``generate``'s ``si
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -58,6 +59,39 @@ class SchedulingPolicy:
     max_wait_s: float = 0.005
 
 
+@dataclass(frozen=True)
+class CallsInFlight:
+    """A model's running generations at one moment, and how far they likely got: the server's drain reports
+    them while it stops. Backends do not say how many tokens a running call has made, so its progress is
+    estimated from the model's token rate, measured on the calls that finished lately."""
+
+    model: str
+    #: each running generation's max_tokens and the seconds since it started
+    calls: tuple[tuple[int, float], ...]
+    #: tokens one call generates per second (0: no call has finished yet, so nothing is estimated)
+    tokens_per_s: float = 0.0
+
+    def generated(self) -> list[int]:
+        """Each call's tokens so far, about (its running time at the token rate, at most its max_tokens)."""
+        return [min(most, round(seconds * self.tokens_per_s)) for most, seconds in self.calls]
+
+    @property
+    def max_tokens(self) -> int:
+        return sum(most for most, _ in self.calls)
+
+    def tokens_left(self) -> int:
+        """At most this many tokens are still to come (a call may end sooner, at its end of turn)."""
+        return self.max_tokens - sum(self.generated())
+
+    def seconds_left(self) -> float | None:
+        """When the last call ends if each runs to its max_tokens at the token rate (they run side by side);
+        None when the rate is not known yet."""
+        if not self.tokens_per_s:
+            return None
+        left = [most - made for (most, _), made in zip(self.calls, self.generated(), strict=True)]
+        return max(left, default=0) / self.tokens_per_s
+
+
 @dataclass
 class Ticket:
     messages: Sequence[Message]
@@ -70,6 +104,8 @@ class Ticket:
     task: asyncio.Task[None] | None = None
     #: told when the request starts and what text it produces (streamed requests)
     observer: StreamObserver | None = None
+    #: when it left the queue (its generation seconds count from here)
+    started: float = 0.0
 
     @property
     def batch_key(self) -> str:
@@ -105,6 +141,11 @@ class Scheduler:
         #: callers with requests running now (they cannot join the next batch yet)
         self._running_callers: Counter[str] = Counter()
         self.running = 0
+        #: the generations running now: their max_tokens and start, by a number of their own
+        self._flights: dict[int, tuple[int, float]] = {}
+        self._flight_numbers = itertools.count()
+        #: tokens and seconds of the rows that finished lately, for the token rate
+        self._recent_tokens: deque[tuple[int, float]] = deque(maxlen=32)
 
     @property
     def queued(self) -> int:
@@ -146,12 +187,17 @@ class Scheduler:
         self._slots.take_now()
         self.running += 1
         started = time.monotonic()
+        flights = self._take_off([args.max_tokens], started)
         try:
             if observer is not None:
                 observer.ready()
             self.metrics.queued(self.name, 0.0)  # the fast path: no queue, no batch
-            return await self.run_one(messages, args, _sink(observer))
+            generation = await self.run_one(messages, args, _sink(observer))
+            generation.generation_seconds = time.monotonic() - started
+            self._measure([generation], generation.generation_seconds)
+            return generation
         finally:
+            self._land(flights)
             self.running -= 1
             self._recent_s.append(time.monotonic() - started)
             self._slots.give()
@@ -243,7 +289,9 @@ class Scheduler:
         self.running += len(batch)
         self._running_callers.update(t.caller for t in batch)
         started = time.monotonic()
+        flights = self._take_off([t.args.max_tokens for t in batch], started)
         for ticket in batch:
+            ticket.started = started
             self.metrics.queued(self.name, started - ticket.enqueued)
         if self.run_batch is not None:
             self.metrics.batch(self.name, len(batch))
@@ -261,6 +309,7 @@ class Scheduler:
             else:
                 alone = batch[0]
                 results = [await _outcome(self.run_one(alone.messages, alone.args, _sink(alone.observer)))]
+            self._measure(results, time.monotonic() - started)
             for ticket, result in zip(batch, results, strict=True):
                 _settle(ticket, result)
         except BaseException as exc:  # the whole call failed: every row gets the error
@@ -274,6 +323,7 @@ class Scheduler:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            self._land(flights)
             self.running -= len(batch)
             self._running_callers.subtract(t.caller for t in batch)
             ended = time.monotonic()
@@ -283,6 +333,31 @@ class Scheduler:
                     del self._running_callers[ticket.caller]
             self._recent_s.append((ended - started) / len(batch))
             self._slots.give()
+
+    def _take_off(self, max_tokens: list[int], started: float) -> list[int]:
+        numbers = [next(self._flight_numbers) for _ in max_tokens]
+        self._flights.update(zip(numbers, ((most, started) for most in max_tokens), strict=True))
+        return numbers
+
+    def _land(self, numbers: list[int]) -> None:
+        for number in numbers:
+            self._flights.pop(number, None)
+
+    def _measure(self, outcomes: Sequence[Outcome], seconds: float) -> None:
+        """The token rate's latest samples: each generated row, over the time its call ran."""
+        for outcome in outcomes:
+            if isinstance(outcome, Generation) and outcome.completion_tokens:
+                self._recent_tokens.append((outcome.completion_tokens, seconds))
+
+    def in_flight(self) -> CallsInFlight:
+        """The generations running now (for the drain's report)."""
+        now = time.monotonic()
+        tokens, seconds = sum(t for t, _ in self._recent_tokens), sum(s for _, s in self._recent_tokens)
+        return CallsInFlight(
+            self.name,
+            tuple((most, now - started) for most, started in self._flights.values()),
+            tokens / seconds if seconds > 0 else 0.0,
+        )
 
     async def close(self) -> None:
         self._dispatcher.cancel()
@@ -334,6 +409,7 @@ def _settle(ticket: Ticket, outcome: Outcome) -> None:
     if isinstance(outcome, BaseException):
         ticket.future.set_exception(outcome)
     else:
+        outcome.generation_seconds = time.monotonic() - ticket.started
         ticket.future.set_result(outcome)
 
 

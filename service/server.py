@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,21 +20,28 @@ from clemserve.registry import Key, KeyRegistry, ModelRegistry
 from clemserve.v1 import clemserve_pb2, clemserve_pb2_grpc
 
 from .backends import KNOWN_BACKENDS, BackendContext
+from .backends.rate_limits import RateLimits
 from .config import ServerConfig
 from .draining import Drain
 from .draining import current as current_drain
 from .logs import redact_logs
 from .metrics import create as create_metrics
 from .model_cache import ModelCache
+from .pricing import Pricing, read_price_file
+from .record import Recording, RecordingModelCache
+from .scheduler import CallsInFlight
 from .security.auth import interceptors, server_credentials
 from .security.redaction import Redactor
 from .servicer import ModelServicer
+from .spend import SPEND_FILE, SpendLedger
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = clemserve_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 #: after the grace period, how long the calls being ended get to send their status
 CUT_S = 2.0
+#: how often the drain reports its progress in the log
+DRAIN_REPORT_S = 5.0
 
 
 def build_manager(config: ServerConfig) -> ModelCache:
@@ -49,14 +59,23 @@ def build_manager(config: ServerConfig) -> ModelCache:
         redactor=redactor,
         compute_nice=config.compute_nice,
         allow_offload=config.allow_offload,
+        prefix_cache_bytes=config.prefix_cache_bytes,
+        rate_limits=RateLimits(config.rate_limits),
     )
-    return ModelCache(
+    metrics = create_metrics(config.metrics.port, KNOWN_BACKENDS)
+    metrics.watch_limits(context.rate_limits.states)
+    settings = config.recording
+    recording = Recording.open(settings) if settings.record or settings.replay else None
+    cache = functools.partial(RecordingModelCache, recording=recording) if recording is not None else ModelCache
+    return cache(
         registry,
         context,
         allow_client_specs=config.security.allow_client_specs,
         policy=config.scheduling,
-        metrics=create_metrics(config.metrics.port, KNOWN_BACKENDS),
+        metrics=metrics,
         residency=config.residency,
+        pricing=Pricing(read_price_file(config.prices) if config.prices else None).checked(registry),
+        spend=SpendLedger(config.spend_limits, config.cache_dir / SPEND_FILE) if config.spend_limits else None,
     )
 
 
@@ -76,6 +95,64 @@ def _protection(config: ServerConfig) -> str:
     admin = "admin token for state changes" if security.admin_token else "no admin token"
     specs = "client specs allowed" if security.allow_client_specs else "registry entries only"
     return f"{transport}, {token}, {admin}, {specs}"
+
+
+async def _drained(drain: Drain, manager: ModelCache, grace_period_s: float) -> bool:
+    """Whether every call in flight ended within the grace period; its progress is logged at the start and
+    every ``DRAIN_REPORT_S`` seconds (calls, tokens, the time they likely need), so that an operator sees
+    whether the grace period will do."""
+    deadline = time.monotonic() + grace_period_s
+    while True:
+        left = deadline - time.monotonic()
+        if not len(drain) or left <= 0:  # over: the cut's line says what is left
+            return not len(drain)
+        log.info("%s", drain_report(len(drain), manager.calls_in_flight(), left))
+        if await drain.finished(min(DRAIN_REPORT_S, left)):
+            return True
+
+
+def drain_report(calls: int, flights: Sequence[CallsInFlight], grace_left_s: float) -> str:
+    """One line of the drain's progress: the calls in flight, their generations' tokens made and left, and
+    how long they likely need against what is left of the grace period."""
+    line = f"draining: {calls} calls in flight, {grace_left_s:.0f} s of the grace period left"
+    if not flights:
+        return line + "; no generation running (the calls wait for a load or the queue)"
+    parts, longest = [], 0.0
+    for flight in flights:
+        made = sum(flight.generated())
+        if flight.tokens_per_s:
+            need = flight.seconds_left() or 0.0
+            longest = max(longest, need)
+            parts.append(
+                f"{flight.model}: {len(flight.calls)} generations, about {made} of {flight.max_tokens} tokens made, "
+                f"{flight.tokens_left()} left, about {need:.1f} s more at {flight.tokens_per_s:.1f} tokens/s per call"
+            )
+        else:
+            running = max(seconds for _, seconds in flight.calls)
+            parts.append(
+                f"{flight.model}: {len(flight.calls)} generations of up to {flight.max_tokens} tokens, running "
+                f"for up to {running:.1f} s (no call finished yet to time the token rate)"
+            )
+    verdict = f"; expected to end in about {longest:.1f} s" if longest else ""
+    if longest > grace_left_s:
+        verdict += " (past the grace period: raise --grace-period to keep this work)"
+    return f"{line}; " + "; ".join(parts) + verdict
+
+
+def cut_report(flights: Sequence[CallsInFlight]) -> str:
+    """What ending the calls still running throws away: their generations, and how far each got."""
+    if not flights:
+        return "no generation was running"
+    cut = [
+        f"{flight.model}: {len(flight.calls)} generations cut at about "
+        + ", ".join(f"{made} of {most}" for made, (most, _) in zip(flight.generated(), flight.calls, strict=True))
+        + " tokens"
+        if flight.tokens_per_s
+        else f"{flight.model}: {len(flight.calls)} generations cut after "
+        + ", ".join(f"{seconds:.1f} s" for _, seconds in flight.calls)
+        for flight in flights
+    ]
+    return "cut: " + "; ".join(cut) + " (a client that waits for the server sends them again, from the start)"
 
 
 def _serve_metrics(config: ServerConfig, manager: ModelCache) -> bool:
@@ -175,8 +252,9 @@ async def serve(config: ServerConfig, manager: ModelCache) -> int:
     drain.stop(config.grace_period_s)
     await health_servicer.enter_graceful_shutdown()
     manager.end_leases()  # leases are no work in flight: they end at once
-    if not await drain.finished(config.grace_period_s):
-        log.info("grace period over: ending %d calls with SHUTTING_DOWN", drain.cut())
+    if not await _drained(drain, manager, config.grace_period_s):
+        flights = manager.calls_in_flight()
+        log.info("grace period over: ending %d calls with SHUTTING_DOWN; %s", drain.cut(), cut_report(flights))
         await drain.finished(CUT_S)
     await server.stop(CUT_S)
     await manager.shutdown()

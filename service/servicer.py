@@ -27,6 +27,7 @@ from .labels import RequestLabels
 from .logs import deadline_var, request_id_var
 from .metrics import MetricsSink, NoMetrics
 from .model_cache import ModelCache
+from .model_header import check_model_header
 from .security.redaction import Redactor
 from .status import as_clemserve_error, to_grpc_status
 from .validation import Limits, validate_request_id, validate_request_size
@@ -115,11 +116,13 @@ class _Served:
         self.task: asyncio.Task[Any] | None = None
 
     def enter(self) -> None:
-        """The request's id, a place among the calls in flight, the size check (each may refuse the call)."""
+        """The request's id, a place among the calls in flight, the size check, the model its metadata names
+        (each may refuse the call)."""
         request_id_var.set(_request_id(self.request, self.context))
         if self.drain is not None:
             self.task = self.drain.enter()
         validate_request_size(self.request.ByteSize(), self.servicer.limits)
+        check_model_header(self.request, _metadata(self.context), self.servicer.limits)
 
     def leave(self) -> None:
         if self.drain is not None:

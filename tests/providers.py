@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+from tests.standin import Recorded, Reply
 
 #: distinctive fake keys, random so that redaction never meets them in ordinary words; the leak scans
 #: look for any part of them longer than the last 4 characters
@@ -28,15 +33,37 @@ def assert_no_key_leaks(text: str) -> None:
             assert key[i : i + 5] not in text, f"part of the {name} key leaked: {key[i : i + 5]!r}"
 
 
-def openai_reply(content: str) -> dict[str, Any]:
-    """A minimal OpenAI chat completion answering ``content`` (3 prompt tokens, 1 completion token)."""
+def openai_reply(content: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A minimal OpenAI chat completion answering ``content`` (3 prompt tokens, 1 completion token, unless
+    ``usage`` says otherwise: see :func:`openai_usage`)."""
     return {
         "id": "c1",
         "object": "chat.completion",
         "created": 1,
         "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        "usage": usage or {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+
+
+def openai_usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    """OpenAI's usage block with its details: cached prompt tokens and reasoning tokens are parts of the totals."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
+    }
+
+
+def anthropic_usage(uncached: int, output: int, cache_read: int = 0, cache_write: int = 0) -> dict[str, Any]:
+    """Anthropic's usage block: its input_tokens leave out what the prompt cache read and wrote."""
+    return {
+        "input_tokens": uncached,
+        "output_tokens": output,
+        "cache_read_input_tokens": cache_read,
+        "cache_creation_input_tokens": cache_write,
     }
 
 
@@ -62,6 +89,49 @@ def responses_reply(text: str, reply_id: str, output_tokens: int) -> dict[str, A
         "tools": [],
         "usage": {"input_tokens": 5, "output_tokens": output_tokens, "total_tokens": 5 + output_tokens},
     }
+
+
+class ConcurrencyCap:
+    """A stand-in provider's answer (a ``StandIn.script`` responder) that takes ``limit`` calls at once, each
+    answered with ``body`` after ``answer_s``, and answers a call above that at once with HTTP 429 and how long
+    until its next call ends (``retry-after-ms``, and ``retry-after`` in whole seconds, as OpenAI sends them).
+    It counts both, and times the first call it took and the end of the last."""
+
+    def __init__(self, body: dict[str, Any], limit: int = 8, answer_s: float = 0.1) -> None:
+        self.body, self.limit, self.answer_s = body, limit, answer_s
+        self.answered = 0
+        self.refused = 0
+        self.most_at_once = 0
+        self.first_at: float | None = None
+        self.last_end_at: float | None = None
+        self._ends: list[float] = []  # when each call it took ends
+        self._lock = threading.Lock()
+
+    def __call__(self, recorded: Recorded) -> Reply:
+        with self._lock:
+            now = time.monotonic()
+            self._ends = [end for end in self._ends if end > now]
+            if len(self._ends) >= self.limit:
+                self.refused += 1
+                wait = min(self._ends) - now
+                headers = {"retry-after-ms": str(max(1, round(wait * 1000))), "retry-after": str(math.ceil(wait))}
+                message = f"Rate limit reached: {self.limit} concurrent requests"
+                return Reply(429, {"error": {"message": message, "type": "rate_limit_exceeded"}}, headers)
+            self.answered += 1
+            self._ends.append(now + self.answer_s)
+            self.most_at_once = max(self.most_at_once, len(self._ends))
+            self.first_at = now if self.first_at is None else self.first_at
+            self.last_end_at = now + self.answer_s
+        return Reply(200, self.body, delay_s=self.answer_s)
+
+    @property
+    def refused_share(self) -> float:
+        return self.refused / max(1, self.answered + self.refused)
+
+    @property
+    def busy_s(self) -> float:
+        """From the first call taken to the end of the last."""
+        return (self.last_end_at or 0.0) - (self.first_at or 0.0)
 
 
 def all_text(path: Path) -> str:

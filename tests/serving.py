@@ -82,7 +82,8 @@ def start_server(
 ) -> ServerProcess:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    # offline unless --online: the server's own default
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     command = [
         python, "-m", "clemserve.service.cli", "serve", "--port", str(port),
         "--cache-dir", str(cache_dir or tmp / "cache"), *args,

@@ -19,7 +19,7 @@ from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ClemserveError, FailedPreconditionError
 
 from ..memory import Estimate, Sizing
-from .base import Backend, BackendContext, BackendDeadError, Progress, RetryPolicy
+from .base import Backend, BackendContext, BackendDeadError, Progress, RetryPolicy, install_route
 from .weights import SnapshotFinder, Weights, cached_snapshot, model_config
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ class CatalogEntry:
     estimate: str = ""
     #: ``module:function`` taking (spec, SnapshotFinder) to :class:`Weights` ("": it reads none)
     weights: str = ""
+    #: a paid API's provider in genai-prices' price data ("": paid, but with no price list of its own; None:
+    #: the server runs the model, which costs compute seconds, not money)
+    prices: str | None = None
 
     def route(self, spec: ModelSpec) -> Route:
         return next(route for route in self.routes if route.when is None or route.when(spec))
@@ -130,14 +133,20 @@ _CATALOG: dict[str, CatalogEntry] = {
             estimate="llamacpp:estimate",
             weights="llamacpp:weights",
         ),
-        CatalogEntry("openai", Requirements("remote", ("openai",)), (Route("openai:OpenAIBackend", "openai"),)),
+        CatalogEntry(
+            "openai", Requirements("remote", ("openai",)), (Route("openai:OpenAIBackend", "openai"),), prices="openai"
+        ),
         CatalogEntry(
             "openai_compatible",
             Requirements("remote", ("openai",)),
             (Route("openai:OpenAICompatibleBackend", "openai_compatible"),),
+            prices="",
         ),
         CatalogEntry(
-            "openrouter", Requirements("remote", ("openai",)), (Route("openai:OpenRouterBackend", "openrouter"),)
+            "openrouter",
+            Requirements("remote", ("openai",)),
+            (Route("openai:OpenRouterBackend", "openrouter"),),
+            prices="openrouter",
         ),
         CatalogEntry(
             "azure",
@@ -146,13 +155,29 @@ _CATALOG: dict[str, CatalogEntry] = {
                 Route("azure:AzureClaudeBackend", "azure_claude", when=_claude),
                 Route("azure:AzureGPTBackend", "azure_gpt"),
             ),
+            prices="azure",
         ),
         CatalogEntry(
-            "anthropic", Requirements("remote", ("anthropic",)), (Route("anthropic:AnthropicBackend", "anthropic"),)
+            "anthropic",
+            Requirements("remote", ("anthropic",)),
+            (Route("anthropic:AnthropicBackend", "anthropic"),),
+            prices="anthropic",
         ),
-        CatalogEntry("google", Requirements("remote", ("google.genai",)), (Route("google:GoogleBackend", "google"),)),
-        CatalogEntry("mistral", Requirements("remote", ("mistralai",)), (Route("mistral:MistralBackend", "mistral"),)),
-        CatalogEntry("cohere", Requirements("remote", ("cohere",)), (Route("cohere:CohereBackend", "cohere"),)),
+        CatalogEntry(
+            "google",
+            Requirements("remote", ("google.genai",)),
+            (Route("google:GoogleBackend", "google"),),
+            prices="google",
+        ),
+        CatalogEntry(
+            "mistral",
+            Requirements("remote", ("mistralai",)),
+            (Route("mistral:MistralBackend", "mistral"),),
+            prices="mistral",
+        ),
+        CatalogEntry(
+            "cohere", Requirements("remote", ("cohere",)), (Route("cohere:CohereBackend", "cohere"),), prices="cohere"
+        ),
     )
 }
 
@@ -221,6 +246,12 @@ def memory_of(spec: ModelSpec) -> Memory:
     return entry.memory if entry is not None else Memory.NONE
 
 
+def price_list(spec: ModelSpec) -> str | None:
+    """The model's provider in genai-prices' data ("": a paid API without one; None: the server runs it)."""
+    entry = _CATALOG.get(str(spec.get("backend", "")))
+    return entry.prices if entry is not None else None
+
+
 def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
     """The model's expected footprint, from metadata only; 0 where it cannot be told (logged, not fatal).
     ``model_config.memory_bytes`` overrides any backend's estimate."""
@@ -265,9 +296,11 @@ __all__ = [
     "backend_for",
     "catalog",
     "estimate",
+    "install_route",
     "key_entry",
     "locate_weights",
     "memory_of",
+    "price_list",
     "requirements",
     "served_backends",
 ]

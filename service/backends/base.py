@@ -25,9 +25,11 @@ from typing import Any, ClassVar, Protocol
 from clemserve.registry import KeyRegistry, ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, UnavailableError
 
-from ..domain import GenArgs, Generation, Message, Outcome, Row, TextSink, TokenCount
+from ..devices import Grant
+from ..domain import GenArgs, Generation, Message, Outcome, PrefixReuse, Row, TextSink, TokenCount
 from ..security.redaction import Redactor
 from ..validation import reject_unsupported_args
+from .rate_limits import RateLimits
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,13 @@ class BackendContext:
     compute_nice: int = 0
     #: let a model meant for GPUs run some layers on the CPU or disk when it does not fit (--allow-offload)
     allow_offload: bool = False
+    #: what admission granted this load: the GPUs the model goes to and the bytes on each (none: not placed)
+    grant: Grant = field(default_factory=Grant)
+    #: bytes of a transformers model's prefix cache (--prefix-cache): None, the default for the model's dtype
+    #: (docs/prefix-cache.md); 0: off
+    prefix_cache_bytes: int | None = None
+    #: the limiters remote calls wait in, per key entry or backend (--rate-limit)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 def lower_thread_priority(increment: int) -> None:
@@ -133,6 +142,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def count_tokens(self, messages: Sequence[Message]) -> TokenCount: ...
 
+    def prefix_reuse(self) -> PrefixReuse:
+        """What this model does with prompt prefixes it computed before, for provenance and ListModels."""
+        return PrefixReuse()
+
     async def unload(self) -> None:  # noqa: B027 - optional hook
         """Free what ``load`` took."""
 
@@ -171,9 +184,26 @@ class BackendDeadError(UnavailableError):
     reason = "BACKEND_DEAD"
 
 
+#: extras whose packages pip cannot simply install into the server's environment: the checkout's make target
+_INSTALL_ROUTES = {
+    # PyPI ships llama-cpp-python as source: the target builds its wheel once and installs it into .venv
+    "llamacpp": "make llamacpp-env in the clemserve checkout (or pip install '/path/to/clemserve[llamacpp]', "
+    "which compiles llama.cpp)",
+    # vLLM pins its own transformers, which conflict with the main environment's
+    "vllm": "make vllm-env in the clemserve checkout, and serve from .venv-vllm "
+    "(or pip install '/path/to/clemserve[vllm]' into an environment of its own)",
+}
+
+
+def install_route(extra: str) -> str:
+    """How a server gets the packages of ``extra``. clemserve is not on PyPI: from a checkout (or the wheel
+    ``make wheel`` builds), through the checkout's make target where one builds what pip cannot."""
+    return _INSTALL_ROUTES.get(extra, f"pip install '/path/to/clemserve[{extra}]'")
+
+
 def missing_dependency(backend: str, extra: str, exc: ImportError) -> FailedPreconditionError:
+    route = install_route(extra)
     return FailedPreconditionError(
-        f"backend {backend} needs the Python package {exc.name or 'that is missing'}: "
-        f"install it with pip install 'clemserve[{extra}]'",
-        subject=f"pip install 'clemserve[{extra}]'",
+        f"backend {backend} needs the Python package {exc.name or 'that is missing'}: install it with {route}",
+        subject=route,
     )

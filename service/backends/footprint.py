@@ -6,7 +6,9 @@ decoder-only transformer (parameters, KV cache). The backends' ``estimate`` func
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +92,39 @@ def _product(shape: list[int]) -> int:
 # -- GGUF ---------------------------------------------------------------------------------------
 
 
-def gguf_header(path: Path) -> tuple[list[list[int]], dict[str, Any]]:
+def gguf_header(path: Path, store: Path | None = None) -> tuple[list[list[int]], dict[str, Any]]:
     """The tensor shapes in a GGUF file and its architecture's settings in ``config.json`` names. Read once
-    per file version and process: the reader parses every metadata array (the vocabulary) too."""
+    per file version and process; with ``store`` (the server's cache directory), once per file version at all:
+    the reader parses every metadata array (the vocabulary) too, seconds for a small model, so what it found
+    is kept in ``store/gguf-headers`` for the next server's start."""
     stat = path.stat()
-    return _gguf_header(str(path), stat.st_size, stat.st_mtime_ns)
+    return _gguf_header(str(path.resolve()), stat.st_size, stat.st_mtime_ns, store)
 
 
 @functools.lru_cache(maxsize=16)
-def _gguf_header(path: str, size: int, mtime_ns: int) -> tuple[list[list[int]], dict[str, Any]]:
+def _gguf_header(path: str, size: int, mtime_ns: int, store: Path | None) -> tuple[list[list[int]], dict[str, Any]]:
+    kept = None
+    if store is not None:
+        digest = hashlib.sha256(f"{path}\0{size}\0{mtime_ns}".encode()).hexdigest()[:24]
+        kept = store / "gguf-headers" / f"{digest}.json"
+        try:
+            found = json.loads(kept.read_text())
+            return [list(map(int, shape)) for shape in found["shapes"]], dict(found["config"])
+        except (OSError, ValueError, KeyError, TypeError):  # not kept yet, or unreadable: read the file
+            pass
+    shapes, config = _read_gguf_header(path)
+    if kept is not None:
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            partial = kept.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps({"path": path, "shapes": shapes, "config": config}))
+            partial.replace(kept)
+        except OSError:  # a read-only cache: read again next time
+            pass
+    return shapes, config
+
+
+def _read_gguf_header(path: str) -> tuple[list[list[int]], dict[str, Any]]:
     from gguf import GGUFReader
 
     try:
@@ -123,9 +149,10 @@ def _gguf_header(path: str, size: int, mtime_ns: int) -> tuple[list[list[int]], 
     return shapes, config
 
 
-def gguf_weights(path: Path) -> tuple[int, dict[str, Any]]:
-    """A GGUF file's parameter count (every tensor's elements) and its settings in ``config.json`` names."""
-    shapes, config = gguf_header(path)
+def gguf_weights(path: Path, store: Path | None = None) -> tuple[int, dict[str, Any]]:
+    """A GGUF file's parameter count (every tensor's elements) and its settings in ``config.json`` names
+    (``store``: see :func:`gguf_header`)."""
+    shapes, config = gguf_header(path, store)
     return sum(_product(shape) for shape in shapes), config
 
 

@@ -21,9 +21,9 @@ from typing import Any
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ContextExceededError, InvalidArgumentError
 
-from ..domain import FinishReason, GenArgs, Generation, Message, Outcome, Row, TokenCount
+from ..domain import FinishReason, GenArgs, Generation, Message, Outcome, PrefixReuse, Row, TokenCount
 from ..memory import Estimate, KvRoom, Sizing, free_memory
-from . import footprint, gguf, placement
+from . import footprint, gguf, hub, placement, prefix_cache
 from .base import BatchingBackend, Progress, RowDone, missing_dependency
 from .chat import (
     CHAT_CONFIG,
@@ -35,6 +35,7 @@ from .chat import (
     weights_missing,
 )
 from .huggingface_multimodal import is_multimodal
+from .prefix_cache import PrefixCache
 from .stream_decoding import BatchStreamer, on_loop
 from .weights import model_config
 
@@ -54,6 +55,9 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
     concurrency = 1
     #: the KV cache its batches may hold (residency hands it over once the model is loaded; None: unchecked)
     kv: KvRoom | None = None
+    #: KV states kept by prompt prefix (None: off; docs/prefix-cache.md), and why it is off
+    prefix: PrefixCache | None = None
+    prefix_off = "--prefix-cache 0"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,6 +111,7 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         self.chat = chat
         self.tokenizer = tokenizer
         self.model = model
+        self.prefix = self._prefix_cache(model, tokenizer.padding_side)
         self.device = next(model.parameters()).device
         self.context_size = context_size(hf_config, tokenizer, self.spec)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -130,10 +135,33 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         )
         return "right" if encoder_only else "left"
 
+    def _prefix_cache(self, model: Any, padding_side: str) -> PrefixCache | None:
+        """The model's prefix cache: --prefix-cache's bytes, else by default one for float32 weights only, where
+        reusing states was measured to give the same greedy outputs as computing them (docs/prefix-cache.md)."""
+        import torch
+
+        setting = self.context.prefix_cache_bytes
+        if setting == 0:
+            return None
+        why = prefix_cache.unsupported(model) or (None if padding_side == "left" else "right padding")
+        if why is None and setting is None and model.dtype != torch.float32:
+            why = f"{str(model.dtype).removeprefix('torch.')} weights (a size for --prefix-cache turns it on)"
+        if why is not None:
+            log.info("%s: no prefix cache: %s", self.model_name, why)
+            self.prefix_off = why
+            return None
+        return PrefixCache(setting or prefix_cache.DEFAULT_BYTES)
+
+    def prefix_reuse(self) -> PrefixReuse:
+        if self.prefix is None:
+            return PrefixReuse(f"off: {self.prefix_off}")
+        return PrefixReuse(f"prefix cache up to {self.prefix.limit / 2**20:.0f} MiB", self.prefix.bytes)
+
     async def unload(self) -> None:
         def drop() -> None:  # what they held is collected by the server's free_memory, right after
             self.__dict__.pop("model", None)
             self.__dict__.pop("tokenizer", None)
+            self.__dict__.pop("prefix", None)
 
         await self._stop_worker(drop)
 
@@ -178,7 +206,8 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         """One ``model.generate`` call for the rows that pass their checks; the others get their errors.
         ``ended`` is told a row's result (by its index in ``rows``) as soon as that row has ended. The batch is
         admitted against the model's KV-cache room (``kv``) first: rows that do not fit together run as
-        smaller batches, one after the other; a row that does not fit alone gets RESOURCE_EXHAUSTED."""
+        smaller batches, one after the other; a row that does not fit alone gets RESOURCE_EXHAUSTED. With a
+        prefix cache, the prompts' cached prefixes are reused and only the rest is computed."""
         prompts, lengths, errors = self._check(rows, args)
         outcomes: dict[int, Outcome] = dict(errors)
         new_tokens = self.context_size if self.model_config.get("cot_output") else args.max_tokens
@@ -186,20 +215,36 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         outcomes.update(refused)
         for live in runs:
             encoded = self._encode([prompts[i] for i in live])
-            watch = None
-            if ended is not None:
-
-                def watch(n: int, sequence: Any, live: list[int] = live, encoded: Any = encoded) -> None:
-                    outcomes[live[n]] = generation = self._decode(encoded, n, sequence, args)  # n: among live
-                    ended(live[n], generation)
-
             tokens = max(lengths[i] for i in live) + new_tokens
+            if self.prefix is not None and self.kv is not None:  # the cache keeps to what the batch leaves
+                self.prefix.fit(self.kv.allowance - self.kv.need(len(live), tokens))
             with self.kv.holding(len(live), tokens) if self.kv else contextlib.nullcontext():
-                sequences = self._run(encoded, args, [rows[i] for i in live], watch)
+                states, cached = self._prefill(encoded)
+                watch = None
+                if ended is not None:
+
+                    def watch(
+                        n: int,
+                        sequence: Any,
+                        live: list[int] = live,
+                        encoded: Any = encoded,
+                        cached: list[int] = cached,
+                    ) -> None:
+                        outcomes[live[n]] = generation = self._decode(encoded, n, sequence, args, cached[n])
+                        ended(live[n], generation)  # n: among live
+
+                sequences = self._run(encoded, args, [rows[i] for i in live], watch, states)
             for n, i in enumerate(live):
                 if i not in outcomes:  # an early result stands
-                    outcomes[i] = self._decode(encoded, n, sequences[n], args)
+                    outcomes[i] = self._decode(encoded, n, sequences[n], args, cached[n])
         return [outcomes[i] for i in range(len(rows))]
+
+    def _prefill(self, encoded: Any) -> tuple[Any, list[int]]:
+        """The batch's prompt states from the prefix cache (None without one) and each row's tokens reused."""
+        if self.prefix is None:
+            return None, [0] * int(encoded["input_ids"].shape[0])
+        states, reuse = prefix_cache.prefill(self.prefix, self.model, encoded)
+        return states, reuse.reused
 
     def _check(
         self, rows: Sequence[Row], args: GenArgs
@@ -225,9 +270,13 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         encoded = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         return encoded.to(self.device)
 
-    def _run(self, encoded: Any, args: GenArgs, rows: Sequence[Row], ended: Callable[[int, Any], None] | None) -> Any:
+    def _run(
+        self, encoded: Any, args: GenArgs, rows: Sequence[Row], ended: Callable[[int, Any], None] | None, states: Any
+    ) -> Any:
         """``model.generate`` on the encoded rows -> each row's tokens (its padded prompt, then what was
-        generated). A row stops once its caller has left; ``ended`` is told a row's tokens once it has ended."""
+        generated). A row stops once its caller has left; ``ended`` is told a row's tokens once it has ended.
+        ``states``: the prompts' KV states but their last tokens (from the prefix cache), or None; the prefix
+        cache keeps each row's prompt and reply afterwards."""
         model, length = self.model, int(encoded["input_ids"].shape[1])
         max_new_tokens = args.max_tokens
         if self.model_config.get("cot_output"):
@@ -239,6 +288,8 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
         sampling["stopping_criteria"] = _stop_on([row.cancel for row in rows], self.eos_ids, ended)
         if any(row.sink is not None for row in rows):
             sampling["streamer"] = BatchStreamer(self.tokenizer, rows, self.eos_ids)
+        if states is not None:
+            sampling[prefix_cache.cache_argument(model)] = states
         output = model.generate(
             encoded["input_ids"],
             attention_mask=encoded["attention_mask"],
@@ -247,14 +298,25 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
             **sampling,
         )
         sequences = output.sequences
+        if self.prefix is not None:
+            kept = [
+                None if row.cancel.is_set() else self._own_tokens(sequences[n, length:]) for n, row in enumerate(rows)
+            ]
+            prefix_cache.remember(self.prefix, encoded, output, kept)
         if gone := sum(row.cancel.is_set() for row in rows):
             steps = int(sequences.shape[1]) - length
             log.info("%s: stopped %d row(s) early: their callers went away (%d steps)", self.model_name, gone, steps)
         return sequences
 
-    def _decode(self, encoded: Any, n: int, sequence: Any, args: GenArgs) -> Generation:
+    def _own_tokens(self, new_tokens: Any) -> int:
+        """How many of a row's new tokens are its own: through its end-of-sequence token, else all."""
+        stop = next((k for k, token in enumerate(new_tokens.tolist()) if token in self.eos_ids), None)
+        return len(new_tokens) if stop is None else stop + 1
+
+    def _decode(self, encoded: Any, n: int, sequence: Any, args: GenArgs, cached: int = 0) -> Generation:
         """Row ``n``'s Generation from its tokens: exactly its own prompt and reply, as if it had run alone
-        (without the batch's padding, and without what follows its end-of-sequence token)."""
+        (without the batch's padding, and without what follows its end-of-sequence token). ``cached``: its
+        prompt tokens the prefix cache served."""
         length, attention = int(encoded["input_ids"].shape[1]), encoded["attention_mask"][n]
         new_tokens = sequence[length:].tolist()
         stop = next((k for k, token in enumerate(new_tokens) if token in self.eos_ids), None)
@@ -273,6 +335,7 @@ class HuggingfaceLocalBackend(placement.DeviceWorker, BatchingBackend):
             prompt_tokens=int(attention.sum()),
             completion_tokens=len(new_tokens) if stop is None else stop + 1,
             finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
+            cached_prompt_tokens=cached,
         )
 
 
@@ -319,9 +382,11 @@ def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
         sizing = dataclasses.replace(sizing, max_batch=1)
     if "gguf" in config:
         path = gguf.locate(config["gguf"]["distribution"], config["gguf"]["file"])
-        parameters, hf_config = footprint.gguf_weights(path)
+        parameters, hf_config = footprint.gguf_weights(path, sizing.cache_dir)
         found = Estimate(parameters * footprint.DTYPE_BYTES["float32"], source="gguf header")
         return footprint.with_kv(found, hf_config, 4, spec, sizing)
+    if (remote := hub.estimate(spec, sizing)) is not None:  # not here yet: what the hub lists
+        return remote
     folder = footprint.local_folder(str(spec.get("huggingface_id", "")))
     try:
         hf_config = footprint.read_config(folder)

@@ -33,7 +33,7 @@ from typing import Any
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import ClemserveError, InvalidArgumentError
 
-from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
+from ..domain import FinishReason, GenArgs, Generation, Message, PrefixReuse, TextSink, TokenCount
 from ..memory import Estimate, Sizing
 from . import footprint, gguf
 from .base import Backend, Progress, lower_thread_priority, missing_dependency
@@ -222,16 +222,21 @@ class TokenWatch:
         self.sent = ""
         self.calls = 0
 
+    @property
+    def prompt(self) -> list[int]:
+        """The prompt's token ids as llama.cpp evaluated them (empty before the first token is sampled)."""
+        return self._prompt or []
+
     def __call__(self, input_ids: Any, logits: Any) -> bool:
         self.calls += 1
         if self.cancel.is_set():
             return True
+        if self._prompt is None:  # the first call: the prompt, evaluated
+            self._prompt = [int(i) for i in input_ids]
+            return False
         if self.sink is None:
             return False
         ids = [int(i) for i in input_ids]
-        if self._prompt is None:
-            self._prompt = ids
-            return False
         text = self._detokenize(ids[len(self._prompt) :], self._prompt).decode("utf-8", errors="replace")
         if not text.endswith("\ufffd") and text.startswith(self.sent) and len(text) > len(self.sent):
             piece, self.sent = text[len(self.sent) :], text  # a character cut in two waits for its rest
@@ -304,8 +309,10 @@ class LlamaCppBackend(Backend):
             self.model_name,
         )
         template = chat_template(metadata, config, self.model_name)
-        self.formatter = llama_chat_format.Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)
-        self.model = model
+        # Any: llama-cpp-python's annotations (its message TypedDicts, a StoppingCriteriaList, a completion that
+        # may be a stream) are narrower than the calls it takes, which these are
+        self.formatter: Any = llama_chat_format.Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)
+        self.model: Any = model
         self.context_size = int(model.n_ctx())
         progress(f"ready: context size {self.context_size}, {where}", 1.0)
 
@@ -354,6 +361,10 @@ class LlamaCppBackend(Backend):
         prompt, length = self._prompt(messages)
         check_context(self.model_name, length, args.max_tokens, self.context_size)
         watch = TokenWatch(cancel, sink, lambda ids, before: bytes(self.model.detokenize(ids, prev_tokens=before)))
+        # llama.cpp keeps the KV states of what it evaluated last and reuses the prefix they share with this prompt;
+        # what it evaluated is a private attribute: a version without it reports no reuse
+        previous = [int(i) for i in getattr(self.model, "_input_ids", ())]
+        replays = bool(getattr(self.model, "_requires_eval", True))
         output = self.model(
             prompt, temperature=args.temperature, max_tokens=args.max_tokens, stopping_criteria=watch, **args.extra
         )
@@ -373,14 +384,33 @@ class LlamaCppBackend(Backend):
             prompt_tokens=int(usage.get("prompt_tokens", length)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=FinishReason.LENGTH if choice.get("finish_reason") == "length" else FinishReason.STOP,
+            cached_prompt_tokens=reused_prefix(previous, watch.prompt, replays),
         )
+
+    def prefix_reuse(self) -> PrefixReuse:
+        return PrefixReuse("llama.cpp previous prompt" if getattr(self, "model", None) is not None else "")
+
+
+def reused_prefix(previous: Sequence[int], prompt: Sequence[int], replays: bool = True) -> int:
+    """The prompt tokens llama.cpp did not evaluate again (llama-cpp-python's ``Llama.generate``): the longest
+    prefix ``prompt`` shares with what it evaluated before (``previous``), less the last prompt token where it
+    shares the whole prompt (that one runs again for its logits), unless the prompt is exactly what was evaluated
+    and its logits are still live (not ``replays``). 0 without a prompt (nothing was sampled)."""
+    shared = 0
+    for a, b in zip(previous, prompt, strict=False):
+        if a != b:
+            break
+        shared += 1
+    if shared < len(prompt) or not prompt:
+        return shared
+    return shared if len(previous) == len(prompt) and not replays else shared - 1
 
 
 def estimate(spec: ModelSpec, sizing: Sizing) -> Estimate:
     """llama.cpp maps the GGUF tensors as stored (quantized): the file's size; plus its float16 KV cache for
     the context the header declares, which it allocates whole (the backend loads with that context)."""
     path = model_file(spec, model_config(spec))
-    _, hf_config = footprint.gguf_weights(path)
+    _, hf_config = footprint.gguf_weights(path, sizing.cache_dir)
     kv_cache = footprint.kv_cache_bytes(
         hf_config, footprint.DTYPE_BYTES["float16"], footprint.context(hf_config, spec), 1
     )
@@ -398,6 +428,6 @@ def weights(spec: ModelSpec, find: SnapshotFinder = cached_snapshot) -> Weights:
         return shipped or transformers_weights(spec, find)
     try:
         path = model_file(spec, config)
-    except ClemserveError as exc:
-        return Weights(source, missing=exc.message, download=True)
+    except ClemserveError as exc:  # a local folder without the file has nothing to download
+        return Weights(source, missing=exc.message, download=not Path(source).is_dir())
     return Weights(source, files=(path,), local=Path(source).is_dir())

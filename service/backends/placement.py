@@ -2,9 +2,11 @@
 
 ``device_map="auto"`` alone spreads even a small model over every visible GPU and, when GPU memory is
 short, quietly runs layers on the CPU (or from disk) while the model's first parameter still says
-``cuda:0``. Here the GPUs a model may take are bounded by its ``model_config.number_gpus`` (clembench's
-field; all visible GPUs without it), the map accelerate chose is logged, and CPU or disk offload of a
-model meant for GPUs is refused unless the server allows it (``--allow-offload``).
+``cuda:0``. Here a model goes to the GPUs admission chose for it (the GPUs with room, service/devices.py;
+as many as ``model_config.number_gpus``, clembench's field, says, else the fewest that hold it), through
+``max_memory``: the other GPUs take nothing. Without a choice (no GPU budget) it takes GPUs 0 to
+``number_gpus`` - 1, all visible GPUs without it. The map accelerate chose is logged, and CPU or disk
+offload of a model meant for GPUs is refused unless the server allows it (``--allow-offload``).
 
 A CUDA error (a device-side assert, an illegal memory access) leaves the CUDA context unusable for every
 later kernel: the backend is then dead (:class:`~.base.BackendDeadError`), not merely one call failed. Out
@@ -58,9 +60,11 @@ def plan(
     *,
     allow_offload: bool,
     host_bytes: int = 0,
+    chosen: Sequence[int] = (),
 ) -> Placement:
     """The placement of a model whose ``model_config`` is ``config`` on a machine whose visible GPUs have
-    ``free_gpu_bytes`` free (none: a CPU machine). ``host_bytes``: RAM offered to an allowed CPU offload."""
+    ``free_gpu_bytes`` free (none: a CPU machine). ``host_bytes``: RAM offered to an allowed CPU offload;
+    ``chosen``: the GPUs admission placed it on (CUDA's indices; none: GPUs 0 to ``number_gpus`` - 1)."""
     requested = config.get("number_gpus")
     if not free_gpu_bytes:
         if requested:
@@ -85,7 +89,8 @@ def plan(
             "visible (CUDA_VISIBLE_DEVICES)",
             subject="model_config.number_gpus",
         )
-    gpus = tuple(range(wanted))
+    fits = chosen and all(0 <= gpu < count for gpu in chosen) and (requested is None or len(chosen) == wanted)
+    gpus = tuple(chosen) if fits else tuple(range(wanted))
     # only the devices named here are used: the GPUs beyond number_gpus take nothing, and the CPU nothing
     # unless offload is allowed (what does not fit then goes to "disk", which the check below refuses)
     max_memory: dict[int | str, int] = {i: int(free_gpu_bytes[i]) for i in gpus}
@@ -95,10 +100,21 @@ def plan(
 
 
 async def place(model_name: str, config: Mapping[str, Any], context: BackendContext) -> Placement:
-    """:func:`plan` for this machine's visible GPUs (and, with offload allowed, its free RAM), found off the loop."""
+    """:func:`plan` for this machine's visible GPUs (and, with offload allowed, its free RAM), found off the
+    loop, on the GPUs admission granted (``context.grant``). torch starts CUDA first, under the server's own
+    ``CUDA_VISIBLE_DEVICES`` (an engine being started may have its own in the environment meanwhile)."""
+    await asyncio.to_thread(_start_cuda)
     gpus = await asyncio.to_thread(visible_gpus)
     host = await asyncio.to_thread(host_available_bytes) if context.allow_offload else 0
-    return plan(model_name, config, gpus, allow_offload=context.allow_offload, host_bytes=host)
+    return plan(
+        model_name, config, gpus, allow_offload=context.allow_offload, host_bytes=host, chosen=context.grant.gpus
+    )
+
+
+def _start_cuda() -> None:
+    from .. import gpus
+
+    gpus.start_cuda()
 
 
 def check_loading_options(config: Mapping[str, Any]) -> None:

@@ -8,7 +8,8 @@ Everything else lives here, once.
 Retries: transient failures (HTTP 408, 429, 500, 502, 503, 504, connection errors, timeouts) are retried
 with exponential backoff and full jitter, honouring ``Retry-After``, and never past the caller's gRPC
 deadline. Deterministic failures come back at once. The SDKs' own retries are switched off so there is
-one policy, this one.
+one policy, this one. Under a rate limiter (``--rate-limit``, rate_limits.py) each try first waits for the
+limiter's permit, and a 429 sends the call back to its queue instead of using up a try.
 
 Streaming: a streamed request (one with a text sink) is sent with the SDK's streaming call
 (``send_stream``); each piece of the reply's text goes to the sink as the provider sends it, and the
@@ -22,13 +23,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from clemserve.registry import Key
 from clemserve.registry.errors import (
@@ -45,6 +47,7 @@ from clemserve.registry.errors import (
 from ..domain import FinishReason, GenArgs, Generation, ImagePart, Message, TextSink, TokenCount
 from ..logs import deadline_var
 from .base import Backend, Progress, RetryPolicy, missing_dependency
+from .rate_limits import TokenCharge, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -258,19 +261,25 @@ class RemoteBackend(Backend):
         """The provider's reply; with a ``sink`` (a streamed request), streamed as the provider sends it."""
         check_images(messages, self.model_config, self.model_name)
         prompt, request = self.build_request(messages, args)
+        charge = TokenCharge(estimate_tokens(sum(len(str(m.get("content", ""))) for m in messages), args.max_tokens))
         if sink is None:
-            response = await self.call(lambda: self.send(request))
+            response = await self.call(lambda: self.send(request), charge=charge)
         else:
-            response = await self.call_streaming(request, sink)
+            response = await self.call_streaming(request, sink, charge)
         response_object, text = self.parse(response)
-        usage = _usage(response_object)
+        tokens = usage_of(response_object)
+        if tokens.prompt or tokens.completion:
+            charge.settle(tokens.prompt + tokens.completion)
         return Generation(
             prompt=prompt,
             response=response_object,
             text=text,
-            prompt_tokens=usage[0],
-            completion_tokens=usage[1],
+            prompt_tokens=tokens.prompt,
+            completion_tokens=tokens.completion,
             finish_reason=finish_reason(response_object),
+            cached_prompt_tokens=tokens.cached_prompt,
+            reasoning_tokens=tokens.reasoning,
+            cache_write_tokens=tokens.cache_write,
         )
 
     def text_chat_request(self, messages: Sequence[Message], args: GenArgs) -> tuple[Any, dict[str, Any]]:
@@ -298,7 +307,7 @@ class RemoteBackend(Backend):
             subject=f"backend {self.name}",
         )
 
-    async def call_streaming(self, request: dict[str, Any], sink: TextSink) -> Any:
+    async def call_streaming(self, request: dict[str, Any], sink: TextSink, charge: TokenCharge | None = None) -> Any:
         """``send_stream`` under the retry policy until its first piece of text; never retried after it."""
         sent = False
 
@@ -308,44 +317,69 @@ class RemoteBackend(Backend):
                 sent = True
                 sink(text)
 
-        return await self.call(lambda: self.send_stream(request, piece), committed=lambda: sent)
+        return await self.call(lambda: self.send_stream(request, piece), committed=lambda: sent, charge=charge)
 
-    async def call(self, attempt: Callable[[], Awaitable[Any]], committed: Callable[[], bool] | None = None) -> Any:
-        """Run ``attempt`` under the retry policy and the caller's deadline. Once ``committed()`` says the
-        attempt has delivered something to the caller (streamed text), a failure is not retried."""
+    async def call(
+        self,
+        attempt: Callable[[], Awaitable[Any]],
+        committed: Callable[[], bool] | None = None,
+        charge: TokenCharge | None = None,
+    ) -> Any:
+        """Run ``attempt`` under the retry policy, the key's rate limiter and the caller's deadline. Once
+        ``committed()`` says the attempt has delivered something to the caller (streamed text), a failure is
+        not retried. Under a rate limiter (``--rate-limit``, service/backends/rate_limits.py) each try waits
+        for a permit, and a 429 sends the call back to the limiter's queue without using up a try, for as long
+        as the caller's deadline (without one: ``--remote-timeout`` from the first try) leaves time."""
         policy: RetryPolicy = self.context.retry
         deadline = deadline_var.get()
+        limiter = self.context.rate_limits.limiter(self.key_name, self.name)
+        hold_until = deadline if deadline is not None else time.monotonic() + policy.request_timeout_s
         failure: UpstreamFailure | None = None
-        made = 0
-        for number in range(policy.attempts):
-            timeout = policy.request_timeout_s
-            cut_by_deadline = deadline is not None and deadline - time.monotonic() < timeout
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-            made += 1
-            try:
-                return await asyncio.wait_for(attempt(), timeout=timeout)
-            except TimeoutError:
-                if cut_by_deadline:
-                    said = "was still streaming its reply" if committed and committed() else "had not answered"
-                    raise DeadlineExceededError(
-                        f"the caller's deadline passed while {self.provider} {said} (try {made} of {policy.attempts})"
-                    ) from None
-                failure = UpstreamFailure(None, f"no answer within {timeout:.1f} s")
-            except UpstreamFailure as exc:  # raised by send_stream for what its stream said
-                failure = exc
-            except Exception as exc:
-                classified = self.classify(exc) or transport_failure(exc)
-                if classified is None:
-                    raise
-                failure = classified
+        made = retries = held = 0
+        while True:
+            permit = None if limiter is None else await limiter.acquire(charge or TokenCharge(0), deadline)
+            with permit or contextlib.nullcontext():
+                timeout = policy.request_timeout_s
+                cut_by_deadline = deadline is not None and deadline - time.monotonic() < timeout
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+                made += 1
+                try:
+                    response = await asyncio.wait_for(attempt(), timeout=timeout)
+                except TimeoutError:
+                    if cut_by_deadline:
+                        said = "was still streaming its reply" if committed and committed() else "had not answered"
+                        raise DeadlineExceededError(
+                            f"the caller's deadline passed while {self.provider} {said} "
+                            f"(try {made} of {policy.attempts})"
+                        ) from None
+                    failure = UpstreamFailure(None, f"no answer within {timeout:.1f} s")
+                except UpstreamFailure as exc:  # raised by send_stream for what its stream said
+                    failure = exc
+                except Exception as exc:
+                    classified = self.classify(exc) or transport_failure(exc)
+                    if classified is None:
+                        raise
+                    failure = classified
+                else:
+                    if permit is not None:
+                        permit.succeeded()
+                    return response
+                limited = permit is not None and failure.status == 429 and not (committed and committed())
+                delay = policy.delay(held if limited else retries, failure.retry_after_s)
+                if permit is not None and limited:
+                    permit.rate_limited(delay)  # the whole key waits, and its concurrency is lowered
             if committed is not None and committed():
                 raise self.broken_off(failure)
             if not failure.transient or failure.context_exceeded:
                 raise self.error_for(failure)
-            if number + 1 == policy.attempts:
+            if limited and time.monotonic() + delay < hold_until:
+                held += 1
+                log.debug("%s answered 429; the call waits in the rate limiter's queue again", self.provider)
+                continue
+            retries += 1
+            if retries == policy.attempts:
                 break
-            delay = policy.delay(number, failure.retry_after_s)
             if deadline is not None and time.monotonic() + delay >= deadline:
                 log.info(
                     "%s: %s; no retry, the caller's deadline is nearer than %.2f s",
@@ -359,7 +393,7 @@ class RemoteBackend(Backend):
                 self.provider,
                 failure.status or "nothing",
                 failure.reason,
-                number + 1,
+                retries,
                 policy.attempts - 1,
                 delay,
             )
@@ -430,18 +464,58 @@ def finish_reason(response: dict[str, Any]) -> FinishReason:
     return FinishReason.UNSPECIFIED
 
 
-def _usage(response: dict[str, Any]) -> tuple[int, int]:
-    """Prompt and completion tokens from the usual places in provider responses."""
-    usage = response.get("usage") or response.get("usage_metadata") or {}
-    if isinstance(usage, dict) and "tokens" in usage and isinstance(usage["tokens"], dict):
-        usage = usage["tokens"]  # cohere
+class Tokens(NamedTuple):
+    """A reply's token counts: the whole prompt (cached tokens included) and the whole completion (reasoning
+    included), with the parts of each that the provider reports (``cache_write``: prompt tokens written to the
+    provider's prompt cache, which Anthropic bills above its input price)."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached_prompt: int = 0
+    reasoning: int = 0
+    cache_write: int = 0
+
+
+def usage_of(response: dict[str, Any]) -> Tokens:
+    """The token counts in a provider's response object, from each provider's own shape."""
+    if isinstance(response.get("usage_metadata"), dict):  # Google: thoughts are billed as output, apart
+        meta = response["usage_metadata"]
+        thoughts = _count(meta, "thoughts_token_count")
+        completion = _count(meta, "candidates_token_count") + thoughts
+        return Tokens(
+            _count(meta, "prompt_token_count"), completion, _count(meta, "cached_content_token_count"), thoughts
+        )
+    usage = response.get("usage")
     if not isinstance(usage, dict):
-        return 0, 0
-    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or usage.get("prompt_token_count") or 0
-    completion = (
-        usage.get("completion_tokens") or usage.get("output_tokens") or usage.get("candidates_token_count") or 0
+        return Tokens()
+    if isinstance(usage.get("tokens"), dict):  # Cohere v2: tokens, billed_units, cached_tokens
+        tokens = usage["tokens"]
+        return Tokens(_count(tokens, "input_tokens"), _count(tokens, "output_tokens"), _count(usage, "cached_tokens"))
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        # Anthropic: input_tokens leaves out the tokens read from and written to its prompt cache
+        cached, written = _count(usage, "cache_read_input_tokens"), _count(usage, "cache_creation_input_tokens")
+        prompt = _count(usage, "input_tokens") + cached + written
+        return Tokens(prompt, _count(usage, "output_tokens"), cached, cache_write=written)
+    if "prompt_tokens" in usage:  # OpenAI's chat completions (Azure, OpenRouter, Mistral and compatible servers)
+        return Tokens(
+            _count(usage, "prompt_tokens"),
+            _count(usage, "completion_tokens"),
+            _count(usage.get("prompt_tokens_details"), "cached_tokens"),
+            _count(usage.get("completion_tokens_details"), "reasoning_tokens"),
+        )
+    # OpenAI's Responses API, and Anthropic without a prompt cache
+    return Tokens(
+        _count(usage, "input_tokens"),
+        _count(usage, "output_tokens"),
+        _count(usage.get("input_tokens_details"), "cached_tokens"),
+        _count(usage.get("output_tokens_details"), "reasoning_tokens"),
     )
-    return int(prompt or 0), int(completion or 0)
+
+
+def _count(part: Any, key: str) -> int:
+    """``part[key]`` as a count; 0 where the part or the key is missing or null."""
+    value = part.get(key) if isinstance(part, dict) else None
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def transport_failure(exc: Exception) -> UpstreamFailure | None:

@@ -4,14 +4,21 @@ One ``AsyncLLM`` per loaded model. Every Generate call becomes one engine reques
 (any number of game processes) are batched continuously by vLLM itself. Prompts are rendered with the
 model's chat template exactly as ``huggingface_local`` renders them, and the engine receives the token ids
 of that rendering: no second tokenization, so no doubled BOS (clembench's old vLLM backend had one).
+
+On GPUs the engine runs on the GPUs admission placed it on (its process started with ``CUDA_VISIBLE_DEVICES``
+naming them), and, unless the entry sets ``gpu_memory_utilization`` or ``kv_cache_memory_bytes`` itself, in
+the room admission granted there: its KV cache is what the grant leaves after the weights and the engine's
+overhead (``kv_cache_memory_bytes``), not vLLM's default 90% of each GPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
+import math
 import os
 from collections.abc import MutableMapping, Sequence
 from typing import Any
@@ -23,7 +30,9 @@ from clemserve.registry.errors import (
     ResourceExhaustedError,
 )
 
-from ..domain import FinishReason, GenArgs, Generation, Message, TextSink, TokenCount
+from .. import gpus as gpu_reader
+from ..devices import Grant
+from ..domain import FinishReason, GenArgs, Generation, Message, PrefixReuse, TextSink, TokenCount
 from ..memory import Estimate, Sizing
 from . import footprint
 from .base import Backend, BackendDeadError, Progress, missing_dependency
@@ -44,6 +53,11 @@ KNOWN_CONFIG = CHAT_CONFIG | {"number_gpus", "vllm_args", "slow_tokenizer"}
 #: SamplingParams fields that clemserve sets itself or that would change the reply's shape
 _RESERVED_ARGS = frozenset({"n", "max_tokens", "temperature", "output_kind", "detokenize", "logprobs"})
 _request_numbers = itertools.count()
+#: what an engine takes on each GPU beyond its weights and KV cache: its CUDA context, the activations of its
+#: profile run, CUDA graphs
+ENGINE_OVERHEAD = 2 * 2**30
+#: the least KV cache an engine is given on each GPU where its model's shape is unknown
+KV_FLOOR = 512 * 2**20
 
 
 class VLLMBackend(Backend):
@@ -85,11 +99,17 @@ class VLLMBackend(Backend):
 
         engine_args = self._engine_args(AsyncEngineArgs, source, token)
         progress(f"starting the vLLM engine ({', '.join(f'{k}={v}' for k, v in sorted(engine_args.items()))})", 0.3)
+        grant = self.context.grant
         try:
             # building the engine profiles memory and warms up: seconds to minutes, so not on the event loop
-            self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**engine_args))
+            start = functools.partial(AsyncLLM.from_engine_args, AsyncEngineArgs(**engine_args))
+            if grant.gpus:  # its process sees its GPUs only, as CUDA's 0 to n - 1
+                start = functools.partial(gpu_reader.start_seeing, grant.cuda_visible_devices, start)
+            self.engine = await asyncio.to_thread(start)
         except (OSError, ValueError, RuntimeError) as exc:
             raise engine_start_failure(self.model_name, source, exc) from None
+        #: where it runs, for provenance
+        self.device = ",".join(f"cuda:{gpu}" for gpu in grant.gpus)
         self.context_size = min(self.context_size, int(engine_args.get("max_model_len") or self.context_size))
         progress(f"ready: context size {self.context_size}", 1.0)
 
@@ -112,7 +132,11 @@ class VLLMBackend(Backend):
             "tensor_parallel_size": int(config.get("number_gpus") or 1),
             "max_model_len": self.context_size,
             "disable_log_stats": True,
+            # vLLM turns automatic prefix caching on by default for a generative model; said here so that no
+            # default of a later version turns it off unnoticed (an entry's vllm_args may still turn it off)
+            **({"enable_prefix_caching": True} if "enable_prefix_caching" in known else {}),
             **({"hf_token": token} if token and "hf_token" in known else {}),
+            **granted_memory(self.model_name, vllm_args, self.context.grant),
             **vllm_args,
         }
         if config.get("trust_remote_code"):
@@ -123,6 +147,13 @@ class VLLMBackend(Backend):
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+
+    def prefix_reuse(self) -> PrefixReuse:
+        """vLLM's automatic prefix caching, as the running engine has it (its KV blocks are vLLM's own)."""
+        cache = getattr(getattr(getattr(self, "engine", None), "vllm_config", None), "cache_config", None)
+        if cache is None:
+            return PrefixReuse()
+        return PrefixReuse("vllm automatic prefix caching" if cache.enable_prefix_caching else "off (vllm_args)")
 
     def engine_requests(self) -> int:
         """Requests the engine holds now (running or waiting)."""
@@ -192,6 +223,7 @@ class VLLMBackend(Backend):
             prompt_tokens=len(ids),
             completion_tokens=len(completion.token_ids),
             finish_reason=FinishReason.LENGTH if completion.finish_reason == "length" else FinishReason.STOP,
+            cached_prompt_tokens=int(getattr(final, "num_cached_tokens", None) or 0),
         )
 
     def _prompt(self, messages: Sequence[Message]) -> tuple[str, list[int]]:
@@ -247,6 +279,31 @@ def _sampling_fields(sampling_params: Any) -> frozenset[str]:
     return frozenset(f for f in fields if not f.startswith("_")) - _RESERVED_ARGS
 
 
+def granted_memory(model_name: str, vllm_args: dict[str, Any], grant: Grant) -> dict[str, Any]:
+    """The engine's memory sized from what admission granted on each of its GPUs, where the entry sets neither
+    ``gpu_memory_utilization`` nor ``kv_cache_memory_bytes``: ``kv_cache_memory_bytes``, the grant less the
+    weights and the engine's overhead (at least :data:`KV_FLOOR`), and a ``gpu_memory_utilization`` of the
+    weights and that KV cache, which vLLM then only checks is free at start ({} on the CPU, or not placed)."""
+    if not grant.gpus or not grant.gpu_bytes or {"gpu_memory_utilization", "kv_cache_memory_bytes"} & set(vllm_args):
+        return {}
+    gpus, found = len(grant.gpus), grant.estimate
+    kv = max(KV_FLOOR, grant.per_gpu - (found.weights + found.overhead) // gpus)
+    share = min(0.99, max(0.01, math.floor((found.weights // gpus + kv) / grant.gpu_bytes * 1e4) / 1e4))
+    log.info(
+        "%s: kv_cache_memory_bytes=%d (%.2f GiB) on each of %d GPU(s), from the %.2f GiB admitted there less "
+        "%.2f GiB of weights and %.2f GiB of engine overhead; gpu_memory_utilization=%g",
+        model_name,
+        kv,
+        kv / 2**30,
+        gpus,
+        grant.per_gpu / 2**30,
+        found.weights / gpus / 2**30,
+        found.overhead / gpus / 2**30,
+        share,
+    )
+    return {"kv_cache_memory_bytes": kv, "gpu_memory_utilization": share}
+
+
 def spawn_workers(environ: MutableMapping[str, str]) -> None:
     """vLLM starts its engine core and workers with ``fork`` unless told otherwise; a fork of this threaded server
     (gRPC's threads, the event loop, torch's pools) can inherit a lock held by a thread that the child does not
@@ -263,29 +320,46 @@ def tensor_parallel_size(config: dict[str, Any]) -> int:
 
 def estimate(spec: Any, sizing: Sizing) -> Estimate:
     """The weights (safetensors headers, else ``config.json``'s parameters at its dtype) plus the engine's
-    KV-cache space: ``vllm_args.kv_cache_memory_bytes`` per GPU, else on a GPU the ``gpu_memory_utilization``
-    share (0.9 unless set) of each of its ``tensor_parallel_size`` GPUs minus the weights (vLLM takes that
-    share whole, on every GPU it uses, and refuses to start where a GPU has less free), else
-    ``VLLM_CPU_KVCACHE_SPACE`` GiB on a CPU."""
+    KV-cache space: ``vllm_args.kv_cache_memory_bytes`` per GPU; else, where the entry sets
+    ``gpu_memory_utilization``, that share of each of its ``tensor_parallel_size`` GPUs minus the weights (vLLM
+    takes that share whole, on every GPU it uses, and refuses to start where a GPU has less free); else on a
+    GPU the KV cache of ``--kv-cache-tokens`` tokens, or of one request at the model's whole context where that
+    is more (vLLM refuses to start without room for one), which the engine is then given
+    (:func:`granted_memory`); on a CPU ``VLLM_CPU_KVCACHE_SPACE`` GiB. On GPUs, plus the engine's overhead on
+    each (:data:`ENGINE_OVERHEAD`) where no share covers it."""
     config = model_config(spec)
     folder = footprint.local_folder(str(spec.get("huggingface_id", "")))
     weights = footprint.safetensors_bytes(folder)
-    if not weights:
+    try:
         hf_config = footprint.read_config(folder)
+    except (OSError, ValueError):
+        hf_config = {}
+    if not weights:
         weights = footprint.parameter_count(hf_config) * footprint.dtype_bytes(hf_config)
     args = config.get("vllm_args", {}) if isinstance(config.get("vllm_args"), dict) else {}
     gpus = tensor_parallel_size(config)
+    overhead = ENGINE_OVERHEAD * gpus if sizing.gpu_bytes else 0
     if args.get("kv_cache_memory_bytes"):  # a KV cache of a given size: no share is taken
         kv = int(args["kv_cache_memory_bytes"]) * gpus
-        return Estimate(weights, kv, "vllm_args.kv_cache_memory_bytes", gpus=gpus)
-    share = float(args.get("gpu_memory_utilization", 0.9))
-    if sizing.gpu_bytes:
-        kv, source = (
-            max(0, int(sizing.gpu_bytes * share) * gpus - weights),
-            f"vllm gpu_memory_utilization on {gpus} GPU(s)",
-        )
-    else:
+        return Estimate(weights, kv, "vllm_args.kv_cache_memory_bytes", gpus=gpus, overhead=overhead)
+    if not sizing.gpu_bytes:
         space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))  # vLLM's CPU default is 4 GiB
-        kv, source = int(space * 2**30), "vllm VLLM_CPU_KVCACHE_SPACE"
-    field = "model_config.vllm_args.gpu_memory_utilization"
-    return Estimate(weights, kv, source, gpu_share=share, gpus=gpus, share_field=field)
+        return Estimate(weights, int(space * 2**30), "vllm VLLM_CPU_KVCACHE_SPACE", gpus=gpus)
+    if "gpu_memory_utilization" in args:
+        share = float(args["gpu_memory_utilization"])
+        kv = max(0, int(sizing.gpu_bytes * share) * gpus - weights)
+        field = "model_config.vllm_args.gpu_memory_utilization"
+        source = f"vllm gpu_memory_utilization on {gpus} GPU(s)"
+        return Estimate(weights, kv, source, gpu_share=share, gpus=gpus, share_field=field)
+    tokens = max(sizing.kv_tokens, int(args.get("max_model_len") or footprint.context(hf_config, spec)))
+    kv = max(_kv_per_token(hf_config, args) * tokens, KV_FLOOR * gpus)
+    return Estimate(weights, kv, f"vllm KV cache for {tokens} tokens", gpus=gpus, overhead=overhead)
+
+
+def _kv_per_token(hf_config: dict[str, Any], args: dict[str, Any]) -> int:
+    """One token's keys and values over every layer, at the KV cache's dtype (0: the config does not say)."""
+    dtype = 1 if str(args.get("kv_cache_dtype", "auto")).startswith("fp8") else footprint.dtype_bytes(hf_config)
+    try:
+        return footprint.kv_cache_bytes(hf_config, dtype, 1, 1)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return 0

@@ -5,7 +5,7 @@ these; availability, provenance and the memory check read the :class:`Weights` t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,22 @@ from .footprint import weight_files_bytes
 
 #: the folder of a hub id's cached snapshot with its config and weights, or None
 SnapshotFinder = Callable[[str], "Path | None"]
+#: the files of a hub repository that a load reads, chosen from the names of all its files
+FileChoice = Callable[[Sequence[str]], list[str]]
+#: files of formats that transformers does not load (other frameworks', GGUF, ONNX, original checkpoints)
+_NOT_TRANSFORMERS = (
+    ".msgpack",
+    ".h5",
+    ".ot",
+    ".onnx",
+    ".onnx_data",
+    ".gguf",
+    ".tflite",
+    ".mlmodel",
+    ".ckpt",
+    ".pth",
+    ".pt",
+)
 
 
 @dataclass(frozen=True)
@@ -25,7 +41,9 @@ class Weights:
     """Where an entry's weights are. ``folder``: the folder of its config.json (a local folder or a hub
     snapshot); ``files``: the files that hold them where one file does (GGUF); ``local``: the entry names a
     folder on this machine. Not here: ``missing`` says why, ``download`` that the first load fetches them
-    from the hub where the server is online, ``unservable`` that no load can find them (the entry names none)."""
+    from the hub where the server is online, ``unservable`` that no load can find them (the entry names none).
+    ``fetch``: how the server picks the repository's files to download before the load (None: the backend
+    downloads what it needs itself, within its load)."""
 
     source: str
     folder: Path | None = None
@@ -34,6 +52,7 @@ class Weights:
     missing: str = ""
     download: bool = False
     unservable: bool = False
+    fetch: FileChoice | None = None
 
     @property
     def found(self) -> bool:
@@ -97,4 +116,22 @@ def transformers_weights(spec: ModelSpec, find: SnapshotFinder = cached_snapshot
         source,
         missing=f"the server is offline (HF_HUB_OFFLINE) and {source} is not in its Hugging Face cache",
         download=True,
+        fetch=transformers_files,
     )
+
+
+def transformers_files(names: Sequence[str]) -> list[str]:
+    """The files of a checkpoint's hub repository that ``from_pretrained`` reads: those at its top (config,
+    tokenizer, processor, chat template, remote code, weights), the safetensors weights where there are any
+    (not the PyTorch bins beside them, nor Mistral's ``consolidated`` file beside transformers' shards), and
+    no weights of other formats."""
+    top = [name for name in names if "/" not in name and not name.endswith(_NOT_TRANSFORMERS)]
+    safetensors = [name for name in top if name.endswith(".safetensors")]
+    chosen = {name for name in safetensors if not name.startswith("consolidated")} or set(safetensors)
+
+    def read(name: str) -> bool:
+        if name.endswith(".safetensors"):
+            return name in chosen
+        return not (chosen and name.endswith((".bin", ".bin.index.json")))
+
+    return [name for name in top if read(name)]

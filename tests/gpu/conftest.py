@@ -1,6 +1,8 @@
 """The GPU tests' device and models. Every test here carries the ``gpu`` marker and is skipped, with the
 reason shown by ``pytest -ra``, where torch sees no CUDA device. ``CLEMSERVE_GPU_TESTS_ON_CPU=1`` runs them
-on the CPU with a smaller model (a dry run of the tests themselves; what only a GPU has is skipped)."""
+on the CPU with a smaller model (a dry run of the tests themselves; what only a GPU has is skipped).
+``CLEMSERVE_GPU_MODELS`` names a folder where the random models are built once and kept (``make gpu-check``
+shares them with its benchmark); without it they are built in a temporary folder."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.random_llama import build_random_llama
+from tests.gpu.random_llama import random_llama
 
 ON_CPU = os.environ.get("CLEMSERVE_GPU_TESTS_ON_CPU", "") in ("1", "true", "yes")
 
@@ -56,10 +58,16 @@ SIZE = "small" if ON_CPU else "0.5b"
 
 
 @pytest.fixture(scope="session")
-def model_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_random_llama(tmp_path_factory.mktemp("random-llama-bf16"), SIZE, "bfloat16")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shared = os.environ.get("CLEMSERVE_GPU_MODELS", "")
+    return Path(shared) if shared else tmp_path_factory.mktemp("random-llamas")
 
 
 @pytest.fixture(scope="session")
-def model_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_random_llama(tmp_path_factory.mktemp("random-llama-fp32"), SIZE, "float32")
+def model_bf16(models: Path) -> Path:
+    return random_llama(models, SIZE, "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def model_fp32(models: Path) -> Path:
+    return random_llama(models, SIZE, "float32")

@@ -4,11 +4,17 @@ The tokenizer is the tiny model's (tests/tiny_model.py, 400 tokens); the transfo
 ``0.5b`` is a Llama of about 0.5 billion parameters (most of them in its 20 layers), ``tiny`` the tiny
 model's shape for quick runs on a CPU. Weights are saved in ``dtype`` and recorded as the checkpoint's
 ``dtype``, so ``dtype="auto"`` (how huggingface_local loads) loads them so.
+
+:func:`random_llama` keeps the models it builds in a folder, so that ``make gpu-check``'s tests and benchmark
+build each once (a 0.5b float32 model takes seconds to build and 2 GB to store).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.tiny_model import build_tiny_llama
@@ -56,6 +62,33 @@ def build_random_llama(folder: Path, size: str = "0.5b", dtype: str = "bfloat16"
     for stale in folder.glob("*.safetensors*"):
         stale.unlink()
     model.save_pretrained(folder)
+    return folder
+
+
+def random_llama(models: Path, size: str = "0.5b", dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """:func:`build_random_llama`'s model, built in ``models`` once and reused while what built it is the same.
+
+    The folder's name holds a digest of the shape, the seed, transformers' version and the source of the two
+    builders, so a changed builder builds a new model rather than reusing a stale one.
+    """
+    import transformers
+
+    here = Path(__file__).resolve()
+    digest = hashlib.sha256(repr((asdict(SHAPES[size]), seed, transformers.__version__)).encode())
+    for source in (here, here.parent.parent / "tiny_model.py"):
+        digest.update(source.read_bytes())
+    folder = models / f"{size}-{dtype}-{digest.hexdigest()[:12]}"
+    if not (folder / "config.json").is_file():
+        building = models / f".{folder.name}.{os.getpid()}"
+        shutil.rmtree(building, ignore_errors=True)
+        try:
+            build_random_llama(building, size, dtype, seed)
+            building.rename(folder)
+        except OSError:  # another process built it first
+            if not (folder / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     return folder
 
 

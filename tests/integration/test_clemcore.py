@@ -105,7 +105,8 @@ def game_side(python: Path, args: list[str], cwd: Path, **env: str) -> subproces
 def workdir(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     python = clemcore_python()
     folder = tmp_path_factory.mktemp("clemcore")
-    (folder / "model_registry.json").write_text(json.dumps(EARLIER))
+    stale = {"model_name": "stale", "backend": "clemserve", "model_config": {"clemserve_address": server.address}}
+    (folder / "model_registry.json").write_text(json.dumps([*EARLIER, stale]))
     setup = game_side(
         python, [str(python), "-m", "clemserve.client.cli", "clemcore-setup", "--address", server.address], folder
     )
@@ -125,9 +126,10 @@ def played(workdir: tuple[Path, Path, str]) -> dict[str, Any]:
 def test_setup_merges_the_registry(server: ServerProcess, workdir: tuple[Path, Path, str]) -> None:
     _, folder, notes = workdir
     entries = json.loads((folder / "model_registry.json").read_text())
-    assert entries[:2] == EARLIER[:2]  # other backends stay, first; the old server's entry went
-    served = {entry["model_name"]: entry for entry in entries[2:]}
-    assert "gone" not in served and {"echo", "tiny-llama", "echo-small"} <= set(served)
+    assert entries[:2] == EARLIER[:2]  # other backends stay, first
+    assert entries[2] == EARLIER[2]  # another server's entry stays; this server's earlier one (stale) went
+    served = {entry["model_name"]: entry for entry in entries[3:]}
+    assert "stale" not in served and {"echo", "tiny-llama", "echo-small"} <= set(served)
     assert all(entry["backend"] == "clemserve" for entry in served.values())
     assert served["echo"] == {
         "model_name": "echo",
@@ -153,7 +155,7 @@ def test_setup_adds_only_what_the_server_can_run(
     left_out = {s.name for s in statuses} - runnable
     assert runnable and left_out  # the packaged registry's API models have no key on this server
     entries = json.loads((folder / "model_registry.json").read_text())
-    assert {e["model_name"] for e in entries if e["backend"] == "clemserve"} == runnable
+    assert {e["model_name"] for e in entries[3:]} == runnable  # after the other server's entry (gone)
     assert f"left out {len(left_out)} models the server cannot run now" in notes and "--all" in notes
     everything = game_side(
         python,

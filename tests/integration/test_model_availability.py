@@ -4,15 +4,18 @@ errors for a model the server has no key for and for a name it does not know; th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
 import clemserve.client as backends
 from tests.serving import ServerProcess, start_server
+from tests.standin_hub import StandInHub
 
 ENTRIES = [
     {"model_name": "echo-here", "backend": "echo"},
@@ -41,11 +44,11 @@ def key_file(folder: Path) -> Path:
 def server(folder: Path, key_file: Path) -> Iterator[ServerProcess]:
     registry = folder / "registry.json"
     registry.write_text(json.dumps(ENTRIES))
-    # HF_HUB_OFFLINE=1 comes from start_server: weights not in the cache cannot come
+    # the server's own default: offline, whatever the environment says (make test's says HF_HUB_OFFLINE=1)
     proc = start_server(
         folder,
         "--registry", str(registry), "--key-file", str(key_file),
-        env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""},
+        env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", "HF_HUB_OFFLINE": "0"},
     )  # fmt: skip
     yield proc
     assert proc.stop() == 0, proc.log()
@@ -65,10 +68,16 @@ def test_list_models_says_what_can_run(server: ServerProcess) -> None:
     assert found["claude-keyed"] == ("can_load", "")
     assert found["hub-not-cached"] == (
         "needs_weights",
-        "the server is offline (HF_HUB_OFFLINE) and clemserve-test/not-cached-xyz is not in its Hugging Face cache",
+        "clemserve-test/not-cached-xyz is not in the server's Hugging Face cache and the server is offline "
+        "(serve with --online to download it, or download it into that cache first)",
     )
-    assert found["vllm-model"][0] == "needs_extra" and "clemserve[vllm]" in found["vllm-model"][1]
-    assert found["llamacpp-model"][0] == "needs_extra" and "clemserve[llamacpp]" in found["llamacpp-model"][1]
+    assert "Hugging Face hub: offline" in server.log()
+    # engines pip cannot simply install name the checkout's make target (clemserve is not on PyPI)
+    assert found["vllm-model"][0] == "needs_extra" and found["vllm-model"][1].startswith("make vllm-env")
+    if find_spec("llama_cpp") is None:
+        assert found["llamacpp-model"][0] == "needs_extra" and "make llamacpp-env" in found["llamacpp-model"][1]
+    else:  # the main environment runs llama.cpp too (make llamacpp-env): the weights decide
+        assert found["llamacpp-model"][0] == "needs_weights" and "offline" in found["llamacpp-model"][1]
     # listing loaded nothing; a model that loads is ready
     assert {s.state for s in backends.list_models(address=server.address)} == {"not_loaded"}
     model = backends.get_model_for("echo-here", address=server.address)
@@ -86,7 +95,8 @@ def clemserve_models(server: ServerProcess, *flags: str) -> list[list[str]]:
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    return [line.split() for line in run.stdout.splitlines()]
+    table = run.stdout.split("\n\n")[0]  # the blocks after the table (spend, prefix reuse) are not rows
+    return [line.split() for line in table.splitlines()]
 
 
 def test_clemserve_models_has_an_availability_column_and_filters(server: ServerProcess) -> None:
@@ -134,3 +144,49 @@ def test_unknown_model_suggests_close_names(server: ServerProcess) -> None:
     with pytest.raises(backends.ModelNotFoundError) as caught:
         backends.get_model_for("zzzzzz", address=server.address)
     assert str(caught.value).endswith('{"model_name":"zzzzzz"} (see `clemserve models`)')
+
+
+def test_online_weights_not_cached_can_load_only_where_the_hub_has_them(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text("{}")
+    registry = tmp_path / "registry.json"
+    entries = [
+        {"model_name": "on-the-hub", "backend": "huggingface_local", "huggingface_id": "clemserve-test/on-hub"},
+        {"model_name": "not-on-the-hub", "backend": "huggingface_local", "huggingface_id": "clemserve-test/none"},
+    ]
+    registry.write_text(json.dumps(entries))
+    with StandInHub() as hub:
+        hub.add("clemserve-test/on-hub", repo)
+        proc = start_server(
+            tmp_path, "--registry", str(registry), "--online",
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "", "HF_HOME": str(tmp_path / "hf")},
+        )  # fmt: skip
+        try:
+            found = listed(proc)
+            assert found["on-the-hub"] == (
+                "can_load",
+                "the first load downloads clemserve-test/on-hub from the Hugging Face hub",
+            )
+            assert found["not-on-the-hub"] == (
+                "needs_weights",
+                f"clemserve-test/none is neither in the server's Hugging Face cache nor on the hub {hub.url}",
+            )
+            assert {"/api/models/clemserve-test/none", "/api/models/clemserve-test/on-hub"} <= {
+                path for _, path in hub.requests
+            }
+            # answers are kept for the process: a second listing asks the hub nothing
+            asked = len(hub.requests)
+            assert listed(proc) == found and len(hub.requests) == asked
+            assert "Hugging Face hub: online" in proc.log()
+        finally:
+            assert proc.stop() == 0, proc.log()
+
+
+def test_online_refuses_an_environment_that_keeps_the_hub_off(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "clemserve.service.cli", "serve", "--online", "--port", "0"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "clemserve: --online, but HF_HUB_OFFLINE=1 in the environment keeps the hub off" in run.stderr

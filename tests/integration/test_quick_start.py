@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,23 @@ def test_the_servers_terminal_is_make_serve_on_the_address_the_commands_use() ->
     host, port = SERVE_ADDRESS.split(":")
     assert f"\nHOST ?= {host}\n" in makefile and f"\nPORT ?= {port}\n" in makefile
     assert SERVE_ADDRESS in commands
+
+
+def test_make_serve_is_clemserve_serve_with_its_own_defaults() -> None:
+    """No variable of the Makefile's reaches the server but the address and SERVE_FLAGS: the same cache, the
+    same offline hub as clemserve serve typed by hand."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEMSERVE_", "HF_")) and k not in ("HOST", "PORT")}
+    run = subprocess.run(
+        ["make", "--no-print-directory", "-pn", "serve", "HOST=::1", "PORT=6001", "SERVE_FLAGS=--online"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    lines = run.stdout.splitlines()
+    assert "exec .venv/bin/clemserve serve --host ::1 --port 6001 --online" in lines
+    # the Makefile's own variables (make -p marks each with its origin)
+    defined = {lines[i + 1].split()[0] for i, line in enumerate(lines[:-1]) if line.startswith("# makefile (from")}
+    assert {"VENV", "STAMP"} <= defined
+    exported = [line for line in lines if line.startswith("export ")]
+    assert not {"HF_HUB_OFFLINE", "CLEMSERVE_CACHE_DIR", "TOKENIZERS_PARALLELISM"} & defined, exported
 
 
 def needed(what: str, present: bool, how: str) -> None:
@@ -91,3 +109,29 @@ def test_the_quick_start_runs_as_written(demo_server: ServerProcess, tmp_path: P
             prompt = calls[0]["call"]["manipulated_prompt_obj"]  # as the server rendered it for the demo model
             assert prompt["inputs"].startswith("<|im_start|>system") and prompt["max_new_tokens"] == 30, prompt
     assert not (REPO / "clemserve_api.py").exists()  # nothing was written into this checkout
+
+
+def test_the_servers_address_answers_the_demo_model_on_transformers_and_on_llama_cpp(
+    demo_server: ServerProcess,
+) -> None:
+    """One server for the local families: make serve's registry has the demo model and its GGUF twin, and the
+    main environment runs both (llama.cpp with make llamacpp-env, which make test runs)."""
+    import clemserve.client as backends
+
+    needed("llama-cpp-python in the main environment", find_spec("llama_cpp") is not None, "make llamacpp-env")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = {}
+    for name in ("smollm2-135m-instruct", "smollm2-135m-instruct-gguf"):
+        model = backends.get_model_for(name, address=demo_server.address, timeout=600)
+        model.set_gen_args(temperature=0.0, max_tokens=8)
+        answers[name] = model.generate_response(question)
+    # each in its clembench backend's shapes: transformers' decoded text, llama.cpp's completion dict
+    prompt, response, text = answers["smollm2-135m-instruct"]
+    assert text and response["response"].startswith(prompt["inputs"])
+    prompt, response, text = answers["smollm2-135m-instruct-gguf"]
+    assert text and prompt["return_full_text"] is False and response["response"]["choices"][0]["text"]
+    listed = {s.name: s for s in backends.list_models(address=demo_server.address)}
+    assert {(listed[name].model_spec["backend"], listed[name].state) for name in answers} == {
+        ("huggingface_local", "ready"),
+        ("llamacpp", "ready"),
+    }

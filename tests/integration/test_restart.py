@@ -77,6 +77,12 @@ def registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
             "model_id": "stream",
             "model_config": {"stream_tokens": 60, "token_delay_s": 0.05},
         },
+        {  # 50 tokens in 5 s: 10 tokens a second
+            "model_name": "slow-tokens",
+            "backend": "fault",
+            "model_id": "tokens",
+            "model_config": {"stream_tokens": 50, "token_delay_s": 0.1},
+        },
     ]
     path.write_text(json.dumps(entries))
     return path
@@ -164,6 +170,53 @@ def test_a_stopping_server_says_it_is_shutting_down(
     with pytest.raises(backends.UnavailableError, match=f"cannot reach clemserve at {proc.address}"):
         echo.generate_response([{"role": "user", "content": "gone"}])
     assert time.monotonic() - started < 5  # 0: no waiting
+
+
+def test_the_drain_reports_its_progress_and_what_it_cut(
+    registry: Path, tmp_path: Path, servers: list[ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLEMSERVE_WAIT_FOR_SERVER", "0")
+    flags = ("--registry", str(registry), "--grace-period", "1")
+    servers.append(serve_on(tmp_path, free_port(), *flags, name="s"))
+    proc = servers[0]
+    model = backends.get_model_for("slow-tokens", address=proc.address, lease=False)
+    model.set_gen_args(temperature=0.0, max_tokens=50)
+    hi = [{"role": "user", "content": "go"}]
+    model.generate_response(hi)  # one call finished: the server knows the model's token rate
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            model.generate_response(hi)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # both on the server (ListModels, slow on a busy machine, would take longer to tell)
+    proc.process.send_signal(signal.SIGTERM)
+    assert proc.process.wait(timeout=30) == 0
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(errors) == 2 and all(isinstance(e, ShuttingDownError) for e in errors), errors
+
+    log = proc.log()
+    report = re.search(
+        r"draining: 2 calls in flight, 1 s of the grace period left; slow-tokens: 2 generations, "
+        r"about (\d+) of 100 tokens made, (\d+) left, about [\d.]+ s more at ([\d.]+) tokens/s per call; "
+        r"expected to end in about [\d.]+ s",
+        log,
+    )
+    assert report, log
+    made, left, rate = int(report[1]), int(report[2]), float(report[3])
+    assert made + left == 100 and 7 < rate <= 10.5
+    cut = re.search(
+        r"grace period over: ending 2 calls with SHUTTING_DOWN; cut: slow-tokens: 2 generations cut at about "
+        r"(\d+) of 50, (\d+) of 50 tokens",
+        log,
+    )
+    assert cut and 0 < int(cut[1]) < 50, log
 
 
 def test_waiting_ends_at_the_deadline_and_the_wait_limit(
@@ -338,6 +391,10 @@ def test_clem_run_plays_on_across_a_restart(registry: Path, tmp_path: Path, serv
     restart(servers, signal.SIGTERM, *flags)
     output, _ = game.communicate(timeout=120)
     assert game.returncode == 0, output
+    # the terminal says so, once however many calls waited, and the return apart from the call it let through
+    assert output.count(f"clemserve at {servers[0].address} is away (") == 1, output
+    back = r"is back after (\d+\.\d) s away \(the first call sent to it again then took \d+\.\d s\)"
+    assert len(re.findall(back, output)) == 1, output
 
     calm, restarted = results(folder / "calm"), results(played)
     assert len([name for name in calm if name.endswith("interactions.json")]) == 10

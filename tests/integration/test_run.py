@@ -1,6 +1,7 @@
 """``clemserve run`` plays a real clembench game (hellogame, from ../shared) on a game machine's environment
 against a real server: the same results as ``clem run``, failures alone (a killed worker too), resume,
-progress, provenance and exit codes.
+progress, provenance and exit codes; a game that cannot be loaded failing alone in a benchmark selection,
+and ``--score``'s table (guesswhat, which has a scorer).
 
 One server and one game working directory serve the module; the tests play four of hellogame's ten
 instances (an instances file of the copy: ``-i``), each test into its own results folder.
@@ -8,9 +9,11 @@ instances (an instances file of the copy: ``-i``), each test into its own result
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,6 +159,7 @@ def test_provenance_file(run_server: ServerProcess, played: Played) -> None:
     # config names no dtype
     assert model["dtype"] == "float32"
     assert model["device"] == "cpu"
+    assert model["prefix_caching"] == "prefix cache up to 1024 MiB"  # float32: on by default
     assert model["gen_args"] == {"temperature": 0.0, "max_tokens": 12}
 
 
@@ -166,9 +170,10 @@ def test_a_failing_episode_fails_alone_and_a_rerun_replays_only_it(workdir: tupl
     assert f"{EPISODES} episodes: {EPISODES - 1} played, 1 failed, 0 complete before" in first.stdout
     assert "1 episodes failed" in first.stdout
     assert "  hellogame/greet_en/instance_00001: InternalError: internal error (request id" in first.stdout
-    # progress on the terminal: episodes done/failed/total, calls per second
+    # progress on the terminal: episodes done/failed/total, the rate of calls and tokens
     progress = first.stderr.replace("\r", "\n")
-    assert f"{EPISODES}/{EPISODES}" in progress and f"done={EPISODES - 1} failed=1 calls/s=" in progress
+    assert f"{EPISODES}/{EPISODES}" in progress
+    assert re.search(rf"done={EPISODES - 1} failed=1 [0-9.]+ calls/(s|min), [0-9.]+ tokens/(s|min)", progress)
     run_dir = folder / "failing" / "fault-max"
     complete = [p.name for p in episode_folders(run_dir) if (p / "completed.json").is_file()]
     assert complete == [f"instance_{i:05d}" for i in range(EPISODES) if i != 1]
@@ -268,3 +273,63 @@ def test_exit_codes(workdir: tuple[Path, Path]) -> None:
     assert no_experiment.returncode == 2 and "no episodes selected" in no_experiment.stderr
     no_jobs = clemserve_run(python, folder, "-m", "tiny-llama", "-j", "0")
     assert no_jobs.returncode == 2 and "--jobs must be at least 1" in no_jobs.stderr
+
+
+def test_a_game_that_cannot_be_loaded_fails_alone_and_score_prints_the_table(
+    workdir: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The whole benchmark died at one game whose master imports a package the environment lacks: now that
+    game's episodes fail with the cause and what to install, the other games are played (each worker plays
+    guesswhat's episodes, then hellogame's: one game loaded at a time), and --score prints the main table that
+    clemcore's evaluation wrote (of guesswhat: hellogame has no scorer)."""
+    python, setup = workdir
+    folder = tmp_path / "benchmark"
+    folder.mkdir()
+    for name in ("clemserve_api.py", "model_registry.json"):
+        shutil.copy(setup / name, folder / name)
+    hellogame = shutil.copytree(setup / "hellogame", folder / "hellogame")
+    spec = json.loads((hellogame / "clemgame.json").read_text())
+    (hellogame / "clemgame.json").write_text(json.dumps({**spec, "benchmark": ["2.0"]}))
+    broken = shutil.copytree(hellogame, folder / "brokengame")
+    (broken / "clemgame.json").write_text(json.dumps({**spec, "game_name": "brokengame", "benchmark": ["2.0"]}))
+    master = broken / "master.py"
+    master.write_text("import clemserve_no_such_package\n" + master.read_text())
+    (broken / "requirements.txt").write_text("clemserve_no_such_package\n")
+    played = shutil.copytree(GAMES / "guesswhat", folder / "guesswhat")
+    instances = json.loads((played / "in" / "instances.json").read_text())
+    instances["experiments"] = instances["experiments"][:1]
+    (experiment,) = instances["experiments"]
+    experiment["game_instances"] = experiment["game_instances"][:EPISODES]
+    (played / "in" / "four.json").write_text(json.dumps(instances))
+
+    command = [str(python.parent / "clemserve"), "run", "-g", '{"benchmark":["2.0"]}', "-i", "four", "-l", "20"]
+    run = game_side(python, [*command, "-m", "fault-max", "-j", "2", "--score"], folder)
+    assert run.returncode == 1, run.stdout + run.stderr
+    cause = (
+        "brokengame cannot be loaded: ModuleNotFoundError: No module named 'clemserve_no_such_package'; the game "
+        "needs packages this environment lacks: install its checkout's requirements here "
+        f"({python.parent / 'python'} -m pip install -r {broken / 'requirements.txt'})"
+    )
+    assert f"clemserve: run: {cause}: its {EPISODES} episodes are not played" in run.stderr  # said at once
+    # hellogame's instance 1 fails on the server, as in the tests above
+    assert f"{3 * EPISODES} episodes: {2 * EPISODES - 1} played, {EPISODES + 1} failed, 0 complete" in run.stdout
+    assert f"{EPISODES + 1} episodes failed" in run.stdout
+    assert f"  {EPISODES} episodes: {cause}\n    brokengame/greet_en ({EPISODES}):\n" in run.stdout  # listed once
+    assert "  hellogame/greet_en/instance_00001: InternalError" in run.stdout
+    assert (
+        sum((p / "completed.json").is_file() for p in episode_folders(folder / "results" / "fault-max")) == EPISODES - 1
+    )
+    run_dir = folder / "results" / "fault-max"
+    assert len(list(run_dir.glob("guesswhat/Level_1/instance_*/completed.json"))) == EPISODES
+    assert not (run_dir / "brokengame").exists()
+    # each episode scored, and clemcore's table of the results folder printed
+    assert len(list(run_dir.glob("guesswhat/Level_1/instance_*/scores.json"))) == EPISODES
+    with open(folder / "results" / "results.csv", newline="") as file:
+        (row,) = csv.DictReader(file)
+    header, printed = run.stdout.splitlines()[-3:-1]
+    assert header.split() == ["MODEL", "CLEMSCORE", "%", "PLAYED", "QUALITY"]
+    columns = ("-, clemscore", "all, Average % Played", "all, Average Quality Score")
+    assert printed.split() == [
+        "fault-max",
+        *(f"{float(row[column]):.2f}" if row[column] else "-" for column in columns),
+    ]

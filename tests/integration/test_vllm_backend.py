@@ -215,3 +215,25 @@ def test_a_stream_forwards_the_engine_text_and_ends_with_the_unary_reply(vllm_se
     while vllm_server.log().count("aborted vLLM request") == aborted_before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert vllm_server.log().count("aborted vLLM request") > aborted_before
+
+
+def test_a_repeated_prefix_is_served_from_vllms_prefix_cache_and_provenance_says_it_is_on(
+    vllm_server: ServerProcess,
+) -> None:
+    import grpc
+
+    from clemserve.v1 import clemserve_pb2 as pb
+    from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
+
+    m = model(vllm_server, "tiny-vllm", max_tokens=4)
+    first = [{"role": "user", "content": "Describe the grid below, row by row. " * 8}]
+    assert 128 < m.count_tokens(first).prompt_tokens < 400  # more than one of vLLM's 128-token blocks on a CPU
+    m.generate_response(first)
+    before = m.spent
+    m.generate_response([*first, {"role": "assistant", "content": "A B C"}, {"role": "user", "content": "Again."}])
+    call = m.spent - before
+    assert 128 <= call.cached_prompt_tokens < call.prompt_tokens, call  # whole blocks of the first prompt
+    with grpc.insecure_channel(vllm_server.address) as channel:
+        request = pb.ResolveModelRequest(model=pb.ModelSelector(name="tiny-vllm"), describe=True)
+        described = pb_grpc.ModelServiceStub(channel).ResolveModel(request, timeout=60)
+    assert described.prefix_caching == "vllm automatic prefix caching"

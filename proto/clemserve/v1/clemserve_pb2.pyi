@@ -367,23 +367,119 @@ class Usage(_message.Message):
 
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt as the model saw it (0 where a provider does not say)."""
     completion_tokens: _builtins.int
     """Tokens generated."""
+    cached_prompt_tokens: _builtins.int
+    """Of prompt_tokens, those a cache served instead of the model computing them: the provider's prompt
+    cache (billed at its cached-input price), or for a local model the server's prefix cache. 0 where
+    nothing says.
+    """
+    reasoning_tokens: _builtins.int
+    """Of completion_tokens, the model's reasoning (thinking) tokens, where the provider reports them."""
     def __init__(
         self,
         *,
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class Cost(_message.Message):
+    """What one call cost: money for a paid API, compute seconds for a model the server runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USD_FIELD_NUMBER: _builtins.int
+    UNPRICED_FIELD_NUMBER: _builtins.int
+    PRICE_SOURCE_FIELD_NUMBER: _builtins.int
+    COMPUTE_SECONDS_FIELD_NUMBER: _builtins.int
+    usd: _builtins.float
+    """US dollars at the model's prices: 0 for a model the server runs itself, and for an unpriced one."""
+    unpriced: _builtins.str
+    """Why the call has no price ("" when it has one): the price database does not know the provider's
+    model id, or the backend has no price list and the registry entry sets no model_config.price.
+    Nothing is guessed: an unpriced call's usd is 0 and says so here.
+    """
+    price_source: _builtins.str
+    """Where the price came from: "genai-prices <version>", "model_config.price", "--prices <file>", or
+    "local" (a model the server runs: no money, compute_seconds instead).
+    """
+    compute_seconds: _builtins.float
+    """A model the server runs: the seconds its generation took, from leaving the queue to its reply (a
+    batch's rows each count the batch's time up to their own end). 0 for a paid API.
+    """
+    def __init__(
+        self,
+        *,
+        usd: _builtins.float = ...,
+        unpriced: _builtins.str = ...,
+        price_source: _builtins.str = ...,
+        compute_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_seconds", b"compute_seconds", "price_source", b"price_source", "unpriced", b"unpriced", "usd", b"usd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cost: _TypeAlias = Cost  # noqa: Y015
+
+@_typing.final
+class ModelSpend(_message.Message):
+    """A model's usage and cost since the server started, summed over its calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    COMPUTE_SECONDS_FIELD_NUMBER: _builtins.int
+    UNPRICED_CALLS_FIELD_NUMBER: _builtins.int
+    UNPRICED_FIELD_NUMBER: _builtins.int
+    calls: _builtins.int
+    """Generations answered."""
+    cost_usd: _builtins.float
+    """Their cost in US dollars (the priced calls')."""
+    compute_seconds: _builtins.float
+    """Their compute seconds (models the server runs)."""
+    unpriced_calls: _builtins.int
+    """Calls that had no price."""
+    unpriced: _builtins.str
+    """Why the last of them had none (see Cost.unpriced)."""
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Their tokens, summed."""
+
+    def __init__(
+        self,
+        *,
+        calls: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
+        cost_usd: _builtins.float = ...,
+        compute_seconds: _builtins.float = ...,
+        unpriced_calls: _builtins.int = ...,
+        unpriced: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "compute_seconds", b"compute_seconds", "cost_usd", b"cost_usd", "unpriced", b"unpriced", "unpriced_calls", b"unpriced_calls", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSpend: _TypeAlias = ModelSpend  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
@@ -398,6 +494,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     MODEL_SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
     prompt_json: _builtins.str
     """The prompt object as the in-process backend returns it, as JSON. For huggingface_local:
     {"inputs": <templated prompt>, "max_new_tokens": ..., "temperature": ...}.
@@ -420,6 +517,10 @@ class GenerateResponse(_message.Message):
     def model_spec(self) -> Global___ModelSpec:
         """The resolved (unified) spec that served the request."""
 
+    @_builtins.property
+    def cost(self) -> Global___Cost:
+        """What the call cost (money, or compute seconds for a model the server runs)."""
+
     def __init__(
         self,
         *,
@@ -430,10 +531,11 @@ class GenerateResponse(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         model_spec: Global___ModelSpec | None = ...,
         request_id: _builtins.str = ...,
+        cost: Global___Cost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "model_spec", b"model_spec", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model_spec", b"model_spec", "prompt_json", b"prompt_json", "request_id", b"request_id", "response_json", b"response_json", "response_text", b"response_text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "finish_reason", b"finish_reason", "model_spec", b"model_spec", "prompt_json", b"prompt_json", "request_id", b"request_id", "response_json", b"response_json", "response_text", b"response_text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -657,6 +759,8 @@ class ResolveModelResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    UNPRICED_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHING_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     """The server's clemserve version (provenance of results played through it, as clemserve run records)."""
     revision: _builtins.str
@@ -670,6 +774,15 @@ class ResolveModelResponse(_message.Message):
     """
     device: _builtins.str
     """Where a local model runs: "cuda" or "cpu" (device_map "auto"); empty for remote models."""
+    unpriced: _builtins.str
+    """With describe: why the server cannot price this model's calls ("" when it can, and for a model the
+    server runs); see Cost.unpriced. clemserve run --max-cost refuses such a model unless told otherwise.
+    """
+    prefix_caching: _builtins.str
+    """With describe, while the model is loaded: how it reuses the states of prompt prefixes it computed before
+    ("vllm automatic prefix caching", "llama.cpp previous prompt", "prefix cache up to 1.0 GiB", or "off: " and
+    why); empty while it is not loaded, and for backends that compute nothing (remote models).
+    """
     @_builtins.property
     def model_spec(self) -> Global___ModelSpec:
         """The selector unified with the first registry entry it unifies with, lookup_source included."""
@@ -689,10 +802,12 @@ class ResolveModelResponse(_message.Message):
         revision: _builtins.str = ...,
         dtype: _builtins.str = ...,
         device: _builtins.str = ...,
+        unpriced: _builtins.str = ...,
+        prefix_caching: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "library_versions", b"library_versions", "model_spec", b"model_spec", "revision", b"revision", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "library_versions", b"library_versions", "model_spec", b"model_spec", "prefix_caching", b"prefix_caching", "revision", b"revision", "server_version", b"server_version", "unpriced", b"unpriced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -724,6 +839,9 @@ class ModelStatus(_message.Message):
     RSS_DELTA_BYTES_FIELD_NUMBER: _builtins.int
     CHARGED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    SPEND_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHING_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     state: Global___ModelState.ValueType
     """Whether it is loaded."""
     state_reason: _builtins.str
@@ -772,6 +890,12 @@ class ModelStatus(_message.Message):
     """What the model holds in the memory budget now: the larger of its estimate and its measurement, plus
     KV cache a running batch borrowed beyond its allowance.
     """
+    prefix_caching: _builtins.str
+    """While loaded: how it reuses prompt prefixes it computed before (see ResolveModelResponse.prefix_caching)."""
+    prefix_cache_bytes: _builtins.int
+    """While loaded: the bytes its prefix cache holds now (huggingface_local; 0 where the engine keeps the states
+    in its own KV cache, as vLLM and llama.cpp do).
+    """
     @_builtins.property
     def model_spec(self) -> Global___ModelSpec:
         """The registry entry (or, for a model loaded from a narrower selector, the resolved spec)."""
@@ -779,6 +903,12 @@ class ModelStatus(_message.Message):
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceShare]:
         """The GPUs the load allocated memory on, and how much on each (empty on a CPU)."""
+
+    @_builtins.property
+    def spend(self) -> Global___ModelSpend:
+        """The model's usage and cost since the server started (by model_name: loads and unloads do not reset it).
+        Its usage's cached_prompt_tokens over prompt_tokens is the share of prompt tokens a cache served.
+        """
 
     def __init__(
         self,
@@ -803,10 +933,13 @@ class ModelStatus(_message.Message):
         rss_delta_bytes: _builtins.int = ...,
         charged_memory_bytes: _builtins.int = ...,
         devices: _abc.Iterable[Global___DeviceShare] | None = ...,
+        spend: Global___ModelSpend | None = ...,
+        prefix_caching: _builtins.str = ...,
+        prefix_cache_bytes: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_spec", b"model_spec", "spend", b"spend"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability", b"availability", "availability_detail", b"availability_detail", "charged_memory_bytes", b"charged_memory_bytes", "devices", b"devices", "estimate_source", b"estimate_source", "estimated_kv_cache_bytes", b"estimated_kv_cache_bytes", "estimated_memory_bytes", b"estimated_memory_bytes", "estimated_weights_bytes", b"estimated_weights_bytes", "idle_seconds", b"idle_seconds", "leases", b"leases", "load_progress", b"load_progress", "load_seconds", b"load_seconds", "measured_by", b"measured_by", "measured_memory_bytes", b"measured_memory_bytes", "model_spec", b"model_spec", "requests_in_flight", b"requests_in_flight", "requests_queued", b"requests_queued", "rss_delta_bytes", b"rss_delta_bytes", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability", b"availability", "availability_detail", b"availability_detail", "charged_memory_bytes", b"charged_memory_bytes", "devices", b"devices", "estimate_source", b"estimate_source", "estimated_kv_cache_bytes", b"estimated_kv_cache_bytes", "estimated_memory_bytes", b"estimated_memory_bytes", "estimated_weights_bytes", b"estimated_weights_bytes", "idle_seconds", b"idle_seconds", "leases", b"leases", "load_progress", b"load_progress", "load_seconds", b"load_seconds", "measured_by", b"measured_by", "measured_memory_bytes", b"measured_memory_bytes", "model_spec", b"model_spec", "prefix_cache_bytes", b"prefix_cache_bytes", "prefix_caching", b"prefix_caching", "requests_in_flight", b"requests_in_flight", "requests_queued", b"requests_queued", "rss_delta_bytes", b"rss_delta_bytes", "spend", b"spend", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

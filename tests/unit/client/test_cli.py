@@ -77,3 +77,21 @@ def test_the_server_commands_are_listed_as_the_server_describes_them() -> None:
     listing = " ".join(_parser().format_help().split())
     for help_text in SERVER_COMMANDS.values():
         assert help_text in listing
+
+
+def test_no_option_of_any_command_keeps_only_the_last_of_its_values() -> None:
+    """An option that takes several values takes them again when repeated (-g A -g B as -g A B), as -m does."""
+    import argparse
+
+    from clemserve.client.cli import parser
+
+    (subcommands,) = (a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    several = {
+        (name, action.dest): action
+        for name, command in subcommands.choices.items()
+        for action in command._actions
+        if action.option_strings and action.nargs in ("+", "*")
+    }
+    assert {("run", "game"), ("run", "experiment"), ("run", "models")} <= set(several)
+    for where, action in several.items():
+        assert isinstance(action, argparse._ExtendAction | argparse._AppendAction), where

@@ -4,6 +4,7 @@ address they name."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,3 +54,29 @@ def test_tls_flags_are_checked_before_any_call(tmp_path: Path) -> None:
     assert "cmd:2" not in credentials._settings
     commands.connect(parse(["--address", "cmd:3", "--tls"]), {})
     assert credentials._settings["cmd:3"].channel_tls == credentials.Tls()
+
+
+def test_no_server_reachable_says_how_to_name_another(capsys: pytest.CaptureFixture[str]) -> None:
+    from clemserve.client import ShuttingDownError, UnavailableError
+
+    assert commands.report(UnavailableError("cannot reach clemserve at localhost:50051: connection refused")) == 4
+    said = capsys.readouterr().err
+    assert "cannot reach clemserve at localhost:50051" in said
+    assert "--address HOST:PORT" in said and "CLEMSERVE_ADDRESS" in said
+    # a server that is there, shutting down, needs no other address
+    assert commands.report(ShuttingDownError("the server is shutting down")) == 4
+    assert "--address" not in capsys.readouterr().err
+
+
+def test_the_models_prefix_reuse_says_what_its_cache_holds_and_the_share_of_prompt_tokens_reused() -> None:
+    from clemserve.client.admin import ModelStatus
+    from clemserve.client.spend import Spend
+    from clemserve.registry import ModelSpec
+
+    spec = ModelSpec(model_name="tiny", backend="huggingface_local")
+    status = ModelStatus(spec, "ready", "", 1.0, 0, prefix_caching="prefix cache up to 1024 MiB")
+    assert commands._prefix_reuse(status) == "prefix cache up to 1024 MiB"
+    used = dataclasses.replace(status, prefix_cache_bytes=3 << 20, spend=Spend(4, 1000, cached_prompt_tokens=800))
+    assert commands._prefix_reuse(used) == (
+        "prefix cache up to 1024 MiB, holding 3.0 MiB; 80% of 1000 prompt tokens reused"
+    )

@@ -90,8 +90,9 @@ class Stub:
         self.streams: list[Stream] = []
         self.generated = 0
 
-    def LeaseModel(self, request: pb.LeaseModelRequest) -> LeaseCall:
+    def LeaseModel(self, request: pb.LeaseModelRequest, *, metadata: Any) -> LeaseCall:
         assert request.model.spec.json == SPEC.to_string()
+        assert metadata == (("clemserve-model", SPEC["model_name"]),)  # where a gateway routes the lease
         self.leases.append(LeaseCall(self.lease_refusal))
         return self.leases[-1]
 
@@ -164,6 +165,17 @@ def test_a_generation_is_sent_again_while_the_server_is_away() -> None:
         model_on(Stub(REFUSED), False, "model:never").generate_response(MESSAGES)  # never reached: fails at once
     with pytest.raises(errors.InvalidArgumentError):
         model_on(Stub(bare(grpc.StatusCode.INVALID_ARGUMENT, "bad")), lease=False).generate_response(MESSAGES)
+
+
+def test_a_model_counts_the_tokens_its_replies_generated() -> None:
+    stub = Stub()
+    stub.Generate = lambda request, **_: pb.GenerateResponse(  # type: ignore[method-assign]
+        prompt_json="{}", response_json="{}", usage=pb.Usage(prompt_tokens=9, completion_tokens=7)
+    )
+    model = model_on(stub, lease=False)
+    model.generate_response(MESSAGES)
+    model.generate_response(MESSAGES)
+    assert model.tokens_generated == 14
 
 
 def test_a_stream_left_early_is_cancelled_and_a_whole_one_ends_with_the_reply() -> None:

@@ -24,6 +24,7 @@ def _forget_servers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("CLEMSERVE_WAIT_FOR_SERVER", raising=False)
     yield
     retry._reached.clear()
+    retry._outages.clear()
 
 
 def seen(address: str, timeout: float | None = None) -> ServerWait:
@@ -122,6 +123,72 @@ def test_a_deadline_while_the_server_was_away_is_the_server_being_away() -> None
     # the same deadline on a call that never met the server away is a deadline
     with pytest.raises(errors.DeadlineExceededError):
         seen("seen:5", timeout=30).retry_after(bare(grpc.StatusCode.DEADLINE_EXCEEDED))
+
+
+def test_an_outage_is_told_once_however_many_calls_wait_through_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    told: list[tuple[bool, float | None]] = []
+
+    def watcher(outage: retry.Outage) -> None:
+        told.append((outage.away, outage.reconnected_s))
+
+    retry.watch_outages(watcher)
+    try:
+        first, second = seen("out:1"), seen("out:1")
+        now = 100.0
+        monkeypatch.setattr(retry.time, "monotonic", lambda: now)
+        first.timeout(), second.timeout()
+        assert first.pause_after(REFUSED) == second.pause_after(REFUSED) == 0.1
+        assert first.pause_after(REFUSED) == 0.2  # a second failure of the same call: the same outage
+        now += 21.0
+        first.timeout()  # the try the server takes
+        now += 28.0  # it loads the model and generates
+        first.answered()
+        second.timeout()
+        second.answered()  # the outage is over already: nothing more is told
+    finally:
+        retry.unwatch_outages(watcher)
+    assert told == [(True, None), (False, 21.0)]
+    lines = [r.getMessage() for r in caplog.records if r.name == retry.__name__]
+    assert lines == [
+        f"clemserve at out:1 is away ({REFUSED.details()}); waiting up to 60 s for it (CLEMSERVE_WAIT_FOR_SERVER)",
+        "clemserve at out:1 is back after 21.0 s away (the first call sent to it again then took 28.0 s)",
+    ]
+
+
+def test_a_call_that_fails_again_after_the_outage_ended_starts_a_new_one() -> None:
+    wait, other = seen("out:2"), seen("out:2")
+    wait.pause_after(REFUSED)
+    other.pause_after(REFUSED)
+    first = retry._outages["out:2"]
+    other.timeout()
+    other.answered()  # the other call got through: this outage is over
+    assert not first.away and "out:2" not in retry._outages
+    wait.pause_after(REFUSED)  # this call's next try is refused again: the server went again
+    assert retry._outages["out:2"] is not first and retry._outages["out:2"].away
+
+
+def test_a_failing_watcher_does_not_fail_the_call() -> None:
+    def broken(outage: retry.Outage) -> None:
+        raise RuntimeError("watcher bug")
+
+    retry.watch_outages(broken)
+    try:
+        assert seen("out:3").pause_after(REFUSED) == 0.1
+    finally:
+        retry.unwatch_outages(broken)
+
+
+def test_a_stream_ends_the_outage_at_its_first_event() -> None:
+    wait = StreamWait("out:4", None)
+    wait.answered()
+    wait.timeout()
+    wait.pause_after(REFUSED)
+    assert retry._outages["out:4"].away
+    wait.timeout()
+    wait.event(pb.GenerateStreamResponse(state=pb.StreamState(detail="loading")))
+    assert "out:4" not in retry._outages
 
 
 def test_the_timeout_left_shrinks_and_none_means_no_deadline() -> None:

@@ -1,5 +1,6 @@
 """``clemserve run``'s coordinator without clemcore: the connection flags handed to the workers, run.json for
-games played side by side, clemserve.json for models the server does not play, and the lock file."""
+games played side by side, clemserve.json for models the server does not play, the lock file, the list of
+failures and the options."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 from clemserve.client import run
+from clemserve.client.run_episodes import Episode, Outcome
+from clemserve.client.spend import RunSpend, Spend
 
 
 def test_the_connection_flags_given_reach_the_workers_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -27,6 +30,15 @@ def test_the_connection_flags_given_reach_the_workers_through_the_environment(mo
         "CLEMSERVE_TLS_CERT": None,
         "CLEMSERVE_TLS_KEY": None,
     }
+
+
+def test_an_address_on_the_command_line_wins_over_the_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEMSERVE_ROUTES", "echo*=routed:1")
+    monkeypatch.setenv("CLEMSERVE_ROUTES_FILE", "routes.txt")
+    run._export_connection(argparse.Namespace(address=None, servers=[]))  # no --address: the routes stand
+    assert os.environ.get("CLEMSERVE_ROUTES") == "echo*=routed:1"
+    run._export_connection(argparse.Namespace(address=None, servers=["a:1", "b:2"]))
+    assert "CLEMSERVE_ROUTES" not in os.environ and "CLEMSERVE_ROUTES_FILE" not in os.environ
 
 
 class Saver:
@@ -75,3 +87,73 @@ def test_the_lock_file_goes_when_the_run_ends(tmp_path: Path) -> None:
         lock.write_text("")
         raise KeyboardInterrupt
     assert not lock.exists()
+
+
+def test_each_cause_of_failure_is_listed_once_with_its_count(tmp_path: Path) -> None:
+    def failed(game: str, experiment: str, game_id: int, error: str) -> Outcome:
+        return Outcome(Episode(game, experiment, game_id, tmp_path / f"instance_{game_id:05d}"), error)
+
+    key = "FailedPreconditionError: the key.json entry 'openai' has no api_key"
+    outcomes = [
+        failed("hellogame", "greet_en", 1, "InternalError: internal error (request id a)"),
+        *(failed("taboo", "high_en", i, key) for i in range(3)),
+        failed("taboo", "low_en", 7, key),
+        failed("hellogame", "greet_en", 2, "InternalError: internal error (request id b)"),
+    ]
+    assert run.failure_lines(outcomes) == [
+        "6 episodes failed (clembench.log has their tracebacks):",
+        "  hellogame/greet_en/instance_00001: InternalError: internal error (request id a)",
+        f"  4 episodes: {key}",
+        "    taboo/high_en (3):\n      instance_00000, instance_00001, instance_00002",
+        "    taboo/low_en (1):\n      instance_00007",
+        "  hellogame/greet_en/instance_00002: InternalError: internal error (request id b)",
+    ]
+
+
+def test_every_repeated_option_keeps_all_its_values() -> None:
+    from clemserve.client.cli import parser
+
+    args = parser().parse_args(
+        ["run", "-g", "a", "b", "-g", "c", "-e", "x", "-e", "y", "-m", "A", "-m", "B", "--score"]
+    )
+    assert (args.game, args.experiment, args.models, args.score) == (["a", "b", "c"], ["x", "y"], ["A", "B"], True)
+
+
+def test_clemserve_json_records_the_spend_and_a_resumed_run_adds_to_it(tmp_path: Path) -> None:
+    mock = argparse.Namespace(name="mock", gen_args={})
+    first = RunSpend()
+    first.add("hellogame", "greet_en", {"m": Spend(calls=2, prompt_tokens=20, cost_usd=0.5)})
+    run.write_provenance(tmp_path, [mock], first)
+    resumed = RunSpend(run.earlier_spend(tmp_path / run.PROVENANCE))
+    resumed.add("hellogame", "greet_en", {"m": Spend(calls=1, prompt_tokens=10, cost_usd=0.25)})
+    resumed.add("hellogame", "greet_de", {"m": Spend(calls=1, compute_seconds=2.0)})
+    run._record_spend(tmp_path, resumed)
+    record = json.loads((tmp_path / run.PROVENANCE).read_text())
+    assert record["models"][0]["model_name"] == "mock"  # the rest of the record is kept
+    spend = record["spend"]
+    assert (spend["total"]["calls"], spend["total"]["cost_usd"]) == (4, 0.75)
+    assert spend["by_model"]["m"]["prompt_tokens"] == 30
+    assert spend["by_game"]["m"]["hellogame"]["calls"] == 4
+    assert spend["by_experiment"]["m"]["hellogame"]["greet_en"]["calls"] == 3
+    assert spend["by_experiment"]["m"]["hellogame"]["greet_de"]["compute_seconds"] == 2.0
+
+
+def test_no_earlier_record_means_nothing_spent_before(tmp_path: Path) -> None:
+    assert run.earlier_spend(tmp_path / run.PROVENANCE) == {}
+    (tmp_path / run.PROVENANCE).write_text(json.dumps({"models": []}))  # a record from before spend was kept
+    assert run.earlier_spend(tmp_path / run.PROVENANCE) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("{", "cannot read what the earlier run spent"),
+        (json.dumps({"spend": {"by_experiment": []}}), "field spend.by_experiment"),
+        (json.dumps({"spend": {"by_experiment": {"m": {"g": {"e": {"calls": "3"}}}}}}), "calls is '3', not a int"),
+    ],
+)
+def test_a_corrupt_record_of_the_earlier_spend_is_named(tmp_path: Path, text: str, named: str) -> None:
+    (tmp_path / run.PROVENANCE).write_text(text)
+    with pytest.raises(run.UsageError, match=str(tmp_path / run.PROVENANCE)) as refused:
+        run.earlier_spend(tmp_path / run.PROVENANCE)
+    assert named in str(refused.value)

@@ -44,6 +44,22 @@ def test_every_episode_is_played_and_a_dead_worker_fails_only_its_own(tmp_path: 
     assert pool.slots == [None, None]  # every worker stopped
 
 
+def test_no_episode_starts_while_a_worker_waits_for_a_server(tmp_path: Path) -> None:
+    """Every episode plays all the run's models: one started while a server is away would wait too."""
+    todo = [
+        episode(tmp_path, "away", 0),
+        episode(tmp_path, "while-away", 1),
+        *(episode(tmp_path, "ok", i) for i in (2, 3)),
+    ]
+    outcomes: list[Outcome] = []
+    with WorkerPool(config(tmp_path), 2, serve) as pool:
+        pool.play(todo, outcomes.append, lambda calls: None)
+    order = [outcome.episode.game_id for outcome in outcomes]
+    # the second worker played episode 1 while the first was there; 2 and 3 waited for the server's return
+    assert order[:2] == [1, 0] and sorted(order[2:]) == [2, 3], order
+    assert all(outcome.error is None for outcome in outcomes)
+
+
 def test_cancel_stops_the_workers_and_removes_what_they_had_not_completed(tmp_path: Path) -> None:
     class Interrupted(Exception):
         pass
@@ -71,3 +87,19 @@ def test_cancel_stops_the_workers_and_removes_what_they_had_not_completed(tmp_pa
 )
 def test_a_workers_death_in_words(exitcode: int, says: str) -> None:
     assert _death(exitcode) == says
+
+
+def test_after_stop_starting_the_episodes_in_flight_finish_and_the_others_are_returned(tmp_path: Path) -> None:
+    """A --max-cost cap reached: the first outcome stops the run's feeding, its partner in flight finishes."""
+    todo = [episode(tmp_path, "ok", i) for i in range(6)]
+    outcomes: list[Outcome] = []
+    with WorkerPool(config(tmp_path), 2, serve) as pool:
+
+        def finished(outcome: Outcome) -> None:
+            outcomes.append(outcome)
+            pool.stop_starting()
+
+        left = pool.play(todo, finished, lambda calls: None)
+    assert len(outcomes) == 2 and all(outcome.error is None for outcome in outcomes)
+    assert {o.episode for o in outcomes} == set(todo[:2]) and left == todo[2:]
+    assert all(e.complete for e in todo[:2]) and not any(e.complete for e in todo[2:])

@@ -40,3 +40,13 @@ def test_the_reply_is_generate_responses_triple() -> None:
     assert isinstance(event, StreamReply)
     assert event.triple == (prompt, response, "hello")
     assert (event.prompt, event.response, event.response_text) == event.triple
+
+
+def test_the_reply_carries_its_calls_spend_beside_the_triple() -> None:
+    reply = pb.GenerateResponse(
+        prompt_json="{}", response_json="{}", response_text="Hi", usage=pb.Usage(prompt_tokens=9, completion_tokens=2),
+        cost=pb.Cost(usd=0.5),
+    )  # fmt: skip
+    event = event_from_proto(pb.GenerateStreamResponse(reply=reply))
+    assert isinstance(event, StreamReply) and event.triple == ({}, {}, "Hi")
+    assert (event.spend.calls, event.spend.prompt_tokens, event.spend.cost_usd) == (1, 9, 0.5)

@@ -20,6 +20,7 @@ from clemserve.registry import (
     ModelSpec,
     RegistryFileError,
 )
+from clemserve.registry.model_registry import name_stem
 from tests.unit.registry.test_spec import _FAIL, _reference_unify, _specs, _tagged
 
 
@@ -139,6 +140,40 @@ def test_case17_unknown_name_suggests_close_registry_names(three_entries: ModelR
     )
     with pytest.raises(ModelNotFoundError, match=r"did you mean model1 or model2\?"):
         three_entries.resolve("model")
+
+
+def test_case17_a_misspelt_name_stem_is_suggested_where_the_whole_name_is_too_far() -> None:
+    """smolm2 is 0.44 of smollm2-135m-instruct for difflib, under its cutoff; its stem is 0.92 of smollm2."""
+    names = ("smollm2-135m-instruct", "smollm2-360m-instruct", "gpt-4o-2024-08-06", "gemini-2.5-pro", "zephyr-7b-beta")
+    registry = ModelRegistry([ModelSpec(model_name=name, backend="huggingface_local") for name in names])
+    with pytest.raises(ModelNotFoundError) as info:
+        registry.resolve("smolm2")
+    assert str(info.value).endswith(
+        "did you mean smollm2-135m-instruct or smollm2-360m-instruct? (see `clemserve models`)"
+    )
+    with pytest.raises(ModelNotFoundError, match=r"did you mean gpt-4o-2024-08-06\?"):
+        registry.resolve("gpt4o")
+    with pytest.raises(ModelNotFoundError, match=r"did you mean gemini-2.5-pro\?"):
+        registry.resolve("gemni")
+    with pytest.raises(ModelNotFoundError) as unrelated:
+        registry.resolve("xyz")
+    assert "did you mean" not in str(unrelated.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("smollm2-135m-instruct", "smollm2"),
+        ("SmolLM2-135M", "smollm2"),
+        ("llama-3.1-8b-instruct", "llama"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet"),
+        ("qwen2.5-72b-gguf", "qwen2.5"),
+        ("deepseek-r1-openrouter", "deepseek-r1-openrouter"),
+        ("7b", "7b"),
+    ],
+)
+def test_a_name_stem_is_the_part_before_size_version_and_variant(name: str, stem: str) -> None:
+    assert name_stem(name) == stem
 
 
 def test_case17_known_name_with_contradicting_fields_says_so(three_entries: ModelRegistry) -> None:

@@ -265,3 +265,43 @@ def test_reply_carries_usage_and_spec_even_when_zero() -> None:
     assert json.loads(reply.model_spec.json) == spec.to_dict() and reply.model_spec.json == spec.to_string()
     assert (reply.prompt_json, reply.request_id) == ('[{"role": "user", "content": "é"}]', "rid-1")
     assert reply.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_reply_carries_cached_and_reasoning_tokens_and_the_calls_cost() -> None:
+    from clemserve.registry import ModelSpec
+    from clemserve.service.domain import Cost, Generation
+
+    spec = ModelSpec.from_dict({"model_name": "gpt", "backend": "openai"})
+    generation = Generation({}, {}, "", 90, 30, cached_prompt_tokens=64, reasoning_tokens=20)
+    generation.cost = Cost(usd=0.0125, source="genai-prices 0.2.5")
+    reply = convert.generation_to_proto(generation, spec, "rid")
+    assert (reply.usage.cached_prompt_tokens, reply.usage.reasoning_tokens) == (64, 20)
+    assert (reply.cost.usd, reply.cost.price_source, reply.cost.unpriced) == (0.0125, "genai-prices 0.2.5", "")
+    unpriced = Generation({}, {}, "", 1, 1, cost=Cost(unpriced="no price"))
+    assert convert.generation_to_proto(unpriced, spec, "rid").cost.unpriced == "no price"
+
+
+def test_model_status_carries_the_models_spend() -> None:
+    from clemserve.registry import ModelSpec
+    from clemserve.service.domain import ModelSnapshot, Spend
+
+    spend = Spend(3, 300, 40, 64, 5, 0.5, 1.5, 1, "unknown model")
+    status = convert.model_status_to_proto(ModelSnapshot(ModelSpec.from_dict({"model_name": "m"}), spend=spend))
+    assert (status.spend.calls, status.spend.cost_usd, status.spend.compute_seconds) == (3, 0.5, 1.5)
+    usage = status.spend.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens, usage.reasoning_tokens) == (
+        300, 40, 64, 5
+    )  # fmt: skip
+    assert (status.spend.unpriced_calls, status.spend.unpriced) == (1, "unknown model")
+
+
+def test_model_status_and_provenance_carry_the_models_prefix_reuse() -> None:
+    from clemserve.registry import ModelSpec
+    from clemserve.service.domain import ModelSnapshot, PrefixReuse
+    from clemserve.service.provenance import Provenance
+
+    spec = ModelSpec.from_dict({"model_name": "m"})
+    status = convert.model_status_to_proto(ModelSnapshot(spec, prefix=PrefixReuse("prefix cache up to 1 MiB", 4096)))
+    assert (status.prefix_caching, status.prefix_cache_bytes) == ("prefix cache up to 1 MiB", 4096)
+    served = Provenance("1.0", prefix_caching="vllm automatic prefix caching")
+    assert convert.resolved_to_proto(spec, served).prefix_caching == "vllm automatic prefix caching"

@@ -105,7 +105,7 @@ def test_nvml_is_asked_first_and_shut_down_after(monkeypatch: pytest.MonkeyPatch
 def test_without_nvml_torch_is_asked_only_when_it_may_be(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     asked: list[bool] = []
     monkeypatch.setattr(gpus, "nvml", lambda: None)
-    monkeypatch.setattr(gpus, "read_torch", lambda: asked.append(True) or [])
+    monkeypatch.setattr(gpus, "read_torch", lambda engines=None: asked.append(True) or [])
     monkeypatch.setattr(gpus, "DRIVER_GPUS", tmp_path / "gpus")
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     assert gpus.read_gpus(may_import_torch=False) == ([], "") and asked == []
@@ -150,3 +150,70 @@ def test_inside_a_container_what_torch_reserved_is_this_processs_not_anothers(mo
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
     (seen,) = gpus.read_nvml(foreign, environ={})
     assert (seen.process_bytes, seen.used_by_others_bytes) == (24 * GiB, 6 * GiB)
+
+
+def test_the_engines_this_server_started_are_its_own_memory_not_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vLLM engine core is a child process: NVML lists it under its own id (a host id inside a container),
+    torch here does not see it. Its charge (``engines``, by CUDA's index) is counted as this server's."""
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    foreign = StandInNvml(
+        [
+            ("H100", "GPU-dddd-4444", 80 * GiB, 50 * GiB, {4242: 40 * GiB, 4343: 10 * GiB}),
+            ("H100", "GPU-eeee-5555", 80 * GiB, 10 * GiB, {4444: 10 * GiB}),
+        ]
+    )
+    first, second = gpus.read_nvml(foreign, environ={}, engines={0: 40 * GiB})
+    assert (first.process_bytes, first.used_by_others_bytes) == (40 * GiB, 10 * GiB)
+    assert (second.process_bytes, second.used_by_others_bytes) == (0, 10 * GiB)
+    # an engine still starting holds less than its charge: never more than the GPU's used memory is ours
+    (starting, _) = gpus.read_nvml(foreign, environ={}, engines={0: 60 * GiB})
+    assert (starting.process_bytes, starting.used_by_others_bytes) == (50 * GiB, 0)
+
+
+def _child_sees(path: str) -> None:
+    Path(path).write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+
+
+def test_an_engine_process_sees_its_gpus_while_the_server_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The child is started with CUDA_VISIBLE_DEVICES naming its GPUs; the server's readers read the server's
+    own setting meanwhile, and the environment has it back once the child exists, before ``start`` returns."""
+    import multiprocessing
+    import threading
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    seen: dict[str, object] = {}
+    child_started, may_return = threading.Event(), threading.Event()
+
+    def start() -> str:
+        seen["server"] = gpus.server_visible_devices()
+        child = multiprocessing.get_context("fork").Process(target=_child_sees, args=(str(tmp_path / "seen"),))
+        child.start()
+        child_started.set()
+        may_return.wait(10)  # an engine getting ready: minutes
+        child.join(10)
+        return "engine"
+
+    result: list[str] = []
+    runner = threading.Thread(target=lambda: result.append(gpus.start_seeing("GPU-bbbb-2222", start, poll_s=0.01)))
+    runner.start()
+    assert child_started.wait(10)
+    for _ in range(500):  # restored once the child exists, while start still runs
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == "0,1,2":
+            break
+        threading.Event().wait(0.01)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2" and runner.is_alive()
+    may_return.set()
+    runner.join(10)
+    assert result == ["engine"] and seen["server"] == "0,1,2"
+    assert (tmp_path / "seen").read_text() == "GPU-bbbb-2222"
+
+
+def test_a_reader_during_an_engine_start_reads_the_servers_own_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    with gpus.visible_to_children("2"):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+        assert [g.name for g in gpus.read_nvml(machine())] == ["A100", "H100", "L4"]  # all three, as the server
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

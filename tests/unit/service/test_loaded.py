@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from clemserve.registry import ModelSpec
-from clemserve.service.domain import MemoryFigures, ModelState
+from clemserve.service.domain import MemoryFigures, ModelState, PrefixReuse
 from clemserve.service.loaded import LoadedModel
 
 
@@ -30,7 +30,7 @@ def test_a_load_goes_from_waiting_to_ready_with_its_progress_and_memory() -> Non
         model.report("still reading", None)
         model.report("older news", 0.2)  # progress never goes back
         assert (model.reason, model.progress, model.loads, model.estimated_bytes) == ("older news", 0.4, 1, 123)
-        backend, scheduler = object(), SimpleNamespace(queued=0)
+        backend, scheduler = SimpleNamespace(prefix_reuse=lambda: PrefixReuse("reuse", 5)), SimpleNamespace(queued=0)
         model.loaded(backend, scheduler, 456, MemoryFigures(measured_by="parameters and buffers"), 1.5)  # type: ignore[arg-type]
         assert model.ready and (model.backend, model.scheduler) == (backend, scheduler)
         snapshot = model.snapshot(leases=2, charged_bytes=789)
@@ -38,6 +38,7 @@ def test_a_load_goes_from_waiting_to_ready_with_its_progress_and_memory() -> Non
             ModelState.READY, 1.0, 456, 789,
         )  # fmt: skip
         assert (snapshot.leases, snapshot.load_seconds, snapshot.reason) == (2, 1.5, "")
+        assert snapshot.prefix == PrefixReuse("reuse", 5)  # what its backend reuses, while it is loaded
         await task
 
     asyncio.run(run())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from clemserve.service.metrics import NoMetrics
 from clemserve.service.residency import Residency
 from clemserve.service.resolver import cache_key
 from clemserve.service.scheduler import SchedulingPolicy
+from clemserve.service.streaming import StreamObserver
+from tests.standin_hub import StandInHub, serve_as_hub
+from tests.unit.service.backends.test_hub import REPO, checkpoint
 
 
 def loader(tmp_path: Path, **policy: float) -> Loader:
@@ -96,3 +101,69 @@ def test_a_failed_load_is_let_go_of_without_cuda_after_a_cuda_error(
     with pytest.raises(type(failure)):
         asyncio.run(found.load(key, model))
     assert freed == [cuda] and model.state is ModelState.FAILED
+
+
+# -- weights downloaded from the hub before the load -----------------------------------------------
+
+
+@pytest.fixture
+def hub_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInHub]:
+    """Every entry's weights are a stand-in hub's repository, not cached: 256 KiB of weights in 16 KiB pieces
+    50 ms apart (about 0.8 s), their bytes read every 20 ms."""
+    from clemserve.service import loading
+    from clemserve.service.backends import download, hub
+    from clemserve.service.backends.weights import Weights, transformers_files
+
+    with StandInHub(chunk=16384, delay_s=0.05) as served:
+        served.add(REPO, checkpoint(tmp_path / "repo"))
+        serve_as_hub(monkeypatch, served, tmp_path / "hf")
+        monkeypatch.setattr(hub, "HUB", hub.Hub())
+        monkeypatch.setattr(download, "POLL_S", 0.02)
+        weights = Weights(REPO, missing="not cached", download=True, fetch=transformers_files)
+        monkeypatch.setattr(loading, "locate_weights", lambda spec: weights)
+        yield served
+
+
+def test_the_load_timeout_counts_from_the_end_of_the_download(tmp_path: Path, hub_repo: StandInHub) -> None:
+    """The download takes longer than --load-timeout, the load itself less: the load succeeds, and streamed
+    requests saw the download's bytes."""
+    found = loader(tmp_path, load_timeout_s=0.4)
+    key, model = entry(load_delay_s=0.05)
+    seen: list[tuple[float, str]] = []
+
+    class Watching(StreamObserver):
+        def loading(self, progress: float, detail: str) -> None:
+            seen.append((progress, detail))
+
+    async def run() -> float:
+        model.load_observers.add(Watching())
+        started = time.monotonic()
+        await found.load(key, model)
+        assert model.ready and model.scheduler is not None
+        await model.scheduler.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) > 0.4
+    downloading = [(p, d) for p, d in seen if d.startswith(f"downloading {REPO} from the Hugging Face hub: ")]
+    assert any(0 < p < 0.3 for p, _ in downloading), seen
+    assert any(d.startswith(f"downloaded {REPO}") and p == 0.3 for p, d in seen), seen
+    assert "model.safetensors" in hub_repo.resolved()
+
+
+def test_a_stalled_download_fails_the_load_with_its_reason(tmp_path: Path, hub_repo: StandInHub) -> None:
+    from clemserve.service.backends.download import DownloadStalledError
+
+    hub_repo.stall_after = 32768
+    found = loader(tmp_path, download_stall_s=0.3)
+    key, model = entry()
+
+    async def run() -> None:
+        found.residency.charge(key, 999)  # what admission reserved
+        with pytest.raises(DownloadStalledError):
+            await found.load(key, model)
+        assert model.state is ModelState.FAILED and "stalled: no byte for 0.3 s" in model.reason
+        await asyncio.sleep(0.05)
+        assert found.residency.used() == 0
+
+    asyncio.run(run())
+    hub_repo.release()

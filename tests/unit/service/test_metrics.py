@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from clemserve.service.domain import GenArgs, Generation, Message, Outcome, Row
+from clemserve.service.domain import Cost, GenArgs, Generation, Message, Outcome, Row
 from clemserve.service.metrics import Metrics, NoMetrics, create
 from clemserve.service.scheduler import Scheduler, SchedulingPolicy
 
@@ -37,7 +37,7 @@ def test_create_is_off_for_port_0() -> None:
     assert type(create(9100)) is Metrics and create(9100).enabled
     off = NoMetrics()
     assert off.serve("127.0.0.1", 9100) == 0
-    assert off.tokens("m", 3, 0) is None
+    assert off.spent("m", Generation(prompt={}, response={}, text="")) is None
 
 
 def test_metrics_off_never_imports_prometheus_client() -> None:
@@ -59,6 +59,23 @@ def test_each_metrics_has_its_own_registry() -> None:
     first.queued("m", 0.5)
     assert samples(first, "clemserve_queue_wait_seconds_count") == {frozenset({("model", "m")}): 1}
     assert samples(second, "clemserve_queue_wait_seconds_count") == {}
+
+
+def test_spent_counts_tokens_cost_and_compute_seconds_by_model() -> None:
+    metrics = Metrics(process=False)
+    paid = Generation({}, {}, "", 100, 20, cached_prompt_tokens=40, reasoning_tokens=5, cost=Cost(usd=0.25))
+    metrics.spent("paid", paid)
+    metrics.spent("paid", Generation({}, {}, "", 10, 2, cost=Cost(unpriced="unknown model")))
+    metrics.spent("local", Generation({}, {}, "", 7, 3, cost=Cost(source="local", compute_seconds=1.5)))
+    paid_label, local_label = frozenset({("model", "paid")}), frozenset({("model", "local")})
+    assert samples(metrics, "clemserve_prompt_tokens_total") == {paid_label: 110, local_label: 7}
+    assert samples(metrics, "clemserve_cached_prompt_tokens_total")[paid_label] == 40
+    # what the model computed (or the provider billed uncached): the prompt less what a cache served
+    assert samples(metrics, "clemserve_computed_prompt_tokens_total") == {paid_label: 70, local_label: 7}
+    assert samples(metrics, "clemserve_reasoning_tokens_total")[paid_label] == 5
+    assert samples(metrics, "clemserve_cost_usd_total") == {paid_label: 0.25, local_label: 0}
+    assert samples(metrics, "clemserve_compute_seconds_total") == {paid_label: 0, local_label: 1.5}
+    assert samples(metrics, "clemserve_unpriced_generations_total") == {paid_label: 1}
 
 
 # -- scheduler hooks ---------------------------------------------------------------------------------
@@ -100,3 +117,18 @@ def test_scheduler_records_batch_sizes_and_queue_waits() -> None:
     assert waits == {frozenset({("model", "b")}): 4, frozenset({("model", "one")}): 1}
     assert samples(metrics, "clemserve_queue_wait_seconds_sum")[frozenset({("model", "one")})] == 0
     assert samples(metrics, "clemserve_queue_wait_seconds_sum")[frozenset({("model", "b")})] > 0
+
+
+def test_rate_limiters_show_their_concurrency_calls_in_flight_and_waiting_and_429s_at_scrape_time() -> None:
+    from clemserve.service.backends.rate_limits import LimiterState
+
+    metrics = Metrics(process=False)
+    states = [LimiterState("openai", 4, 4, 12, 3), LimiterState("anthropic", 8, 2, 0, 0)]
+    metrics.watch_limits(lambda: states)
+    assert samples(metrics, "clemserve_rate_limit_concurrency") == {
+        frozenset({("limit", "openai")}): 4,
+        frozenset({("limit", "anthropic")}): 8,
+    }
+    assert samples(metrics, "clemserve_rate_limit_waiting")[frozenset({("limit", "openai")})] == 12
+    assert samples(metrics, "clemserve_rate_limit_in_flight")[frozenset({("limit", "anthropic")})] == 2
+    assert samples(metrics, "clemserve_rate_limit_upstream_429_total")[frozenset({("limit", "openai")})] == 3

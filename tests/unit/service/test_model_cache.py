@@ -13,10 +13,12 @@ from clemserve.registry import KeyRegistry, ModelRegistry, ModelSpec
 from clemserve.registry.errors import InvalidArgumentError
 from clemserve.service import convert
 from clemserve.service.backends import BackendContext, BackendDeadError
-from clemserve.service.domain import GenArgs, ModelState
+from clemserve.service.domain import Cost, GenArgs, Generation, ModelState
 from clemserve.service.memory import ResidencyPolicy
 from clemserve.service.model_cache import ModelCache
+from clemserve.service.pricing import Pricing
 from clemserve.service.scheduler import SchedulingPolicy
+from clemserve.service.spend import SpendLedger, parse_spend_limit
 from clemserve.service.streaming import TextDelta
 
 HI = [{"role": "user", "content": "hi"}]
@@ -216,3 +218,29 @@ def test_a_load_that_needs_room_unloads_the_least_recently_used_idle_model(tmp_p
         assert manager.snapshot().used_bytes == 0
 
     asyncio.run(check())
+
+
+def test_a_call_under_a_spend_limit_is_priced_once_and_counted_once(tmp_path: Path) -> None:
+    """The spend limit's settle and the model's totals share one pricing of the reply."""
+
+    class Counting(Pricing):
+        priced = 0
+
+        def cost(self, spec: ModelSpec, generation: Generation) -> Cost:
+            self.priced += generation.text == "hi"  # the reply's pricing; the worst case's text is empty
+            return super().cost(spec, generation)
+
+    entry = ModelSpec.from_dict({"model_name": "slow", "backend": "fault"})
+    context = BackendContext(keys=KeyRegistry(tmp_path / "key.json"), cache_dir=tmp_path)
+    pricing = Counting()
+    spend = SpendLedger([parse_spend_limit("fault=1/day")], tmp_path / "spend.sqlite3")
+    manager = ModelCache(ModelRegistry([entry]), context, pricing=pricing, spend=spend)
+
+    async def check() -> None:
+        _, generation = await manager.generate("slow", HI, GenArgs(max_tokens=5))
+        assert generation.cost is not None and generation.cost.source == "local"
+        await manager.shutdown()
+
+    asyncio.run(check())
+    assert pricing.priced == 1
+    assert pricing.totals()["slow"].calls == 1

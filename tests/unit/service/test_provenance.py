@@ -41,3 +41,31 @@ def test_describe_prefers_the_loaded_engine_over_the_config(tmp_path) -> None:  
     loaded = provenance.describe(spec, engine)
     assert (loaded.dtype, loaded.device) == ("float32", "cpu")
     assert loaded.revision == asked.revision
+
+
+def test_describe_says_how_the_loaded_model_reuses_prompt_prefixes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from clemserve.registry import KeyRegistry
+    from clemserve.service.backends import BackendContext
+    from clemserve.service.backends.llamacpp import LlamaCppBackend
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    spec = ModelSpec.from_dict({"model_name": "m", "backend": "huggingface_local", "huggingface_id": str(tmp_path)})
+    engine = LlamaCppBackend(spec, BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path))
+    engine.model = SimpleNamespace()  # as a load leaves it
+    assert provenance.describe(spec, engine).prefix_caching == "llama.cpp previous prompt"
+    assert provenance.describe(spec).prefix_caching == ""  # not loaded: what is in force is not known yet
+
+
+def test_a_description_says_whether_the_server_can_price_the_models_calls() -> None:
+    from clemserve.service.pricing import Pricing
+
+    pricing = Pricing()
+    stand_in = ModelSpec.from_dict({"model_name": "s", "backend": "openai_compatible", "model_id": "m"})
+    assert "openai_compatible has no price list" in provenance.described(stand_in, None, pricing).unpriced
+    priced = ModelSpec.from_dict(
+        {**stand_in, "model_config": {"price": {"input_per_mtok": 1, "output_per_mtok": 2}}}  # type: ignore[dict-item]
+    )
+    assert provenance.described(priced, None, pricing).unpriced == ""
+    assert (
+        provenance.described(ModelSpec.from_dict({"model_name": "e", "backend": "echo"}), None, pricing).unpriced == ""
+    )

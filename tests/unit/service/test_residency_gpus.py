@@ -19,6 +19,7 @@ import clemserve.service.residency as residency_module
 from clemserve.registry import ModelSpec
 from clemserve.registry.errors import FailedPreconditionError, ResourceExhaustedError
 from clemserve.service.backends import estimate
+from clemserve.service.backends.vllm_engine import ENGINE_OVERHEAD, KV_FLOOR
 from clemserve.service.domain import GpuMemory, ModelState
 from clemserve.service.loaded import LoadedModel
 from clemserve.service.memory import ResidencyPolicy, Sizing, budget_from_setting
@@ -28,12 +29,12 @@ from tests.admission import admit, charged, unload, unload_all
 from tests.tiny_model import write_sparse_safetensors
 
 GiB = 2**30
-UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-cccc3333"]
+UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-cccc3333", "GPU-dddd4444"]
 
 
 class FakeNvml(types.ModuleType):
-    """A pynvml module with three 80 GiB GPUs: GPU 1 has 20 GiB held by another process, GPU 2 holds 5 GiB
-    of this process's own (and 1 GiB of another's)."""
+    """A pynvml module with 80 GiB GPUs, by default three: GPU 1 has 20 GiB held by another process, GPU 2
+    holds 5 GiB of this process's own (and 1 GiB of another's). ``processes``: each GPU's (pid, bytes)."""
 
     def __init__(self, processes: dict[int, list[tuple[int, int]]] | None = None) -> None:
         super().__init__("pynvml")
@@ -48,7 +49,7 @@ class FakeNvml(types.ModuleType):
         self.stopped += 1
 
     def nvmlDeviceGetCount(self) -> int:
-        return len(UUIDS)
+        return len(self.processes)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         return index
@@ -82,7 +83,7 @@ def no_gpu_reader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     monkeypatch.setattr(gpus, "DRIVER_GPUS", tmp_path / "no-driver")
     asked: list[str] = []
 
-    def fake_torch() -> list[GpuMemory]:
+    def fake_torch(engines: object = None) -> list[GpuMemory]:
         asked.append("torch")
         return [GpuMemory(0, "fake", total_bytes=24 * GiB, used_by_others_bytes=GiB)]
 
@@ -108,6 +109,8 @@ def test_the_budget_covers_every_visible_gpu_less_what_others_hold(nvml: FakeNvm
         "--memory-budget",
         3,
     )
+    # a size: each GPU's part is what others leave of it (the operator's total bounds the sum)
+    assert [d.budget_bytes for d in explicit.devices] == [80 * GiB - n for n in others]
 
 
 @pytest.mark.parametrize(
@@ -164,11 +167,11 @@ def test_residency_finds_the_budget_off_the_loop_and_asks_torch_once_for_a_gpu_b
     threads: list[str] = []
     real = memory.budget_from_setting
 
-    def recording(setting: str, *, may_import_torch: bool = False) -> memory.Budget:
+    def recording(setting: str, *, may_import_torch: bool = False, engines: Any = None) -> memory.Budget:
         import threading
 
         threads.append(threading.current_thread().name)
-        return real(setting, may_import_torch=may_import_torch)
+        return real(setting, may_import_torch=may_import_torch, engines=engines)
 
     monkeypatch.setattr(residency_module, "budget_from_setting", recording)
     residency = _residency(tmp_path, "auto", {})
@@ -198,7 +201,7 @@ def _admit(residency: Residency, models: dict[str, LoadedModel], spec: ModelSpec
     return asyncio.run(admit(residency, models, spec))
 
 
-def test_gpu_bound_weights_are_checked_against_free_gpu_memory_not_ram(
+def test_gpu_bound_weights_go_to_gpus_with_free_memory_whatever_the_ram(
     nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(residency_module, "available_ram", lambda: 1 * GiB)  # a small host: not where it goes
@@ -206,13 +209,108 @@ def test_gpu_bound_weights_are_checked_against_free_gpu_memory_not_ram(
     models: dict[str, LoadedModel] = {}
     residency = _residency(tmp_path, "1TiB", models)
     spec = ModelSpec(model_name="big", backend="huggingface_local", huggingface_id="org/big", model_config={})
-    model = _admit(residency, models, spec)  # 120 GiB with the loader's overhead; 212.5 GiB free on 3 GPUs
+    model = _admit(residency, models, spec)
+    # no GPU holds 100 GiB: the two with the most room (79.5 and 73.5 GiB free; GPU 1 has 59.5) take half each
     assert charged(residency, model) == 100 * GiB
+    grant = residency.granted(cache_key(spec))
+    assert (grant.gpus, grant.uuids, grant.per_gpu) == ((0, 2), (UUIDS[0], UUIDS[2]), 50 * GiB)
     nvml.processes[0].append((1, 70 * GiB))
     nvml.processes[1].append((1, 50 * GiB))
     unload_all(residency, models)
-    with pytest.raises(ResourceExhaustedError, match=r"big needs about 120\.0 GiB to load; 92\.5 GiB is free on 3 GPU"):
+    assert residency.granted(cache_key(spec)).gpus == ()
+    with pytest.raises(ResourceExhaustedError) as caught:  # 9.5, 9.5 and 73.5 GiB free: no set holds it
         _admit(residency, models, spec)
+    message = str(caught.value)
+    assert "cannot load big: it needs about 34133 MiB on the GPUs it would span, and no GPUs have that room" in message
+    assert (
+        "cuda:0 9728 MiB (its budget part 81408 MiB, this server's models 0 MiB, other processes 72192 MiB)" in message
+    )
+    assert "not even with no model of this server loaded" in message
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> FakeNvml:
+    fake = FakeNvml({i: [] for i in range(count)})
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return fake
+
+
+def _local(name: str, gib: int, **config: Any) -> ModelSpec:
+    return ModelSpec(
+        model_name=name,
+        backend="huggingface_local",
+        huggingface_id=f"org/{name}",
+        model_config={"memory_bytes": gib * GiB, **config},
+    )
+
+
+def test_a_second_one_gpu_model_goes_to_the_empty_gpu_not_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two 80 GiB GPUs (72 GiB of budget each): a 60 GiB model on each, where the pool alone would have put the
+    second on GPU 0 too (and the backend refused it as offload)."""
+    _fake_gpus(monkeypatch, 2)
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "auto", models)
+    first = _admit(residency, models, _local("first", 60, number_gpus=1))
+    second = _admit(residency, models, _local("second", 60, number_gpus=1))
+    assert residency.granted(cache_key(first.spec)).gpus == (0,)
+    assert residency.granted(cache_key(second.spec)).gpus == (1,)
+    assert first.spec["model_name"] in [m.name for m in models.values()]  # nothing was evicted
+
+
+def test_a_two_gpu_model_on_four_gpus_goes_where_two_have_room(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = _fake_gpus(monkeypatch, 4)
+    fake.processes[1].append((1, 50 * GiB))  # another process's model on GPU 1
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "auto", models)
+    resident = _admit(residency, models, _local("resident", 60, number_gpus=1))
+    assert residency.granted(cache_key(resident.spec)).gpus == (0,)  # the most room: GPU 0, then 2, then 3
+    pair = _admit(residency, models, _local("pair", 100, number_gpus=2))
+    grant = residency.granted(cache_key(pair.spec))
+    assert (grant.gpus, grant.per_gpu) == ((2, 3), 50 * GiB)
+    assert len(models) == 2  # nothing was evicted
+
+
+def test_eviction_only_when_no_set_of_gpus_has_room(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fake_gpus(monkeypatch, 2)
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "auto", models)
+    older = _admit(residency, models, _local("older", 50, number_gpus=1))  # on GPU 0
+    newer = _admit(residency, models, _local("newer", 50, number_gpus=1))  # on GPU 1
+    for each in (older, newer):
+        each.state = ModelState.READY
+    older.last_used -= 60
+    # 22 GiB left on each GPU: a 20 GiB model fits beside them, evicting nothing
+    small = _admit(residency, models, _local("small", 20, number_gpus=1))
+    assert set(models) == {cache_key(m.spec) for m in (older, newer, small)}
+    small.state = ModelState.READY
+    unload(residency, models, cache_key(small.spec))
+    # 40 GiB: no GPU has it; the least recently used idle model goes, and the load takes its GPU
+    big = _admit(residency, models, _local("big", 40, number_gpus=1))
+    assert cache_key(older.spec) not in models and cache_key(newer.spec) in models
+    assert residency.granted(cache_key(big.spec)).gpus == (0,)
+
+
+def test_an_engines_charge_is_this_servers_memory_not_other_processes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Inside a container NVML reports the host's process ids: an engine this server started (a child process
+    torch here does not see) is counted by its charge as the server's, and the rest of the used memory as others'."""
+    fake = _fake_gpus(monkeypatch, 2)
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "auto", models)
+    engine = _vllm(tmp_path, "engine", vllm_args={"kv_cache_memory_bytes": 10 * GiB})
+    _admit(residency, models, engine)
+    held = residency.charged(cache_key(engine))
+    (gpu,) = residency.granted(cache_key(engine)).gpus
+    fake.processes[gpu].append((4242, held))  # the engine core, under a host pid
+    fake.processes[1 - gpu].append((4343, 30 * GiB))  # a stranger
+    devices = asyncio.run(residency.devices())
+    assert (devices[gpu].process_bytes, devices[gpu].used_by_others_bytes) == (held, 512 * 2**20)
+    assert (devices[1 - gpu].process_bytes, devices[1 - gpu].used_by_others_bytes) == (0, 30 * GiB + 512 * 2**20)
+    unload_all(residency, models)
+    assert asyncio.run(residency.devices())[gpu].process_bytes == 0  # gone from the ledger: no longer counted
 
 
 def _vllm(tmp_path: Path, name: str, **config: Any) -> ModelSpec:
@@ -224,9 +322,12 @@ def _vllm(tmp_path: Path, name: str, **config: Any) -> ModelSpec:
 
 
 def test_the_vllm_estimate_counts_its_share_of_each_tensor_parallel_gpu(tmp_path: Path) -> None:
-    one = estimate(_vllm(tmp_path, "one"), Sizing(tmp_path, gpu_bytes=80 * GiB))
-    two = estimate(_vllm(tmp_path, "two", number_gpus=2), Sizing(tmp_path, gpu_bytes=80 * GiB))
-    args = estimate(_vllm(tmp_path, "tp", vllm_args={"tensor_parallel_size": 2}), Sizing(tmp_path, gpu_bytes=80 * GiB))
+    share = {"gpu_memory_utilization": 0.9}
+    one = estimate(_vllm(tmp_path, "one", vllm_args=share), Sizing(tmp_path, gpu_bytes=80 * GiB))
+    two = estimate(_vllm(tmp_path, "two", number_gpus=2, vllm_args=share), Sizing(tmp_path, gpu_bytes=80 * GiB))
+    args = estimate(
+        _vllm(tmp_path, "tp", vllm_args={"tensor_parallel_size": 2, **share}), Sizing(tmp_path, gpu_bytes=80 * GiB)
+    )
     assert one.total == int(80 * GiB * 0.9) and two.total == args.total == 2 * int(80 * GiB * 0.9)
     kv_args = {"kv_cache_memory_bytes": 1000}
     per_gpu = estimate(_vllm(tmp_path, "kv", number_gpus=2, vllm_args=kv_args), Sizing(tmp_path))
@@ -236,41 +337,48 @@ def test_the_vllm_estimate_counts_its_share_of_each_tensor_parallel_gpu(tmp_path
 def test_a_tensor_parallel_model_larger_than_one_gpu_is_admitted_when_it_fits_two(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    two_gpus = FakeNvml({0: [], 1: []})
-    two_gpus.nvmlDeviceGetCount = lambda: 2  # type: ignore[method-assign]
-    monkeypatch.setitem(sys.modules, "pynvml", two_gpus)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    real = footprint.safetensors_bytes
+    _fake_gpus(monkeypatch, 2)
     monkeypatch.setattr(footprint, "safetensors_bytes", lambda folder: 100 * GiB)  # a 100 GiB model
     models: dict[str, LoadedModel] = {}
     residency = _residency(tmp_path, "auto", models)
     tp2 = _admit(residency, models, _vllm(tmp_path, "tp2", number_gpus=2))
-    assert charged(residency, tp2) == 2 * int(80 * GiB * 0.9) <= residency.budget.total
-    monkeypatch.setattr(footprint, "safetensors_bytes", real)
+    # the weights, a KV cache for --kv-cache-tokens (at least the floor) and the engine's overhead on each GPU
+    assert charged(residency, tp2) == 100 * GiB + 2 * KV_FLOOR + 2 * ENGINE_OVERHEAD <= residency.budget.total
+    assert residency.granted(cache_key(tp2.spec)).gpus == (0, 1)
 
 
 def test_an_engine_with_an_explicit_share_counts_what_this_process_already_holds(
-    nvml: FakeNvml, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    fake = _fake_gpus(monkeypatch, 1)
     models: dict[str, LoadedModel] = {}
     residency = _residency(tmp_path, "1TiB", models)
     pid = __import__("os").getpid()
-    nvml.processes[0].append((pid, 45 * GiB))  # this server's CUDA context and an earlier engine
+    fake.processes[0].append((pid, 45 * GiB))  # this server's CUDA context and an earlier engine
     half = {"vllm_args": {"gpu_memory_utilization": 0.5}}
     with pytest.raises(ResourceExhaustedError) as caught:
         _admit(residency, models, _vllm(tmp_path, "engine", **half))
     message = str(caught.value)
-    assert "takes 0.5 of each of its 1 GPU(s) (40.0 GiB on cuda:0), and cuda:0 has 34.5 GiB free" in message
-    assert "this server holds 45.0 GiB there" in message
+    assert "takes 0.5 of each of its 1 GPU(s) (40.0 GiB on cuda:0), and cuda:0" in message
+    assert "has 34.5 GiB free: this server holds 45.0 GiB there" in message
     assert caught.value.metadata["field"] == "model_config.vllm_args.gpu_memory_utilization"
-    nvml.processes[0].clear()
+    fake.processes[0].clear()
     unload_all(residency, models)
     assert charged(residency, _admit(residency, models, _vllm(tmp_path, "engine", **half))) > 0
-    # vLLM's default share (0.9) is checked the same way: a 10 GiB CUDA context leaves 69.5 GiB of 80
-    nvml.processes[0].append((pid, 10 * GiB))
+    # an explicit 0.9 is checked the same way: a 10 GiB CUDA context leaves 69.5 GiB of 80
+    fake.processes[0].append((pid, 10 * GiB))
     unload_all(residency, models)
     with pytest.raises(ResourceExhaustedError, match=r"takes 0\.9 of each .* has 69\.5 GiB free"):
-        _admit(residency, models, _vllm(tmp_path, "default-share"))
+        _admit(residency, models, _vllm(tmp_path, "share", vllm_args={"gpu_memory_utilization": 0.9}))
+
+
+def test_an_engine_whose_share_one_gpu_lacks_goes_to_another(nvml: FakeNvml, tmp_path: Path) -> None:
+    models: dict[str, LoadedModel] = {}
+    residency = _residency(tmp_path, "1TiB", models)
+    nvml.processes[0].append((__import__("os").getpid(), 45 * GiB))
+    engine = _vllm(tmp_path, "engine", vllm_args={"gpu_memory_utilization": 0.5})
+    _admit(residency, models, engine)
+    assert residency.granted(cache_key(engine)).gpus == (2,)  # 73.5 GiB free there, 59.5 on GPU 1, 34.5 on 0
 
 
 # -- vLLM's start-up errors are what they are ---------------------------------------------------
@@ -315,17 +423,17 @@ def test_engine_start_failures(error: Exception, kind: type[Exception], words: s
 
 
 def test_idle_models_are_evicted_before_an_engine_that_wants_its_share_is_refused(
-    nvml: FakeNvml, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The budget has room, but the GPU does not have the engine's share free while an idle model holds it:
     that model is evicted first; a busy one is not, and the refusal says so."""
+    nvml = _fake_gpus(monkeypatch, 1)
     pid = __import__("os").getpid()
     models: dict[str, LoadedModel] = {}
     residency = _residency(tmp_path, "1TiB", models)
-    idle = ModelSpec(model_name="idle", backend="fault", model_config={"memory_bytes": GiB})
+    idle = _local("idle", 1)
     idle_key = cache_key(idle)
-    models[idle_key] = LoadedModel(idle, state=ModelState.READY)
-    residency.charge(idle_key, GiB)
+    _admit(residency, models, idle).state = ModelState.READY
     nvml.processes[0].append((pid, 45 * GiB))  # what the idle model holds on GPU 0
     engine = _vllm(tmp_path, "engine", vllm_args={"gpu_memory_utilization": 0.5})
 
@@ -342,10 +450,9 @@ def test_idle_models_are_evicted_before_an_engine_that_wants_its_share_is_refuse
     assert asyncio.run(admit_engine()) == [idle_key]
     assert residency.charged(cache_key(engine)) > 0 and idle_key not in models
 
-    busy = ModelSpec(model_name="busy", backend="fault", model_config={"memory_bytes": GiB})
-    models.clear()
-    residency.drained(residency.drain(cache_key(engine)))
-    models[cache_key(busy)] = LoadedModel(busy, state=ModelState.READY, in_flight=1)
+    unload_all(residency, models)
+    busy = _admit(residency, models, _local("busy", 1))
+    busy.state, busy.in_flight = ModelState.READY, 1
     nvml.processes[0].append((pid, 45 * GiB))
     with pytest.raises(ResourceExhaustedError, match=r"takes 0\.5 of each .* has 34\.5 GiB free"):
         asyncio.run(admit_engine())
@@ -367,4 +474,36 @@ def test_the_cache_estimates_a_load_after_the_budget_has_found_the_gpus(nvml: Fa
         (model,) = cache.snapshot().models
         return model.estimated_bytes
 
-    assert asyncio.run(load()) == int(80 * GiB * 0.9)  # the engine's share of its GPU, not weights + 4 GiB
+    # the weights (1 MiB), the least KV cache (no config.json tells its shape) and the engine's overhead: not
+    # the CPU's 4 GiB of KV space, nor 90% of the GPU
+    assert asyncio.run(load()) == 2**20 + KV_FLOOR + ENGINE_OVERHEAD
+
+
+def test_the_loader_hands_each_backend_the_gpus_admission_chose(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Through the cache: two 42 GiB engines on two GPUs, the second on GPU 1 (its backend is told so)."""
+    from clemserve.registry import KeyRegistry, ModelRegistry
+    from clemserve.service.backends import BackendContext
+    from clemserve.service.backends.vllm_engine import VLLMBackend
+    from clemserve.service.model_cache import ModelCache
+
+    _fake_gpus(monkeypatch, 2)
+    told: dict[str, tuple[int, ...]] = {}
+
+    async def load(self: VLLMBackend, progress: Any) -> None:  # vLLM is not installed here
+        told[self.model_name] = self.context.grant.gpus
+
+    monkeypatch.setattr(VLLMBackend, "load", load)
+    kv = {"vllm_args": {"kv_cache_memory_bytes": 40 * GiB}}
+    context = BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path)
+    registry = ModelRegistry([_vllm(tmp_path, "a", **kv), _vllm(tmp_path, "b", **kv)])
+    cache = ModelCache(registry, context, residency=ResidencyPolicy(memory_budget="auto"))
+
+    async def both() -> None:
+        await cache.load("a")
+        await cache.load("b")
+        await cache.shutdown()
+
+    asyncio.run(both())
+    assert told == {"a": (0,), "b": (1,)}

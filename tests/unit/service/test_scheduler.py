@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import types
 from collections.abc import Callable, Sequence
 
 import pytest
 
 from clemserve.registry.errors import ResourceExhaustedError
+from clemserve.service import scheduler as scheduler_module
 from clemserve.service.domain import GenArgs, Generation, Message, Outcome, Row
-from clemserve.service.scheduler import Scheduler, SchedulingPolicy
+from clemserve.service.scheduler import CallsInFlight, Scheduler, SchedulingPolicy
 from clemserve.service.streaming import Phase, StreamObserver, StreamState, TextDelta, TextSink
 
 
@@ -311,3 +313,40 @@ def test_without_batching_a_call_that_fails_or_is_cancelled_gives_its_slot_back(
         return texts
 
     assert asyncio.run(run()) == ["queued", "after"]
+
+
+def test_the_calls_in_flight_and_their_progress_at_the_models_token_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the drain reports while the server stops: running generations, tokens made and left, time needed."""
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    async def run() -> tuple[CallsInFlight, CallsInFlight, CallsInFlight]:
+        gate = asyncio.Event()
+
+        async def run_batch(rows: list[Row], args: GenArgs, done: Callable[[int, Outcome], None]) -> list[Outcome]:
+            await gate.wait()
+            clock[0] += 3.0  # each batch takes 3 s and makes 30 tokens a row: 10 tokens/s per call
+            return [Generation(prompt={}, response={}, text="", completion_tokens=30) for _ in rows]
+
+        s = Scheduler("m", SchedulingPolicy(max_wait_s=0), concurrency=1, run_one=None, run_batch=run_batch)  # type: ignore[arg-type]
+        before = s.in_flight()
+        gate.set()
+        await s.submit(msg("warm"), GenArgs(max_tokens=30), "c0")  # times the token rate
+        gate.clear()
+        running = [asyncio.ensure_future(s.submit(msg(str(i)), GenArgs(max_tokens=30), f"c{i}")) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        clock[0] += 1.8
+        during = s.in_flight()
+        gate.set()
+        await asyncio.gather(*running)
+        after = s.in_flight()
+        await s.close()
+        return before, during, after
+
+    before, during, after = asyncio.run(run())
+    assert before.calls == () and before.seconds_left() is None  # nothing timed yet
+    assert during.tokens_per_s == pytest.approx(10.0)
+    assert len(during.calls) == 2 and during.generated() == [18, 18]  # 1.8 s at 10 tokens/s
+    assert (during.max_tokens, during.tokens_left()) == (60, 24)
+    assert during.seconds_left() == pytest.approx(1.2)
+    assert after.calls == ()

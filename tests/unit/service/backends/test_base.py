@@ -90,9 +90,14 @@ def test_stream_words_keeps_the_spaces_and_sends_nothing_without_a_sink() -> Non
 
 
 def test_a_missing_package_names_the_extra_to_install() -> None:
+    # clemserve is not on PyPI: a checkout's path, or the make target that builds what pip cannot
+    err = missing_dependency("cohere", "remote", ModuleNotFoundError("No module named 'cohere'", name="cohere"))
+    assert err.subject == "pip install '/path/to/clemserve[remote]'"
+    assert str(err) == (
+        "backend cohere needs the Python package cohere: install it with pip install '/path/to/clemserve[remote]'"
+    )
     err = missing_dependency("vllm", "vllm", ModuleNotFoundError("No module named 'vllm'", name="vllm"))
-    assert err.subject == "pip install 'clemserve[vllm]'"
-    assert str(err) == "backend vllm needs the Python package vllm: install it with pip install 'clemserve[vllm]'"
+    assert err.subject.startswith("make vllm-env in the clemserve checkout")
     assert "that is missing" in str(missing_dependency("x", "hf", ImportError("?")))
 
 

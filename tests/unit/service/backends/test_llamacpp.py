@@ -25,6 +25,7 @@ from clemserve.service.backends.llamacpp import (
     gpu_layers,
     match_file,
     model_file,
+    reused_prefix,
     special_strings,
 )
 from clemserve.service.domain import Availability, GenArgs, ImagePart
@@ -191,6 +192,7 @@ class FakeLlama:
         self.most_active = 0
         self.steps: list[int] = []
         self.calls: list[dict[str, Any]] = []
+        self._input_ids: list[int] = []  # what it evaluated last, as llama-cpp-python keeps it
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         assert add_bos is False and special is False  # as clembench counts
@@ -218,6 +220,7 @@ class FakeLlama:
             if stopping_criteria(evaluated + (out[:-1] if finish == "length" else out), None):
                 finish = "stop"
             self.steps.append(len(out))
+            self._input_ids = evaluated + out[:-1]
             return {
                 "id": "cmpl-1",
                 "object": "text_completion",
@@ -365,14 +368,14 @@ def test_served_and_named_in_the_backend_table(monkeypatch: pytest.MonkeyPatch, 
     backend = LlamaCppBackend(spec(DEMO), BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path))
     with pytest.raises(FailedPreconditionError) as caught:
         asyncio.run(backend.load(lambda line, fraction=None: None))
-    assert "pip install 'clemserve[llamacpp]'" in str(caught.value)
+    assert "make llamacpp-env in the clemserve checkout" in str(caught.value)
 
 
 def test_availability_of_the_demo_entry(tmp_path: Path) -> None:
     keys = KeyRegistry(tmp_path / "key.json")
     without = Machine(keys, has_gpu=False, offline=True, has_package=lambda name: name != "llama_cpp")
     state, detail = availability(spec(DEMO), without)
-    assert state is Availability.NEEDS_EXTRA and "clemserve[llamacpp]" in detail
+    assert state is Availability.NEEDS_EXTRA and "make llamacpp-env" in detail
     with_it = Machine(keys, has_gpu=False, offline=True, has_package=lambda name: True)
     assert availability(spec(DEMO), with_it)[0] is Availability.CAN_LOAD
 
@@ -384,3 +387,22 @@ def test_memory_estimate_is_the_file_plus_its_kv_cache(tmp_path: Path) -> None:
     assert found.weights == path.stat().st_size
     assert found.kv_cache == 2 * 30 * 3 * 64 * 2 * 8192
     assert found.source == "gguf header"
+
+
+def test_the_prompt_tokens_llama_cpp_reuses_are_the_prefix_shared_with_what_it_evaluated_last() -> None:
+    assert reused_prefix([], [1, 2, 3]) == 0
+    assert reused_prefix([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert reused_prefix([1, 2, 3, 4, 5], [1, 2, 3]) == 2  # the whole prompt: its last token runs again
+    assert reused_prefix([1, 2, 3], [1, 2, 3], replays=False) == 3  # its logits are live: nothing runs
+    assert reused_prefix([1, 2, 3], []) == 0
+
+
+def test_a_generation_reports_the_prompt_tokens_reused_from_the_previous_call(tmp_path: Path) -> None:
+    backend = ready(tmp_path, FakeLlama(HELLO))
+    first = asyncio.run(backend.generate(MESSAGES, GenArgs(max_tokens=20)))
+    longer = [*MESSAGES, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]
+    second = asyncio.run(backend.generate(longer, GenArgs(max_tokens=20)))
+    assert first.cached_prompt_tokens == 0
+    # the stand-in's tokens are word positions: the first prompt's 5, not its reply's, which it did not echo
+    assert (second.cached_prompt_tokens, second.prompt_tokens) == (5, 11)
+    assert backend.prefix_reuse().in_force == "llama.cpp previous prompt"

@@ -34,6 +34,30 @@ def test_number_gpus_bounds_the_gpus_and_the_cpu_takes_nothing_unless_allowed() 
     assert offload.kwargs["max_memory"] == {0: 10 * GiB, "cpu": 64 * GiB}
 
 
+def test_the_gpus_admission_chose_take_the_model_and_the_others_nothing() -> None:
+    free = [2 * GiB, 70 * GiB, 30 * GiB, 70 * GiB]
+    second = placement.plan("m", {"number_gpus": 1}, free, allow_offload=False, chosen=(1,))
+    assert second.gpus == (1,) and second.kwargs["max_memory"] == {1: 70 * GiB}
+    pair = placement.plan("m", {"number_gpus": 2}, free, allow_offload=False, chosen=(1, 3))
+    assert pair.kwargs["max_memory"] == {1: 70 * GiB, 3: 70 * GiB}
+    fewest = placement.plan("m", {}, free, allow_offload=False, chosen=(3,))  # no number_gpus: as admitted
+    assert fewest.gpus == (3,)
+    # a choice that does not match the visible GPUs or number_gpus is not followed: GPUs 0 to n - 1
+    assert placement.plan("m", {"number_gpus": 2}, free, allow_offload=False, chosen=(3,)).gpus == (0, 1)
+    assert placement.plan("m", {"number_gpus": 1}, free[:2], allow_offload=False, chosen=(3,)).gpus == (0,)
+
+
+def test_a_worker_places_its_model_on_the_gpus_of_its_grant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clemserve.service.devices import Grant
+
+    monkeypatch.setattr(placement, "visible_gpus", lambda: [10 * GiB, 60 * GiB])
+    monkeypatch.setattr(placement, "_start_cuda", lambda: None)
+    worker = _Worker(tmp_path)
+    worker.context = BackendContext(KeyRegistry(tmp_path / "key.json"), tmp_path, grant=Grant((1,), ("GPU-1",)))
+    asyncio.run(worker._load_placed({"number_gpus": 1}, lambda: None))
+    assert worker.placement.kwargs["max_memory"] == {1: 60 * GiB}
+
+
 @pytest.mark.parametrize(("number_gpus", "says"), [(3, "asks for 3 GPUs"), (0, "positive integer"), ("2", "positive")])
 def test_number_gpus_beyond_the_visible_gpus_or_malformed_is_refused(number_gpus: object, says: str) -> None:
     with pytest.raises(FailedPreconditionError) as caught:

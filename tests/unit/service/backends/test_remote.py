@@ -5,6 +5,7 @@ each failure becomes, and the helpers the provider modules share. Time is a fake
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from clemserve.registry.errors import (
 )
 from clemserve.service.backends import base, remote
 from clemserve.service.backends.base import BackendContext, RetryPolicy
+from clemserve.service.backends.rate_limits import RateLimit, RateLimits
 from clemserve.service.backends.remote import RemoteBackend, UpstreamFailure
 from clemserve.service.domain import FinishReason, GenArgs, ImagePart, Message, TextSink
 from clemserve.service.logs import deadline_var
@@ -431,7 +433,7 @@ def test_a_missing_sdk_names_the_extra_to_install(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(FakeProvider, "connect", connect)
     with pytest.raises(FailedPreconditionError) as caught:
         backend(tmp_path)
-    assert caught.value.subject == "pip install 'clemserve[remote]'" and "fake_sdk" in str(caught.value)
+    assert caught.value.subject == "pip install '/path/to/clemserve[remote]'" and "fake_sdk" in str(caught.value)
 
 
 def test_unload_closes_the_client_once_and_survives_a_failing_close(tmp_path: Path) -> None:
@@ -607,3 +609,136 @@ def test_json_ready_dumps_sdk_objects_and_skips_bytes() -> None:
     assert remote.json_ready({"r": SdkObject(), "b": b"abc", "n": [1, None]}) == {
         "r": {"id": "resp-1"}, "b": "<3 bytes>", "n": [1, None],
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("response", "tokens"),
+    [
+        # OpenAI's chat completions (Azure, OpenRouter, Mistral, compatible servers): details are parts
+        (
+            {
+                "usage": {
+                    "prompt_tokens": 100,
+                    "completion_tokens": 30,
+                    "prompt_tokens_details": {"cached_tokens": 64},
+                    "completion_tokens_details": {"reasoning_tokens": 20},
+                }
+            },
+            (100, 30, 64, 20),
+        ),
+        ({"usage": {"prompt_tokens": 3, "completion_tokens": 1, "prompt_tokens_details": None}}, (3, 1, 0, 0)),
+        # OpenAI's Responses API
+        (
+            {
+                "usage": {
+                    "input_tokens": 50,
+                    "output_tokens": 9,
+                    "input_tokens_details": {"cached_tokens": 32},
+                    "output_tokens_details": {"reasoning_tokens": 4},
+                }
+            },
+            (50, 9, 32, 4),
+        ),
+        # Anthropic: input_tokens leaves the cache's tokens out; the prompt holds them all, its writes told apart
+        (
+            {
+                "usage": {
+                    "input_tokens": 10,
+                    "output_tokens": 5,
+                    "cache_read_input_tokens": 80,
+                    "cache_creation_input_tokens": 6,
+                }
+            },
+            (96, 5, 80, 0, 6),
+        ),
+        ({"usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": None}}, (10, 5, 0, 0)),
+        # Google: thoughts are output tokens, reported apart from the candidates'
+        (
+            {
+                "usage_metadata": {
+                    "prompt_token_count": 40,
+                    "candidates_token_count": 7,
+                    "cached_content_token_count": 16,
+                    "thoughts_token_count": 12,
+                }
+            },
+            (40, 19, 16, 12),
+        ),
+        # Cohere v2
+        (
+            {
+                "usage": {
+                    "billed_units": {"input_tokens": 1, "output_tokens": 1},
+                    "tokens": {"input_tokens": 22, "output_tokens": 8},
+                    "cached_tokens": 12,
+                }
+            },
+            (22, 8, 12, 0),
+        ),
+        ({}, (0, 0, 0, 0)),
+        ({"usage": None}, (0, 0, 0, 0)),
+    ],
+)
+def test_usage_from_each_providers_shape(response: dict[str, Any], tokens: tuple[int, ...]) -> None:
+    assert remote.usage_of(response) == remote.Tokens(*tokens)
+
+
+# -- under a rate limiter (--rate-limit) -----------------------------------------------------------------------
+
+
+def limited(b: FakeProvider, limit: RateLimit) -> RateLimits:
+    """Give ``b`` a rate limiter for its key entry; returns the server's limiters."""
+    limits = RateLimits([("fake", limit)])
+    b.context = dataclasses.replace(b.context, rate_limits=limits)
+    return limits
+
+
+def test_under_a_rate_limiter_429s_send_the_call_back_to_its_queue_without_using_up_tries(
+    tmp_path: Path, clock: Clock
+) -> None:
+    b = backend(tmp_path, RetryPolicy(attempts=2))
+    limits = limited(b, RateLimit(concurrency=8))
+    script = Script(*[SdkError(429, retry_after_s=0.0)] * 5, "reply")
+    assert call(b, script) == "reply"
+    (state,) = limits.states()
+    assert script.tries == 6 and state.rate_limited == 5
+    # lowered at the first 429 from the one try in flight: to 1 (two successes at 1 would raise it)
+    assert state.concurrency == 1 and state.in_flight == 0
+    assert clock.slept == []  # the limiter's pause holds the call, not a sleep of its own
+
+
+def test_under_a_rate_limiter_a_429_whose_pause_passes_the_deadline_is_resource_exhausted(
+    tmp_path: Path, clock: Clock, deadline: Callable[[float], None]
+) -> None:
+    b = backend(tmp_path, RetryPolicy(attempts=4))
+    limits = limited(b, RateLimit(concurrency=8))
+    deadline(clock.now + 0.5)
+    script = Script(SdkError(429, "slow down", retry_after_s=1.0), "never reached")
+    with pytest.raises(ResourceExhaustedError, match="last with HTTP 429: slow down"):
+        call(b, script)
+    assert script.tries == 1 and limits.states()[0].in_flight == 0
+
+
+def test_under_a_rate_limiter_other_failures_use_up_tries_as_before(tmp_path: Path, clock: Clock) -> None:
+    b = backend(tmp_path, RetryPolicy(attempts=2))
+    limits = limited(b, RateLimit(concurrency=8))
+    with pytest.raises(UnavailableError, match="failed 2 time"):
+        call(b, Script(SdkError(503), SdkError(503)))
+    (state,) = limits.states()
+    assert state.concurrency == 8 and state.in_flight == 0
+
+
+def test_a_generation_is_charged_its_estimate_then_its_real_usage(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    limits = limited(b, RateLimit(tpm=100_000))
+    seen = []
+    sent = b.send
+
+    async def send(request: dict[str, Any]) -> Any:
+        seen.append(limits.states()[0].window_tokens)
+        return await sent(request)
+
+    b.send = send  # type: ignore[method-assign]
+    asyncio.run(b.generate([{"role": "user", "content": "x" * 40}], GenArgs(max_tokens=50)))
+    assert seen == [10 + 50]  # 40 characters / 4, plus max_tokens
+    assert limits.states()[0].window_tokens == 3  # the provider said 3 input tokens

@@ -49,3 +49,23 @@ def test_a_llamacpp_entry_is_the_one_file_its_glob_matches(tmp_path: Path) -> No
     assert one.found and one.files == (tmp_path / "m-Q4.gguf",) and one.local
     both = gguf_weights(spec(backend="llamacpp", huggingface_id=str(tmp_path), model_config={"filename": "*.gguf"}))
     assert not both.found and "2 files" in both.missing
+
+
+def test_a_hub_checkpoint_is_downloaded_as_transformers_reads_it() -> None:
+    absent = weights.transformers_weights(spec(huggingface_id="org/m"), lambda repo: None)
+    assert absent.fetch is weights.transformers_files
+    sharded = [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "consolidated.safetensors", "pytorch_model.bin",
+        "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer.model", "chat_template.jinja",
+        "modeling_custom.py", "flax_model.msgpack", "model.gguf", "original/consolidated.00.pth", "README.md",
+    ]  # fmt: skip
+    assert weights.transformers_files(sharded) == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "chat_template.jinja",
+        "modeling_custom.py", "README.md",
+    ]  # fmt: skip
+    bins = ["config.json", "pytorch_model.bin", "tf_model.h5", "training_args.bin"]
+    assert weights.transformers_files(bins) == ["config.json", "pytorch_model.bin", "training_args.bin"]
+    only_consolidated = ["params.json", "consolidated.safetensors"]
+    assert weights.transformers_files(only_consolidated) == only_consolidated
