@@ -182,7 +182,7 @@ def test_vllm_on_cpu_counts_its_kv_cache_space(tmp_path: Path, monkeypatch: pyte
     assert estimate(declared, Sizing(tmp_path)).total == weights + 12345
 
 
-def test_the_demo_gguf_estimate_matches_its_converted_weights() -> None:
+def test_the_demo_gguf_estimate_matches_its_converted_weights(tmp_path: Path) -> None:
     """Read from the GGUF header alone; compared with the converted folder where a cache holds one."""
     import os
 
@@ -195,7 +195,7 @@ def test_the_demo_gguf_estimate_matches_its_converted_weights() -> None:
     from clemserve.service.backends.footprint import safetensors_bytes
 
     spec = ModelRegistry.from_files(()).resolve("smollm2-135m-instruct")
-    found = estimate(spec, Sizing(Path("unused"), max_batch=1))
+    found = estimate(spec, Sizing(tmp_path, max_batch=1))
     assert found.source == "gguf header"
     assert found.weights == safetensors_bytes(converted[0].parent)
     assert found.kv_cache > 0
