@@ -110,15 +110,19 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
         "the server's models as a table: name, backend, state, availability, load time, memory (ESTIMATE before "
         "loading; MEASURED once loaded: N/params the bytes of its tensors on the CPU, N/cuda the CUDA memory its "
         "load allocated, or estimate where the model is out of reach; RSS the server process's growth across the "
-        "load, imports included, for information only); with --address repeated, every server's models, each "
-        "row with its SERVER, and a note for each name that more than one server lists",
+        "load, imports included, for information only), SPENT since the server started (US dollars for a paid "
+        "API, compute seconds for a model the server runs) and the share of prompt tokens REUSED from a cache; with "
+        "--address repeated, every server's models, each row with its SERVER, and a note for each name that more "
+        "than one server lists",
         several=True,
     )
     models.add_argument(
         "--available", action="store_true", help="only the models that can run on the server now (ready or can load)"
     )
     models.add_argument(
-        "--memory", action="store_true", help="after the table, the memory budget and each GPU's figures"
+        "--memory",
+        action="store_true",
+        help="after the table, the memory budget, each GPU's figures and each loaded model's prefix reuse",
     )
     command("health", "is the server SERVING?")
     generate = command("generate", "one reply from a model; prints the response text")
@@ -191,7 +195,8 @@ def _models(args: argparse.Namespace) -> int:
     rows = [
         [
             *(["SERVER"] if several else []), "NAME", "BACKEND", "STATE", "AVAILABILITY", "LOAD S", "IN FLIGHT",
-            "QUEUED", "LEASES", "ESTIMATE MIB", "MEASURED MIB", "RSS MIB", "SOURCE", "AVAILABILITY DETAIL",
+            "QUEUED", "LEASES", "ESTIMATE MIB", "MEASURED MIB", "RSS MIB", "SPENT", "REUSED", "SOURCE",
+            "AVAILABILITY DETAIL",
         ]
     ]  # fmt: skip
     listings = list_servers(args.addresses, timeout=args.timeout)
@@ -206,20 +211,13 @@ def _models(args: argparse.Namespace) -> int:
         print(_table(rows))
     for name, servers in shared_names(listings).items():
         print(f"note: {name} is on {len(servers)} servers: {', '.join(servers)}", file=sys.stderr)
-    spent = [(listing, status) for listing in listings for status in listing.models if status.spend.calls]
-    if spent:
-        print("\nspent since the server started:")
-        for listing, status in spent:
-            print(f"  {f'{listing.address} ' if several else ''}{status.name}: {status.spend.line()}")
-    reusing = [(listing, status) for listing in listings for status in listing.models if status.prefix_caching]
-    if reusing:
-        print("\nprefix reuse of loaded models:")
-        for listing, status in reusing:
-            print(f"  {f'{listing.address} ' if several else ''}{status.name}: {_prefix_reuse(status)}")
     if args.memory:
         for listing in listings:
             if listing.budget is not None:
                 print(("" if not several else f"{listing.address}: ") + _budget_lines(listing.budget))
+        reusing = [(listing, status) for listing in listings for status in listing.models if status.prefix_caching]
+        for listing, status in reusing:
+            print(f"{f'{listing.address} ' if several else ''}{status.name} prefix reuse: {_prefix_reuse(status)}")
     codes = [report(listing.error) for listing in listings if listing.error is not None]
     return max(codes, default=EXIT_OK)
 
@@ -249,9 +247,21 @@ def _model_row(status: Any) -> list[str]:
         _mib(status.estimated_memory_bytes),
         _measured(status),
         _mib(status.rss_delta_bytes),
+        _spent(status.spend),
+        f"{status.spend.cached_share:.0%}" if status.spend.prompt_tokens else "-",
         str(spec.get("lookup_source", "")),
         status.availability_detail,
     ]
+
+
+def _spent(spend: Any) -> str:
+    """What a model's calls cost since the server started: US dollars for a paid API (with ``+?`` where some
+    calls had no price), compute seconds for a model the server runs, ``-`` before its first call."""
+    if not spend.calls:
+        return "-"
+    if spend.cost_usd or spend.unpriced_calls:
+        return f"${spend.cost_usd:.4f}" + ("+?" if spend.unpriced_calls else "")
+    return f"{spend.compute_seconds:.1f}s"
 
 
 def _mib(size: int) -> str:

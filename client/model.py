@@ -27,7 +27,7 @@ from .convert import (
     triple_from_proto,
 )
 from .errors import error_from_row
-from .retry import Lease, ServerWait, StreamWait
+from .retry import Lease, ServerWait, StreamWait, found_away
 from .spend import Spend, total
 from .streaming import StreamEvent, StreamReply, TextDelta
 
@@ -221,6 +221,7 @@ class Model(_ModelBase):
             lease.taken(rpc, next(rpc), self.name)
         except grpc.RpcError as exc:
             lease.refused(exc, self.name)
+            found_away(self.address, exc, self._channel_key)
 
     def close(self) -> None:
         """Release the lease (the server may then unload the model when it needs the memory or it idles)."""
@@ -315,6 +316,7 @@ class AsyncModel(_ModelBase):
             lease.taken(rpc, await rpc.read(), self.name)
         except grpc.RpcError as exc:
             lease.refused(exc, self.name)
+            found_away(self.address, exc, channel_key(self.address, self._token))
 
     async def aclose(self) -> None:
         """Release the lease."""

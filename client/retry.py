@@ -131,6 +131,13 @@ def _away(address: str, cause: str, patience_s: float) -> Outage:
     return outage
 
 
+def found_away(address: str, exc: grpc.RpcError, key: Key) -> None:
+    """A call without retries of its own (a lease) found a server that answered before away: the process's
+    outage of it begins, as a retried call's would, and ends at the next call the server answers."""
+    if server_away(exc) and key in _reached:
+        _away(address, exc.details() or exc.code().name, wait_for_server_s())
+
+
 def _back(outage: Outage, try_sent: float) -> None:
     """A call sent at ``try_sent`` was answered: the outage ends, unless another call ended it first."""
     with _outages_lock:
@@ -220,8 +227,9 @@ class ServerWait:
     def answered(self) -> None:
         """The server answered (a reply, or a status it decided)."""
         _reached.add(self._key)
-        if self._outage is not None:
-            _back(self._outage, self._try_sent)
+        outage = self._outage or _outages.get(self.address)  # its own, or one a lease found
+        if outage is not None:
+            _back(outage, self._try_sent)
             self._outage = None
         self._away_since = None
 

@@ -71,6 +71,18 @@ def wait_serving(
     raise TimeoutError(f"server at {address} not SERVING after {timeout} s:\n{log_path.read_text()}")
 
 
+def share_file_headers(cache_dir: Path) -> None:
+    """A test server's cache of its own, but with the GGUF header records (what a file says, by file version)
+    of the run's cache: the gguf reader takes seconds over the demo model's vocabulary, and every server that
+    lists the packaged registry would read it again."""
+    shared = Path(os.environ.get("CLEMSERVE_CACHE_DIR", Path.home() / ".cache" / "clemserve")) / "gguf-headers"
+    shared.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    link = cache_dir / "gguf-headers"
+    if not link.exists():
+        link.symlink_to(shared, target_is_directory=True)
+
+
 def start_server(
     tmp: Path,
     *args: str,
@@ -84,9 +96,12 @@ def start_server(
     log_path = tmp / f"server-{port}.log"
     # offline unless --online: the server's own default
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    if cache_dir is None:
+        cache_dir = tmp / "cache"
+        share_file_headers(cache_dir)
     command = [
         python, "-m", "clemserve.service.cli", "serve", "--port", str(port),
-        "--cache-dir", str(cache_dir or tmp / "cache"), *args,
+        "--cache-dir", str(cache_dir), *args,
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp, env=full_env)

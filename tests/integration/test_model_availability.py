@@ -108,9 +108,9 @@ def test_clemserve_models_has_an_availability_column_and_filters(server: ServerP
     assert {entry["model_name"] for entry in ENTRIES} <= set(by_name)
     gpt = by_name["gpt-4o-2024-08-06"]
     assert gpt[3] == "needs_key"
-    assert " ".join(gpt[12:]) == "the server's key.json has no `openai` entry and OPENAI_API_KEY is not set"
+    assert " ".join(gpt[14:]) == "the server's key.json has no `openai` entry and OPENAI_API_KEY is not set"
     assert by_name["hub-not-cached"][3] == "needs_weights"
-    assert by_name["claude-keyed"][3] == "can_load" and len(by_name["claude-keyed"]) == 12
+    assert by_name["claude-keyed"][3] == "can_load" and len(by_name["claude-keyed"]) == 14
     available = clemserve_models(server, "--available")
     assert available[0] == rows[0]
     names = [row[0] for row in available[1:]]

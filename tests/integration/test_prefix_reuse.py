@@ -28,11 +28,15 @@ def test_a_turn_that_repeats_the_conversation_so_far_reports_the_tokens_served_f
     assert status.spend.cached_prompt_tokens >= call.cached_prompt_tokens
 
     listed = subprocess.run(
-        [sys.executable, "-m", "clemserve.client.cli", "models", "--address", server.address],
+        [sys.executable, "-m", "clemserve.client.cli", "models", "--memory", "--address", server.address],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert listed.returncode == 0, listed.stderr
-    line = next(line for line in listed.stdout.splitlines() if line.startswith("  tiny-llama: prefix cache"))
+    header, *rows = [line.split() for line in listed.stdout.splitlines()]
+    assert "REUSED" in header
+    row = next(row for row in rows if row[0] == "tiny-llama")
+    assert row[12].endswith("%") and row[12] != "0%", listed.stdout  # the 13th column (header names have spaces)
+    line = next(line for line in listed.stdout.splitlines() if line.startswith("tiny-llama prefix reuse: prefix cache"))
     assert "MiB; " in line and "% of " in line and line.endswith("prompt tokens reused"), line

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,9 +190,14 @@ def started(command: list[str], folder: Path) -> subprocess.Popen[str]:
     """The command as a terminal's foreground job: its own process group, Ctrl-C not ignored (as it is in
     whatever a shell started in the background, a test runner perhaps), output captured."""
     env = {"PATH": f"{Path(command[0]).parent}:/usr/bin:/bin", "HOME": str(folder)}
+    # Ctrl-C's default restored by a small exec'ing wrapper, not a preexec_fn: Python code between fork and
+    # exec in this threaded process (gRPC's threads) can crash the child
+    unignore = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    )
     return subprocess.Popen(
-        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        [sys.executable, "-c", unignore, *command], cwd=folder, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
 

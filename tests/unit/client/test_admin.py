@@ -136,6 +136,9 @@ def test_several_servers_are_listed_each_with_its_own_models(monkeypatch: pytest
 def test_preload_and_unload_follow_the_model_s_route(monkeypatch: pytest.MonkeyPatch, stub: Stub) -> None:
     asked: list[str] = []
     monkeypatch.setattr(admin, "_stub", lambda address, token: asked.append(address) or stub)
+    from clemserve.client import channel
+
+    monkeypatch.setattr(channel, "_default_address", None)  # what an earlier connect() chose
     monkeypatch.setenv("CLEMSERVE_ADDRESS", "default:1")
     monkeypatch.setenv("CLEMSERVE_ROUTES", "tin*=routed:2")
     admin.preload("tiny")

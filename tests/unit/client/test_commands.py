@@ -80,3 +80,25 @@ def test_the_models_prefix_reuse_says_what_its_cache_holds_and_the_share_of_prom
     assert commands._prefix_reuse(used) == (
         "prefix cache up to 1024 MiB, holding 3.0 MiB; 80% of 1000 prompt tokens reused"
     )
+
+
+def test_the_models_table_says_what_each_model_spent_and_the_share_of_prompt_tokens_reused() -> None:
+    from clemserve.client.admin import ModelStatus
+    from clemserve.client.spend import Spend
+    from clemserve.registry import ModelSpec
+
+    paid = ModelStatus(ModelSpec(model_name="gpt", backend="openai"), "ready", "", 0.0, 0)
+    local = dataclasses.replace(paid, model_spec=ModelSpec(model_name="tiny", backend="huggingface_local"))
+
+    def cells(status: ModelStatus) -> list[str]:
+        row = commands._model_row(status)
+        return [row[0], row[11], row[12]]
+
+    assert cells(paid) == ["gpt", "-", "-"]  # no call yet
+    assert cells(dataclasses.replace(paid, spend=Spend(2, 1000, 10, cached_prompt_tokens=250, cost_usd=0.0123))) == [
+        "gpt", "$0.0123", "25%",
+    ]  # fmt: skip
+    unpriced = Spend(1, 10, 10, cost_usd=0.0, unpriced_calls=1, unpriced="no price")
+    assert cells(dataclasses.replace(paid, spend=unpriced))[1] == "$0.0000+?"
+    ran = Spend(3, 900, 30, cached_prompt_tokens=600, compute_seconds=4.5)
+    assert cells(dataclasses.replace(local, spend=ran)) == ["tiny", "4.5s", "67%"]

