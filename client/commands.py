@@ -122,7 +122,7 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     models.add_argument(
         "--memory",
         action="store_true",
-        help="after the table, the memory budget, each GPU's figures and each loaded model's prefix reuse",
+        help="after the table, each loaded model's prefix reuse, the memory budget and each GPU's figures",
     )
     command("health", "is the server SERVING?")
     generate = command("generate", "one reply from a model; prints the response text")
@@ -212,12 +212,12 @@ def _models(args: argparse.Namespace) -> int:
     for name, servers in shared_names(listings).items():
         print(f"note: {name} is on {len(servers)} servers: {', '.join(servers)}", file=sys.stderr)
     if args.memory:
-        for listing in listings:
-            if listing.budget is not None:
-                print(("" if not several else f"{listing.address}: ") + _budget_lines(listing.budget))
         reusing = [(listing, status) for listing in listings for status in listing.models if status.prefix_caching]
         for listing, status in reusing:
             print(f"{f'{listing.address} ' if several else ''}{status.name} prefix reuse: {_prefix_reuse(status)}")
+        for listing in listings:
+            if listing.budget is not None:
+                print(("" if not several else f"{listing.address}: ") + _budget_lines(listing.budget))
     codes = [report(listing.error) for listing in listings if listing.error is not None]
     return max(codes, default=EXIT_OK)
 

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clemserve.client import admin, calls
+from clemserve.client import admin, calls, channel
 from clemserve.registry import ModelSpec
 from clemserve.v1 import clemserve_pb2 as pb
 from clemserve.v1 import clemserve_pb2_grpc as pb_grpc
@@ -87,8 +87,10 @@ def stand_in() -> Iterator[tuple[Recorder, str]]:
     pb_grpc.add_ModelServiceServicer_to_server(recorder, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    channel.close_all()  # a cached channel to an earlier module's server on this port would be backing off
     yield recorder, f"127.0.0.1:{port}"
     server.stop(0)
+    channel.close_all()
 
 
 def test_the_header_is_the_name_ascii_safe() -> None:
