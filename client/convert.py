@@ -22,18 +22,24 @@ Selector = str | Mapping[str, Any] | ModelSpec
 _IMAGE_TIMEOUT_S = 30.0
 
 
+def selector_spec(selector: Selector) -> ModelSpec:
+    """The selector as a ModelSpec: a name is a spec of that name alone."""
+    if isinstance(selector, ModelSpec):
+        return selector
+    if isinstance(selector, str):
+        return ModelSpec.from_name(selector)
+    return ModelSpec.from_dict(dict(selector))
+
+
 def selector_to_proto(selector: Selector) -> pb.ModelSelector:
     if isinstance(selector, str):
         return pb.ModelSelector(name=selector)
-    spec = selector if isinstance(selector, ModelSpec) else ModelSpec.from_dict(dict(selector))
-    return pb.ModelSelector(spec=pb.ModelSpec(json=spec.to_string()))
+    return pb.ModelSelector(spec=pb.ModelSpec(json=selector_spec(selector).to_string()))
 
 
 def selector_name(selector: Selector) -> str | None:
     """The model name a selector gives (what a route matches), None where it names none."""
-    if isinstance(selector, str):
-        return selector
-    name = selector.get("model_name")
+    name = selector_spec(selector).get("model_name")
     return str(name) if name else None
 
 

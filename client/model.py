@@ -22,6 +22,8 @@ from .convert import (
     Triple,
     gen_args_to_proto,
     messages_to_proto,
+    selector_name,
+    selector_spec,
     selector_to_proto,
     spec_from_proto,
     triple_from_proto,
@@ -387,20 +389,9 @@ class HumanModel(Model):
         raise NotImplementedError(f"{self.name}: a human player answers through the game, not a model")
 
 
-def _as_spec(selector: Selector) -> ModelSpec:
-    if isinstance(selector, ModelSpec):
-        return selector
-    if isinstance(selector, str):
-        return ModelSpec.from_name(selector)
-    return ModelSpec.from_dict(dict(selector))
-
-
 def _server(selector: Selector, address: str | None) -> str:
     """``address`` when given, else the route of the selector's model name, else the default address."""
-    if address:
-        return address
-    name = _as_spec(selector).get("model_name")
-    return address_for(str(name) if name else None)
+    return address or address_for(selector_name(selector))
 
 
 def _local_model(spec: ModelSpec, address: str | None) -> Model | None:
@@ -443,7 +434,7 @@ def get_model_for(
     The server: ``address``, else the model name's route (``CLEMSERVE_ROUTES``; see
     :mod:`clemserve.client.routes`), else ``connect()``'s address, ``CLEMSERVE_ADDRESS``, localhost:50051.
     """
-    local = _local_model(_as_spec(model_spec), address)
+    local = _local_model(selector_spec(model_spec), address)
     if local is not None:
         return local
     address = _server(model_spec, address)
