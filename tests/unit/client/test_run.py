@@ -19,7 +19,8 @@ from clemserve.client.spend import RunSpend, Spend
 
 def test_the_connection_flags_given_reach_the_workers_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for _, variable in run._CONNECTION_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv(variable, "")  # recorded, so that what the export sets is undone after the test
+        monkeypatch.delenv(variable)
     run._export_connection(argparse.Namespace(address="h:1", tls=True, tls_ca="ca.pem", token=None))
     exported = {variable: os.environ.get(variable) for _, variable in run._CONNECTION_VARIABLES}
     assert exported == {
